@@ -1,0 +1,104 @@
+//! Conversions shared by keeld and its clients: timestamps, `Any` packing with
+//! containerd's type URLs, and the type URLs keel uses for JSON payloads.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use protobuf::well_known_types::any::Any;
+use protobuf::well_known_types::timestamp::Timestamp;
+use protobuf::MessageFull;
+
+use crate::Error;
+
+/// Type URL of an OCI runtime spec carried as JSON, as containerd writes it.
+pub const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
+/// Type URL of an OCI process spec carried as JSON.
+pub const PROCESS_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Process";
+/// Type URL of OCI LinuxResources carried as JSON.
+pub const RESOURCES_TYPE_URL: &str =
+    "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources";
+
+/// Converts a wall-clock time into a protobuf timestamp.
+pub fn timestamp(t: SystemTime) -> Timestamp {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let mut ts = Timestamp::new();
+    ts.seconds = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+    ts.nanos = i32::try_from(d.subsec_nanos()).unwrap_or(0);
+    ts
+}
+
+/// The current time as a protobuf timestamp.
+pub fn now() -> Timestamp {
+    timestamp(SystemTime::now())
+}
+
+/// Converts a protobuf timestamp back into a wall-clock time (clamped at the epoch).
+pub fn system_time(ts: &Timestamp) -> SystemTime {
+    let secs = u64::try_from(ts.seconds).unwrap_or(0);
+    let nanos = u32::try_from(ts.nanos).unwrap_or(0);
+    UNIX_EPOCH + Duration::new(secs, nanos)
+}
+
+/// Packs a message into an `Any` whose type URL is the bare full name
+/// (`containerd.events.TaskExit`), as containerd and its shims write them.
+pub fn pack<M: MessageFull>(m: &M) -> Result<Any, Error> {
+    let mut any = Any::new();
+    any.type_url = M::descriptor().full_name().to_string();
+    any.value = m.write_to_bytes().map_err(|e| Error::Internal(format!("encode: {e}")))?;
+    Ok(any)
+}
+
+/// Unpacks an `Any` whose type URL names `M`, with or without a `type.googleapis.com/`
+/// style prefix.
+pub fn unpack<M: MessageFull>(any: &Any) -> Result<M, Error> {
+    let want = M::descriptor().full_name().to_string();
+    let got = any.type_url.rsplit('/').next().unwrap_or_default();
+    if got != want {
+        return Err(Error::InvalidArgument(format!(
+            "payload type {:?} is not {want}",
+            any.type_url
+        )));
+    }
+    M::parse_from_bytes(&any.value)
+        .map_err(|e| Error::InvalidArgument(format!("malformed {want} payload: {e}")))
+}
+
+/// Packs JSON bytes under a type URL (OCI specs travel this way).
+pub fn json_any(type_url: &str, json: Vec<u8>) -> Any {
+    let mut any = Any::new();
+    any.type_url = type_url.to_string();
+    any.value = json;
+    any
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use containerd_shim_protos::events::task::TaskExit;
+
+    #[test]
+    fn timestamps_round_trip() {
+        let t = UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789);
+        assert_eq!(system_time(&timestamp(t)), t);
+    }
+
+    #[test]
+    fn any_uses_containerd_type_urls() {
+        let mut exit = TaskExit::new();
+        exit.container_id = "web".into();
+        exit.id = "web".into();
+        exit.pid = 42;
+        exit.exit_status = 137;
+        let any = pack(&exit).unwrap();
+        assert_eq!(any.type_url, "containerd.events.TaskExit");
+        let back: TaskExit = unpack(&any).unwrap();
+        assert_eq!(back, exit);
+
+        let mut prefixed = any.clone();
+        prefixed.type_url = format!("type.googleapis.com/{}", any.type_url);
+        assert_eq!(unpack::<TaskExit>(&prefixed).unwrap(), exit);
+
+        let mut wrong = any;
+        wrong.type_url = "containerd.events.TaskStart".into();
+        assert!(matches!(unpack::<TaskExit>(&wrong), Err(Error::InvalidArgument(_))));
+    }
+}
