@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod error;
+pub mod filters;
 pub mod identifiers;
 pub mod shim;
 pub mod types;
