@@ -1,1 +1,10 @@
+//! keel's actors. Callers use the handle types exported here; actix stays an
+//! implementation detail of this crate.
+//!
+//! - [`storage::StorageHandle`]: the storage actor, which owns every mutation of the
+//!   content store and runs on a thread of its own.
 
+pub mod error;
+pub mod storage;
+
+pub use error::{Error, Result};

@@ -1,1 +1,26 @@
+//! keel's persistent state: the content store (sha256 blobs under `<root>/content`) and
+//! metadata in sled (`<root>/meta`).
+//!
+//! Everything here is blocking and synchronous. Callers keep it off the threads that
+//! serve RPCs: mutations run on the storage actor's own thread, reads on tokio's
+//! blocking pool.
 
+pub mod content;
+pub mod digest;
+pub mod error;
+
+pub use content::{ContentOptions, ContentStore, Info, Status, Writer};
+pub use digest::Digest;
+pub use error::{Error, Result};
+
+use std::path::Path;
+
+/// Opens (creating if needed) keel's sled database under `root/meta`.
+pub fn open_db(root: &Path) -> Result<sled::Db> {
+    let path = root.join("meta");
+    sled::Config::new()
+        .path(&path)
+        .mode(sled::Mode::HighThroughput)
+        .open()
+        .map_err(|e| Error::Db(format!("open {}: {e}", path.display())))
+}
