@@ -15,7 +15,9 @@ impl From<Error> for keel_protocol::Error {
     fn from(e: Error) -> Self {
         match e {
             Error::Storage(e) => e.into(),
-            Error::ActorGone(what) => keel_protocol::Error::Unavailable(format!("{what} is not running")),
+            Error::ActorGone(what) => {
+                keel_protocol::Error::Unavailable(format!("{what} is not running"))
+            }
         }
     }
 }

@@ -119,7 +119,8 @@ impl StorageActor {
 
     fn release(&mut self, id: WriterId) -> Option<keel_storage::Writer> {
         let w = self.writers.remove(&id)?;
-        self.locks.remove(&(w.namespace().to_string(), w.reference().to_string()));
+        self.locks
+            .remove(&(w.namespace().to_string(), w.reference().to_string()));
         Some(w)
     }
 }
@@ -131,12 +132,23 @@ impl Handler<OpenWriter> for StorageActor {
         let key = (m.namespace.clone(), m.reference.clone());
         if let Some(lock) = self.locks.get(&key) {
             let since = humantime_utc(lock.since);
-            return Err(keel_storage::Error::Locked(format!("ref {} is locked since {since}", m.reference)).into());
+            return Err(keel_storage::Error::Locked(format!(
+                "ref {} is locked since {since}",
+                m.reference
+            ))
+            .into());
         }
-        let w = self.store.open_writer(&m.namespace, &m.reference, m.total, m.expected)?;
+        let w = self
+            .store
+            .open_writer(&m.namespace, &m.reference, m.total, m.expected)?;
         let id = WriterId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let status = w.status();
-        self.locks.insert(key, Lock { since: SystemTime::now() });
+        self.locks.insert(
+            key,
+            Lock {
+                since: SystemTime::now(),
+            },
+        );
         self.writers.insert(id, w);
         Ok((id, status))
     }
@@ -201,7 +213,9 @@ impl Handler<UpdateLabels> for StorageActor {
     type Result = Result<keel_storage::Info>;
 
     fn handle(&mut self, m: UpdateLabels, _: &mut Self::Context) -> Self::Result {
-        Ok(self.store.update_labels(&m.namespace, &m.digest, m.labels, &m.mask)?)
+        Ok(self
+            .store
+            .update_labels(&m.namespace, &m.digest, m.labels, &m.mask)?)
     }
 }
 
@@ -215,11 +229,19 @@ impl Handler<Fsck> for StorageActor {
 
 /// RFC 3339 UTC rendering of a time, for lock messages.
 pub fn humantime_utc(t: SystemTime) -> String {
-    let secs = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
     let days = secs / 86_400;
     let rem = secs % 86_400;
     let (y, mo, d) = civil_from_days(i64::try_from(days).unwrap_or(0));
-    format!("{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, (rem % 3600) / 60, rem % 60)
+    format!(
+        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
 }
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
@@ -247,7 +269,9 @@ pub struct StorageHandle {
 
 impl std::fmt::Debug for StorageHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StorageHandle").field("in_flight_free", &self.permits.available_permits()).finish()
+        f.debug_struct("StorageHandle")
+            .field("in_flight_free", &self.permits.available_permits())
+            .finish()
     }
 }
 
@@ -263,7 +287,11 @@ impl StorageHandle {
             locks: HashMap::new(),
             next_id: next_id.clone(),
         });
-        Self { addr, permits: Arc::new(Semaphore::new(MAILBOX_BOUND)), store }
+        Self {
+            addr,
+            permits: Arc::new(Semaphore::new(MAILBOX_BOUND)),
+            store,
+        }
     }
 
     /// The store, for reads (which may run concurrently with the actor on a blocking
@@ -278,8 +306,15 @@ impl StorageHandle {
         M::Result: Send,
         StorageActor: Handler<M>,
     {
-        let _permit = self.permits.acquire().await.map_err(|_| Error::ActorGone("storage actor"))?;
-        self.addr.send(msg).await.map_err(|_| Error::ActorGone("storage actor"))
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| Error::ActorGone("storage actor"))?;
+        self.addr
+            .send(msg)
+            .await
+            .map_err(|_| Error::ActorGone("storage actor"))
     }
 
     /// Opens or resumes a writer and locks its ref. Drop the lease (or commit) to unlock.
@@ -298,15 +333,30 @@ impl StorageHandle {
                 expected,
             })
             .await??;
-        Ok((WriterLease { id, handle: self.clone(), done: false }, status))
+        Ok((
+            WriterLease {
+                id,
+                handle: self.clone(),
+                done: false,
+            },
+            status,
+        ))
     }
 
     pub async fn abort(&self, namespace: &str, reference: &str) -> Result<()> {
-        self.call(Abort { namespace: namespace.into(), reference: reference.into() }).await?
+        self.call(Abort {
+            namespace: namespace.into(),
+            reference: reference.into(),
+        })
+        .await?
     }
 
     pub async fn delete(&self, namespace: &str, digest: Digest) -> Result<()> {
-        self.call(Delete { namespace: namespace.into(), digest }).await?
+        self.call(Delete {
+            namespace: namespace.into(),
+            digest,
+        })
+        .await?
     }
 
     pub async fn update_labels(
@@ -316,7 +366,13 @@ impl StorageHandle {
         labels: BTreeMap<String, String>,
         mask: Vec<String>,
     ) -> Result<keel_storage::Info> {
-        self.call(UpdateLabels { namespace: namespace.into(), digest, labels, mask }).await?
+        self.call(UpdateLabels {
+            namespace: namespace.into(),
+            digest,
+            labels,
+            mask,
+        })
+        .await?
     }
 
     pub async fn fsck(&self) -> Result<FsckReport> {
@@ -336,7 +392,13 @@ pub struct WriterLease {
 impl WriterLease {
     /// Appends data at `offset`; returns the writer's new status.
     pub async fn write(&self, offset: u64, data: Vec<u8>) -> Result<Status> {
-        self.handle.call(Write { id: self.id, offset, data }).await?
+        self.handle
+            .call(Write {
+                id: self.id,
+                offset,
+                data,
+            })
+            .await?
     }
 
     /// Commits; returns the digest and size. The lock is released whatever the outcome.
@@ -347,7 +409,14 @@ impl WriterLease {
         labels: BTreeMap<String, String>,
     ) -> Result<(Digest, u64)> {
         self.done = true;
-        self.handle.call(Commit { id: self.id, size, expected, labels }).await?
+        self.handle
+            .call(Commit {
+                id: self.id,
+                size,
+                expected,
+                labels,
+            })
+            .await?
     }
 }
 
@@ -381,9 +450,15 @@ mod tests {
 
         let err = h.open_writer("default", "r", 0, None).await.unwrap_err();
         let msg = err.to_string();
-        assert!(matches!(err, Error::Storage(keel_storage::Error::Locked(_))), "{msg}");
+        assert!(
+            matches!(err, Error::Storage(keel_storage::Error::Locked(_))),
+            "{msg}"
+        );
         assert!(msg.starts_with("ref r is locked since 20"), "{msg}");
-        assert!(h.abort("default", "r").await.is_err(), "abort refuses a locked ref");
+        assert!(
+            h.abort("default", "r").await.is_err(),
+            "abort refuses a locked ref"
+        );
         // Another namespace's ref of the same name is independent.
         let (_other, _) = h.open_writer("other", "r", 0, None).await.unwrap();
 

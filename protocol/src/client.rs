@@ -26,7 +26,9 @@ pub struct Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("namespace", &self.namespace).finish()
+        f.debug_struct("Client")
+            .field("namespace", &self.namespace)
+            .finish()
     }
 }
 
@@ -43,10 +45,13 @@ impl Client {
     /// Connects to keeld at `address` (a socket path or `unix://` address).
     pub async fn connect(address: &str, namespace: Option<&str>) -> Result<Self> {
         let addr = socket_address(address);
-        let inner = TtrpcClient::connect(&addr)
-            .await
-            .map_err(|e| Error::Unavailable(format!("cannot connect to keeld at {address}: {e}")))?;
-        Ok(Self::from_ttrpc(inner, namespace.unwrap_or(DEFAULT_NAMESPACE)))
+        let inner = TtrpcClient::connect(&addr).await.map_err(|e| {
+            Error::Unavailable(format!("cannot connect to keeld at {address}: {e}"))
+        })?;
+        Ok(Self::from_ttrpc(
+            inner,
+            namespace.unwrap_or(DEFAULT_NAMESPACE),
+        ))
     }
 
     /// Wraps an existing ttrpc connection.
@@ -71,12 +76,18 @@ impl Client {
     pub fn ctx(&self) -> Context {
         let mut metadata = HashMap::new();
         metadata.insert(NAMESPACE_KEY.to_string(), vec![self.namespace.clone()]);
-        Context { metadata, timeout_nano: 0 }
+        Context {
+            metadata,
+            timeout_nano: 0,
+        }
     }
 
     /// The daemon's version and git revision.
     pub async fn daemon_version(&self) -> Result<(String, String)> {
-        let resp = self.version.version(self.ctx(), &Default::default()).await?;
+        let resp = self
+            .version
+            .version(self.ctx(), &Default::default())
+            .await?;
         Ok((resp.version, resp.revision))
     }
 }
@@ -87,19 +98,30 @@ mod tests {
 
     #[test]
     fn plain_paths_become_unix_addresses() {
-        assert_eq!(socket_address("/run/keel/keel.sock"), "unix:///run/keel/keel.sock");
+        assert_eq!(
+            socket_address("/run/keel/keel.sock"),
+            "unix:///run/keel/keel.sock"
+        );
         assert_eq!(socket_address("unix:///x.sock"), "unix:///x.sock");
     }
 
     #[test]
     fn context_carries_the_namespace() {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             a.set_nonblocking(true).unwrap();
-            let sock = ttrpc::asynchronous::transport::Socket::from(tokio::net::UnixStream::from_std(a).unwrap());
+            let sock = ttrpc::asynchronous::transport::Socket::from(
+                tokio::net::UnixStream::from_std(a).unwrap(),
+            );
             let c = Client::from_ttrpc(TtrpcClient::new(sock), "prod");
-            assert_eq!(c.ctx().metadata.get(NAMESPACE_KEY), Some(&vec!["prod".to_string()]));
+            assert_eq!(
+                c.ctx().metadata.get(NAMESPACE_KEY),
+                Some(&vec!["prod".to_string()])
+            );
         });
     }
 }

@@ -124,7 +124,10 @@ mod tests {
             (Error::InvalidArgument("id".into()), Code::INVALID_ARGUMENT),
             (Error::NotFound("x".into()), Code::NOT_FOUND),
             (Error::AlreadyExists("x".into()), Code::ALREADY_EXISTS),
-            (Error::FailedPrecondition("x".into()), Code::FAILED_PRECONDITION),
+            (
+                Error::FailedPrecondition("x".into()),
+                Code::FAILED_PRECONDITION,
+            ),
             (Error::Unavailable("x".into()), Code::UNAVAILABLE),
             (Error::PermissionDenied("x".into()), Code::PERMISSION_DENIED),
             (Error::DeadlineExceeded("x".into()), Code::DEADLINE_EXCEEDED),

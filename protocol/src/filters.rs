@@ -149,7 +149,11 @@ impl<'a> Parser<'a> {
     }
 
     fn err(&self, pos: usize, msg: impl Into<String>) -> ParseError {
-        ParseError { input: self.input.to_string(), pos, msg: msg.into() }
+        ParseError {
+            input: self.input.to_string(),
+            pos,
+            msg: msg.into(),
+        }
     }
 
     fn rest(&self) -> &'a str {
@@ -193,7 +197,11 @@ impl<'a> Parser<'a> {
         let op = match self.peek() {
             None | Some(',') => Op::Present,
             Some('=' | '!' | '~') => {
-                let len = self.rest().chars().take_while(|c| matches!(c, '=' | '!' | '~')).count();
+                let len = self
+                    .rest()
+                    .chars()
+                    .take_while(|c| matches!(c, '=' | '!' | '~'))
+                    .count();
                 let op = &self.rest()[..len];
                 self.pos += len;
                 match op {
@@ -203,7 +211,9 @@ impl<'a> Parser<'a> {
                     other => {
                         return Err(self.err(
                             op_pos,
-                            format!("unsupported operator {other:?}, expected \"==\", \"!=\" or \"~=\""),
+                            format!(
+                                "unsupported operator {other:?}, expected \"==\", \"!=\" or \"~=\""
+                            ),
                         ))
                     }
                 }
@@ -216,19 +226,32 @@ impl<'a> Parser<'a> {
             }
         };
         if op == Op::Present {
-            return Ok(Selector { path, op, value: String::new(), re: None });
+            return Ok(Selector {
+                path,
+                op,
+                value: String::new(),
+                re: None,
+            });
         }
         self.skip_space();
         let value_pos = self.pos;
         let value = self.value()?;
         let re = if op == Op::Matches {
             Some(Regex::new(&value).map_err(|e| {
-                self.err(value_pos, format!("invalid regular expression {value:?}: {e}"))
+                self.err(
+                    value_pos,
+                    format!("invalid regular expression {value:?}: {e}"),
+                )
             })?)
         } else {
             None
         };
-        Ok(Selector { path, op, value, re })
+        Ok(Selector {
+            path,
+            op,
+            value,
+            re,
+        })
     }
 
     fn fieldpath(&mut self) -> Result<Vec<String>, ParseError> {
@@ -246,11 +269,18 @@ impl<'a> Parser<'a> {
         match self.peek() {
             Some(q) if is_quote(q) => self.quoted(),
             Some(c) if is_field_char(c) => {
-                let len = self.rest().chars().take_while(|c| is_field_char(*c)).count();
+                let len = self
+                    .rest()
+                    .chars()
+                    .take_while(|c| is_field_char(*c))
+                    .count();
                 self.pos += len;
                 Ok(self.input[start..self.pos].to_string())
             }
-            Some(c) => Err(self.err(start, format!("expected a field name or quoted field, found {c:?}"))),
+            Some(c) => Err(self.err(
+                start,
+                format!("expected a field name or quoted field, found {c:?}"),
+            )),
             None => Err(self.err(start, "expected a field name, found the end")),
         }
     }
@@ -266,7 +296,10 @@ impl<'a> Parser<'a> {
         match self.peek() {
             None | Some(',') => Err(self.err(start, "expected a value after the operator")),
             Some(q) if is_quote(q) => {
-                let mut probe = Parser { input: self.input, pos: self.pos };
+                let mut probe = Parser {
+                    input: self.input,
+                    pos: self.pos,
+                };
                 match probe.quoted() {
                     Ok(v) if q != '/' || matches!(probe.after_space(), None | Some(',')) => {
                         self.pos = probe.pos;
@@ -334,11 +367,15 @@ impl<'a> Parser<'a> {
                                 .then(|| u32::from_str_radix(digits, 16).ok())
                                 .flatten()
                                 .and_then(char::from_u32)
-                                .ok_or_else(|| self.err(esc_pos, "illegal numeric escape sequence"))?;
+                                .ok_or_else(|| {
+                                    self.err(esc_pos, "illegal numeric escape sequence")
+                                })?;
                             self.pos += n;
                             v
                         }
-                        _ => return Err(self.err(esc_pos, format!("illegal escape sequence \\{e}"))),
+                        _ => {
+                            return Err(self.err(esc_pos, format!("illegal escape sequence \\{e}")))
+                        }
                     };
                     out.push(ch);
                 }
@@ -364,7 +401,10 @@ mod tests {
     }
 
     fn obj(kv: &[(&[&str], &str)]) -> Obj {
-        Obj(kv.iter().map(|(p, v)| (p.join("\u{0}"), (*v).to_string())).collect())
+        Obj(kv
+            .iter()
+            .map(|(p, v)| (p.join("\u{0}"), (*v).to_string()))
+            .collect())
     }
 
     #[test]
@@ -421,9 +461,14 @@ mod tests {
         ];
         for (input, want) in cases {
             let err = Filter::parse(input).expect_err(input);
-            let Error::InvalidArgument(msg) = &err else { panic!("{input}: {err:?}") };
+            let Error::InvalidArgument(msg) = &err else {
+                panic!("{input}: {err:?}")
+            };
             assert!(msg.contains(want), "{input}: {msg}");
-            assert!(msg.contains(">|") || msg.contains("[]") || msg.contains(">||<"), "{input}: points at the error: {msg}");
+            assert!(
+                msg.contains(">|") || msg.contains("[]") || msg.contains(">||<"),
+                "{input}: points at the error: {msg}"
+            );
         }
     }
 

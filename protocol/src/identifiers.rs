@@ -79,7 +79,10 @@ mod tests {
             let res = validate("container id", value);
             assert_eq!(res.is_ok(), *ok, "{value:?}: {res:?}");
             if let Err(Error::InvalidArgument(msg)) = res {
-                assert!(msg.contains("container id"), "message names the field: {msg}");
+                assert!(
+                    msg.contains("container id"),
+                    "message names the field: {msg}"
+                );
             } else if !ok {
                 panic!("{value:?} gave a non-InvalidArgument error");
             }

@@ -26,7 +26,9 @@ pub struct ShimClient {
 
 impl std::fmt::Debug for ShimClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ShimClient").field("namespace", &self.namespace).finish()
+        f.debug_struct("ShimClient")
+            .field("namespace", &self.namespace)
+            .finish()
     }
 }
 
@@ -52,7 +54,10 @@ impl ShimClient {
 
     /// Wraps an existing ttrpc connection.
     pub fn new(inner: TtrpcClient, namespace: &str) -> Self {
-        Self { inner, namespace: namespace.to_string() }
+        Self {
+            inner,
+            namespace: namespace.to_string(),
+        }
     }
 
     /// Sends one unary call under the v2 service name. A zero timeout means none: the
@@ -68,7 +73,8 @@ impl ShimClient {
         let mut request = ttrpc::Request::new();
         request.service = TASK_SERVICE_V2.to_string();
         request.method = method.to_string();
-        request.timeout_nano = timeout.map_or(0, |t| i64::try_from(t.as_nanos()).unwrap_or(i64::MAX));
+        request.timeout_nano =
+            timeout.map_or(0, |t| i64::try_from(t.as_nanos()).unwrap_or(i64::MAX));
         request.metadata = ttrpc::context::to_pb(metadata);
         request.payload = req.write_to_bytes()?;
         let resp = self.inner.request(request).await?;

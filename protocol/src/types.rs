@@ -43,7 +43,9 @@ pub fn system_time(ts: &Timestamp) -> SystemTime {
 pub fn pack<M: MessageFull>(m: &M) -> Result<Any, Error> {
     let mut any = Any::new();
     any.type_url = M::descriptor().full_name().to_string();
-    any.value = m.write_to_bytes().map_err(|e| Error::Internal(format!("encode: {e}")))?;
+    any.value = m
+        .write_to_bytes()
+        .map_err(|e| Error::Internal(format!("encode: {e}")))?;
     Ok(any)
 }
 
@@ -99,6 +101,9 @@ mod tests {
 
         let mut wrong = any;
         wrong.type_url = "containerd.events.TaskStart".into();
-        assert!(matches!(unpack::<TaskExit>(&wrong), Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            unpack::<TaskExit>(&wrong),
+            Err(Error::InvalidArgument(_))
+        ));
     }
 }

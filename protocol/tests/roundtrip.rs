@@ -18,7 +18,11 @@ impl version_ttrpc::Version for FakeVersion {
         ctx: &TtrpcContext,
         _: protobuf::well_known_types::empty::Empty,
     ) -> ttrpc::Result<version::VersionResponse> {
-        let ns = ctx.metadata.get(NAMESPACE_KEY).and_then(|v| v.first()).cloned();
+        let ns = ctx
+            .metadata
+            .get(NAMESPACE_KEY)
+            .and_then(|v| v.first())
+            .cloned();
         if ns.as_deref() != Some("ns1") {
             return Err(Error::InvalidArgument(format!("namespace was {ns:?}")).into());
         }
@@ -39,14 +43,26 @@ impl shim_async::Task for FakeShim {
         _: &TtrpcContext,
         req: api::ConnectRequest,
     ) -> ttrpc::Result<api::ConnectResponse> {
-        Ok(api::ConnectResponse { shim_pid: 7, task_pid: 8, version: req.id, ..Default::default() })
+        Ok(api::ConnectResponse {
+            shim_pid: 7,
+            task_pid: 8,
+            version: req.id,
+            ..Default::default()
+        })
     }
 
-    async fn wait(&self, _: &TtrpcContext, req: api::WaitRequest) -> ttrpc::Result<api::WaitResponse> {
+    async fn wait(
+        &self,
+        _: &TtrpcContext,
+        req: api::WaitRequest,
+    ) -> ttrpc::Result<api::WaitResponse> {
         if req.id == "missing" {
             return Err(Error::NotFound(format!("task {}", req.id)).into());
         }
-        Ok(api::WaitResponse { exit_status: 137, ..Default::default() })
+        Ok(api::WaitResponse {
+            exit_status: 137,
+            ..Default::default()
+        })
     }
 }
 
@@ -74,15 +90,29 @@ async fn keel_client_round_trip_carries_namespace() {
     let (mut server, addr) = serve(&dir).await;
 
     let c = Client::connect(&addr, Some("ns1")).await.unwrap();
-    assert_eq!(c.daemon_version().await.unwrap(), ("1.2.3".into(), "abc".into()));
+    assert_eq!(
+        c.daemon_version().await.unwrap(),
+        ("1.2.3".into(), "abc".into())
+    );
 
     let other = Client::connect(&addr, Some("ns2")).await.unwrap();
     let err = other.daemon_version().await.unwrap_err();
-    assert!(matches!(err, Error::InvalidArgument(ref m) if m.contains("ns2")), "{err:?}");
+    assert!(
+        matches!(err, Error::InvalidArgument(ref m) if m.contains("ns2")),
+        "{err:?}"
+    );
 
     // A service the server does not have is a clear error, not a hang.
-    let err = c.content.info(c.ctx(), &Default::default()).await.map_err(Error::from).unwrap_err();
-    assert!(matches!(err, Error::InvalidArgument(_) | Error::Unimplemented(_)), "{err:?}");
+    let err = c
+        .content
+        .info(c.ctx(), &Default::default())
+        .await
+        .map_err(Error::from)
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidArgument(_) | Error::Unimplemented(_)),
+        "{err:?}"
+    );
     server.shutdown().await.unwrap();
 }
 
@@ -92,15 +122,35 @@ async fn shim_client_speaks_task_v2() {
     let (mut server, addr) = serve(&dir).await;
 
     let shim = ShimClient::connect(&addr, "default").await.unwrap();
-    let req = api::ConnectRequest { id: "t1".into(), ..Default::default() };
+    let req = api::ConnectRequest {
+        id: "t1".into(),
+        ..Default::default()
+    };
     let resp = shim.connect_shim(&req, None).await.unwrap();
-    assert_eq!((resp.shim_pid, resp.task_pid, resp.version.as_str()), (7, 8, "t1"));
+    assert_eq!(
+        (resp.shim_pid, resp.task_pid, resp.version.as_str()),
+        (7, 8, "t1")
+    );
 
-    let wait = shim.wait(&api::WaitRequest { id: "t1".into(), ..Default::default() }, None).await;
+    let wait = shim
+        .wait(
+            &api::WaitRequest {
+                id: "t1".into(),
+                ..Default::default()
+            },
+            None,
+        )
+        .await;
     assert_eq!(wait.unwrap().exit_status, 137);
 
     let err = shim
-        .wait(&api::WaitRequest { id: "missing".into(), ..Default::default() }, None)
+        .wait(
+            &api::WaitRequest {
+                id: "missing".into(),
+                ..Default::default()
+            },
+            None,
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, Error::NotFound(_)), "{err:?}");

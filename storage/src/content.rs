@@ -46,7 +46,9 @@ pub struct ContentOptions {
 
 impl Default for ContentOptions {
     fn default() -> Self {
-        Self { ingest_max_age: Duration::from_secs(7 * 24 * 3600) }
+        Self {
+            ingest_max_age: Duration::from_secs(7 * 24 * 3600),
+        }
     }
 }
 
@@ -93,7 +95,11 @@ struct IngestMeta {
 enum Intent {
     /// A commit between its fsync and its metadata: finish it if the blob is in place
     /// and its bytes hash to the digest.
-    Commit { namespace: String, digest: String, labels: BTreeMap<String, String> },
+    Commit {
+        namespace: String,
+        digest: String,
+        labels: BTreeMap<String, String>,
+    },
     /// A delete whose metadata is gone: remove the file if no namespace refers to it.
     Delete { digest: String },
 }
@@ -251,7 +257,8 @@ impl ContentStore {
     }
 
     fn decode_info(&self, d: Digest, v: &[u8]) -> Result<Info> {
-        let r: InfoRecord = serde_json::from_slice(v).map_err(|e| Error::Corrupt(format!("info of {d}: {e}")))?;
+        let r: InfoRecord =
+            serde_json::from_slice(v).map_err(|e| Error::Corrupt(format!("info of {d}: {e}")))?;
         Ok(Info {
             digest: d,
             size: r.size,
@@ -275,7 +282,9 @@ impl ContentStore {
     pub fn info(&self, ns: &str, d: &Digest) -> Result<Info> {
         match self.info.get(info_key(ns, d))? {
             Some(v) => self.decode_info(d.clone(), &v),
-            None => Err(Error::NotFound(format!("content {d} not found in namespace {ns}"))),
+            None => Err(Error::NotFound(format!(
+                "content {d} not found in namespace {ns}"
+            ))),
         }
     }
 
@@ -292,7 +301,8 @@ impl ContentStore {
             let (k, v) = item?;
             let key = String::from_utf8_lossy(&k);
             let ds = key.split_once('\0').map(|(_, d)| d).unwrap_or_default();
-            let d = Digest::parse("stored digest", ds).map_err(|e| Error::Corrupt(e.to_string()))?;
+            let d =
+                Digest::parse("stored digest", ds).map_err(|e| Error::Corrupt(e.to_string()))?;
             let info = self.decode_info(d, &v)?;
             if filter.matches(&info) {
                 out.push(info);
@@ -303,7 +313,13 @@ impl ContentStore {
 
     /// Sets labels. `mask` holds `labels` (replace all) or `labels.<key>` entries (set,
     /// or remove when absent from `labels`); an empty mask replaces all labels.
-    pub fn update_labels(&self, ns: &str, d: &Digest, labels: BTreeMap<String, String>, mask: &[String]) -> Result<Info> {
+    pub fn update_labels(
+        &self,
+        ns: &str,
+        d: &Digest,
+        labels: BTreeMap<String, String>,
+        mask: &[String],
+    ) -> Result<Info> {
         validate_labels(&labels)?;
         let mut info = self.info(ns, d)?;
         if mask.is_empty() || mask.iter().any(|m| m == "labels") {
@@ -322,7 +338,8 @@ impl ContentStore {
             }
         }
         info.updated_at = SystemTime::now();
-        self.info.insert(info_key(ns, d), Self::encode_info(&info))?;
+        self.info
+            .insert(info_key(ns, d), Self::encode_info(&info))?;
         self.flush()?;
         Ok(info)
     }
@@ -336,7 +353,10 @@ impl ContentStore {
     pub fn delete(&self, ns: &str, d: &Digest) -> Result<()> {
         self.info(ns, d)?;
         let intent_key = format!("delete\0{d}");
-        let intent = serde_json::to_vec(&Intent::Delete { digest: d.to_string() }).expect("intent serialises");
+        let intent = serde_json::to_vec(&Intent::Delete {
+            digest: d.to_string(),
+        })
+        .expect("intent serialises");
         (&self.info, &self.refs, &self.intents).transaction(
             |(info, refs, intents): &(TransactionalTree, TransactionalTree, TransactionalTree)| {
                 info.remove(info_key(ns, d))?;
@@ -352,7 +372,12 @@ impl ContentStore {
     }
 
     fn held_anywhere(&self, d: &Digest) -> Result<bool> {
-        Ok(self.refs.scan_prefix(format!("{d}\0").as_bytes()).next().transpose()?.is_some())
+        Ok(self
+            .refs
+            .scan_prefix(format!("{d}\0").as_bytes())
+            .next()
+            .transpose()?
+            .is_some())
     }
 
     fn finish_delete(&self, d: &Digest) -> Result<()> {
@@ -380,7 +405,10 @@ impl ContentStore {
             reference: meta.reference.clone(),
             offset: md.len(),
             total: meta.total,
-            expected: meta.expected.as_deref().and_then(|e| Digest::parse("expected", e).ok()),
+            expected: meta
+                .expected
+                .as_deref()
+                .and_then(|e| Digest::parse("expected", e).ok()),
             started_at: from_nanos(meta.started_ns),
             updated_at: md.modified().unwrap_or_else(|_| SystemTime::now()),
         })
@@ -393,7 +421,9 @@ impl ContentStore {
         let meta = match Self::read_ingest_meta(&dir) {
             Ok(m) => m,
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::NotFound(format!("no ingest with ref {reference:?} in namespace {ns}")))
+                return Err(Error::NotFound(format!(
+                    "no ingest with ref {reference:?} in namespace {ns}"
+                )))
             }
             Err(e) => return Err(e),
         };
@@ -405,7 +435,9 @@ impl ContentStore {
         let mut out = Vec::new();
         for entry in fs::read_dir(&self.ingest).map_err(Error::io("read", &self.ingest))? {
             let dir = entry.map_err(Error::io("read", &self.ingest))?.path();
-            let Ok(meta) = Self::read_ingest_meta(&dir) else { continue };
+            let Ok(meta) = Self::read_ingest_meta(&dir) else {
+                continue;
+            };
             if meta.namespace != ns {
                 continue;
             }
@@ -420,7 +452,13 @@ impl ContentStore {
     }
 
     /// Opens (or resumes) the writer for `reference`. The caller holds the ref's lock.
-    pub fn open_writer(&self, ns: &str, reference: &str, total: u64, expected: Option<Digest>) -> Result<Writer> {
+    pub fn open_writer(
+        &self,
+        ns: &str,
+        reference: &str,
+        total: u64,
+        expected: Option<Digest>,
+    ) -> Result<Writer> {
         validate_ref(reference)?;
         let dir = self.ingest_dir(ns, reference);
         let data = dir.join("data");
@@ -464,14 +502,18 @@ impl ContentStore {
         };
         let tmp = dir.join("meta.json.tmp");
         let mut f = File::create(&tmp).map_err(Error::io("create", &tmp))?;
-        f.write_all(&serde_json::to_vec(&meta).expect("meta serialises")).map_err(Error::io("write", &tmp))?;
+        f.write_all(&serde_json::to_vec(&meta).expect("meta serialises"))
+            .map_err(Error::io("write", &tmp))?;
         f.sync_all().map_err(Error::io("fsync", &tmp))?;
         fs::rename(&tmp, dir.join("meta.json")).map_err(Error::io("rename", &tmp))?;
         sync_dir(&dir)?;
 
         // Rebuild the hash from the bytes already on disk.
         let (hasher, offset) = hash_file(&data, None)?;
-        let file = OpenOptions::new().append(true).open(&data).map_err(Error::io("open", &data))?;
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&data)
+            .map_err(Error::io("open", &data))?;
         let md = file.metadata().map_err(Error::io("stat", &data))?;
         Ok(Writer {
             namespace: ns.to_string(),
@@ -482,7 +524,11 @@ impl ContentStore {
             offset,
             writeback_from: offset,
             total: meta.total,
-            expected: meta.expected.as_deref().map(|e| Digest::parse("expected", e)).transpose()?,
+            expected: meta
+                .expected
+                .as_deref()
+                .map(|e| Digest::parse("expected", e))
+                .transpose()?,
             started_at: from_nanos(meta.started_ns),
             updated_at: md.modified().unwrap_or_else(|_| SystemTime::now()),
         })
@@ -493,7 +539,9 @@ impl ContentStore {
         validate_ref(reference)?;
         let dir = self.ingest_dir(ns, reference);
         if !dir.exists() {
-            return Err(Error::NotFound(format!("no ingest with ref {reference:?} in namespace {ns}")));
+            return Err(Error::NotFound(format!(
+                "no ingest with ref {reference:?} in namespace {ns}"
+            )));
         }
         fs::remove_dir_all(&dir).map_err(Error::io("remove", &dir))
     }
@@ -511,32 +559,58 @@ impl ContentStore {
         let ns = w.namespace.clone();
         let discard = |w: &Writer, msg: String| -> Error {
             let _ = fs::remove_dir_all(&w.dir);
-            Error::FailedPrecondition(format!("{msg}; nothing committed, ingest {:?} discarded", w.reference))
+            Error::FailedPrecondition(format!(
+                "{msg}; nothing committed, ingest {:?} discarded",
+                w.reference
+            ))
         };
         let want_size = if size != 0 { size } else { w.total };
         if want_size != 0 && want_size != w.offset {
-            return Err(discard(&w, format!("size mismatch: expected {want_size} bytes, got {}", w.offset)));
+            return Err(discard(
+                &w,
+                format!(
+                    "size mismatch: expected {want_size} bytes, got {}",
+                    w.offset
+                ),
+            ));
         }
         if let (Some(a), Some(b)) = (&expected, &w.expected) {
             if a != b {
-                return Err(discard(&w, format!("expected digest {a} differs from the {b} the writer was opened with")));
+                return Err(discard(
+                    &w,
+                    format!("expected digest {a} differs from the {b} the writer was opened with"),
+                ));
             }
         }
         let actual = Digest::from_sha256(&w.hasher.clone().finalize());
         if let Some(e) = expected.as_ref().or(w.expected.as_ref()) {
             if *e != actual {
-                return Err(discard(&w, format!("digest mismatch: expected {e}, got {actual}")));
+                return Err(discard(
+                    &w,
+                    format!("digest mismatch: expected {e}, got {actual}"),
+                ));
             }
         }
         if self.info.contains_key(info_key(&ns, &actual))? {
             let _ = fs::remove_dir_all(&w.dir);
-            return Err(Error::AlreadyExists(format!("content {actual} already exists")));
+            return Err(Error::AlreadyExists(format!(
+                "content {actual} already exists"
+            )));
         }
 
-        w.file.sync_data().map_err(Error::io("fsync", w.dir.join("data")))?;
+        w.file
+            .sync_data()
+            .map_err(Error::io("fsync", w.dir.join("data")))?;
         let intent_key = format!("commit\0{ns}\0{actual}");
-        let intent = Intent::Commit { namespace: ns.clone(), digest: actual.to_string(), labels: labels.clone() };
-        self.intents.insert(intent_key.as_bytes(), serde_json::to_vec(&intent).expect("intent serialises"))?;
+        let intent = Intent::Commit {
+            namespace: ns.clone(),
+            digest: actual.to_string(),
+            labels: labels.clone(),
+        };
+        self.intents.insert(
+            intent_key.as_bytes(),
+            serde_json::to_vec(&intent).expect("intent serialises"),
+        )?;
         self.flush()?;
 
         let target = self.blob_path(&actual);
@@ -549,7 +623,13 @@ impl ContentStore {
             sync_dir(&self.blobs)?;
         }
         let now = SystemTime::now();
-        let info = Info { digest: actual.clone(), size: w.offset, created_at: now, updated_at: now, labels };
+        let info = Info {
+            digest: actual.clone(),
+            size: w.offset,
+            created_at: now,
+            updated_at: now,
+            labels,
+        };
         self.record(&ns, &info, Some(&intent_key))?;
         let _ = fs::remove_dir_all(&w.dir);
         Ok(actual)
@@ -558,7 +638,11 @@ impl ContentStore {
     fn record(&self, ns: &str, info: &Info, intent_key: Option<&str>) -> Result<()> {
         let value = Self::encode_info(info);
         (&self.info, &self.refs, &self.intents).transaction(
-            |(t_info, t_refs, t_intents): &(TransactionalTree, TransactionalTree, TransactionalTree)| {
+            |(t_info, t_refs, t_intents): &(
+                TransactionalTree,
+                TransactionalTree,
+                TransactionalTree,
+            )| {
                 t_info.insert(info_key(ns, &info.digest), value.clone())?;
                 t_refs.insert(refs_key(&info.digest, ns), &[] as &[u8])?;
                 if let Some(k) = intent_key {
@@ -576,20 +660,37 @@ impl ContentStore {
         // 1. Finish interrupted commits and deletes.
         for item in self.intents.iter() {
             let (k, v) = item?;
-            let intent: Intent = serde_json::from_slice(&v).map_err(|e| Error::Corrupt(format!("intent: {e}")))?;
+            let intent: Intent =
+                serde_json::from_slice(&v).map_err(|e| Error::Corrupt(format!("intent: {e}")))?;
             match intent {
-                Intent::Commit { namespace, digest, labels } => {
+                Intent::Commit {
+                    namespace,
+                    digest,
+                    labels,
+                } => {
                     let d = Digest::parse("intent digest", &digest)?;
                     let path = self.blob_path(&d);
-                    if path.exists() && Digest::from_sha256(&hash_file(&path, None)?.0.finalize()) == d {
+                    if path.exists()
+                        && Digest::from_sha256(&hash_file(&path, None)?.0.finalize()) == d
+                    {
                         let size = fs::metadata(&path).map_err(Error::io("stat", &path))?.len();
                         let now = SystemTime::now();
-                        let info = Info { digest: d, size, created_at: now, updated_at: now, labels };
+                        let info = Info {
+                            digest: d,
+                            size,
+                            created_at: now,
+                            updated_at: now,
+                            labels,
+                        };
                         self.record(&namespace, &info, None)?;
-                        report.commits_finished.push(format!("{namespace}/{digest}"));
+                        report
+                            .commits_finished
+                            .push(format!("{namespace}/{digest}"));
                     }
                 }
-                Intent::Delete { digest } => self.finish_delete(&Digest::parse("intent digest", &digest)?)?,
+                Intent::Delete { digest } => {
+                    self.finish_delete(&Digest::parse("intent digest", &digest)?)?
+                }
             }
             self.intents.remove(k)?;
         }
@@ -606,7 +707,10 @@ impl ContentStore {
                 .ok()
                 .and_then(|m| now.duration_since(m).ok())
                 .unwrap_or_default();
-            let name = meta.as_ref().map_or_else(|| dir.display().to_string(), |m| format!("{}/{}", m.namespace, m.reference));
+            let name = meta.as_ref().map_or_else(
+                || dir.display().to_string(),
+                |m| format!("{}/{}", m.namespace, m.reference),
+            );
             if meta.is_none() || !data.exists() || age > opts.ingest_max_age {
                 fs::remove_dir_all(&dir).map_err(Error::io("remove", &dir))?;
                 report.ingests_removed.push(name);
@@ -644,16 +748,20 @@ impl ContentStore {
             let info = self.decode_info(d.clone(), &v)?;
             match on_disk.get(d.hex()) {
                 None => out.push(format!("{ns}/{d}: metadata without a blob file")),
-                Some(len) if *len != info.size => {
-                    out.push(format!("{ns}/{d}: metadata says {} bytes, blob file has {len}", info.size))
-                }
+                Some(len) if *len != info.size => out.push(format!(
+                    "{ns}/{d}: metadata says {} bytes, blob file has {len}",
+                    info.size
+                )),
                 Some(_) => {}
             }
             seen.insert(d.hex().to_string());
         }
         for name in on_disk.keys() {
             if !seen.contains(name) {
-                out.push(format!("blob file {} has no metadata", self.blobs.join(name).display()));
+                out.push(format!(
+                    "blob file {} has no metadata",
+                    self.blobs.join(name).display()
+                ));
             }
         }
         Ok(out)
@@ -678,7 +786,11 @@ impl ContentStore {
                     report.bytes += n;
                     let actual = Digest::from_sha256(&h.finalize());
                     if actual.hex() != name {
-                        report.corrupt.push((claimed, actual.to_string(), "bytes do not match the digest".into()));
+                        report.corrupt.push((
+                            claimed,
+                            actual.to_string(),
+                            "bytes do not match the digest".into(),
+                        ));
                     }
                 }
                 Err(e) => report.corrupt.push((claimed, String::new(), e.to_string())),
@@ -741,7 +853,9 @@ impl Writer {
                 self.reference
             )));
         }
-        self.file.write_all(data).map_err(Error::io("write", self.dir.join("data")))?;
+        self.file
+            .write_all(data)
+            .map_err(Error::io("write", self.dir.join("data")))?;
         self.hasher.update(data);
         self.offset = end;
         self.updated_at = SystemTime::now();
@@ -758,7 +872,12 @@ impl Writer {
         // SAFETY: sync_file_range only reads the fd, which `self.file` keeps open; it
         // neither reads nor writes our memory. A failure only loses the head start.
         unsafe {
-            libc::sync_file_range(self.file.as_raw_fd(), from, len, libc::SYNC_FILE_RANGE_WRITE);
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                from,
+                len,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
         }
         self.writeback_from = self.offset;
     }
@@ -770,7 +889,9 @@ mod tests {
 
     fn store(dir: &Path) -> ContentStore {
         let db = crate::open_db(dir).unwrap();
-        ContentStore::open(dir, db, &ContentOptions::default()).unwrap().0
+        ContentStore::open(dir, db, &ContentOptions::default())
+            .unwrap()
+            .0
     }
 
     fn sha(data: &[u8]) -> Digest {
@@ -784,7 +905,14 @@ mod tests {
         let mut w = s.open_writer("default", "r1", 11, None).unwrap();
         w.write(0, b"hello ").unwrap();
         w.write(6, b"world").unwrap();
-        let d = s.commit(w, 11, Some(sha(b"hello world")), BTreeMap::from([("a".into(), "b".into())])).unwrap();
+        let d = s
+            .commit(
+                w,
+                11,
+                Some(sha(b"hello world")),
+                BTreeMap::from([("a".into(), "b".into())]),
+            )
+            .unwrap();
         assert_eq!(d, sha(b"hello world"));
         let (path, info) = s.reader_path("default", &d).unwrap();
         assert_eq!(fs::read(path).unwrap(), b"hello world");
@@ -793,7 +921,10 @@ mod tests {
         // Not visible from another namespace.
         assert!(matches!(s.info("other", &d), Err(Error::NotFound(_))));
         // No ingest left behind.
-        assert!(s.list_statuses("default", &Filter::default()).unwrap().is_empty());
+        assert!(s
+            .list_statuses("default", &Filter::default())
+            .unwrap()
+            .is_empty());
     }
 
     #[test]
@@ -809,9 +940,15 @@ mod tests {
         assert_eq!(s.status("default", "r1").unwrap().offset, 3);
         let mut w = s.open_writer("default", "r1", 0, None).unwrap();
         assert_eq!(w.status().offset, 3);
-        assert!(matches!(w.write(0, b"abc"), Err(Error::FailedPrecondition(_))));
+        assert!(matches!(
+            w.write(0, b"abc"),
+            Err(Error::FailedPrecondition(_))
+        ));
         w.write(3, b"def").unwrap();
-        assert_eq!(s.commit(w, 6, None, BTreeMap::new()).unwrap(), sha(b"abcdef"));
+        assert_eq!(
+            s.commit(w, 6, None, BTreeMap::new()).unwrap(),
+            sha(b"abcdef")
+        );
     }
 
     #[test]
@@ -821,19 +958,35 @@ mod tests {
         let mut w = s.open_writer("default", "r", 0, None).unwrap();
         w.write(0, b"data").unwrap();
         let err = s.commit(w, 5, None, BTreeMap::new()).unwrap_err();
-        assert!(matches!(&err, Error::FailedPrecondition(m) if m.contains("expected 5") && m.contains("got 4")), "{err}");
+        assert!(
+            matches!(&err, Error::FailedPrecondition(m) if m.contains("expected 5") && m.contains("got 4")),
+            "{err}"
+        );
 
         let mut w = s.open_writer("default", "r", 0, None).unwrap();
         w.write(0, b"data").unwrap();
         let wrong = sha(b"other");
-        let err = s.commit(w, 0, Some(wrong.clone()), BTreeMap::new()).unwrap_err();
+        let err = s
+            .commit(w, 0, Some(wrong.clone()), BTreeMap::new())
+            .unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains(&wrong.to_string()) && msg.contains(&sha(b"data").to_string()), "{msg}");
+        assert!(
+            msg.contains(&wrong.to_string()) && msg.contains(&sha(b"data").to_string()),
+            "{msg}"
+        );
         assert!(s.list("default", &Filter::default()).unwrap().is_empty());
-        assert_eq!(fs::read_dir(dir.path().join("content/blobs/sha256")).unwrap().count(), 0);
+        assert_eq!(
+            fs::read_dir(dir.path().join("content/blobs/sha256"))
+                .unwrap()
+                .count(),
+            0
+        );
 
         let mut w = s.open_writer("default", "r", 3, None).unwrap();
-        assert!(matches!(w.write(0, b"data"), Err(Error::FailedPrecondition(_))));
+        assert!(matches!(
+            w.write(0, b"data"),
+            Err(Error::FailedPrecondition(_))
+        ));
     }
 
     #[test]
@@ -846,7 +999,10 @@ mod tests {
         let before = s.info("default", &d).unwrap();
         let mut w = s.open_writer("default", "b", 0, None).unwrap();
         w.write(0, b"x").unwrap();
-        assert!(matches!(s.commit(w, 0, None, BTreeMap::new()), Err(Error::AlreadyExists(_))));
+        assert!(matches!(
+            s.commit(w, 0, None, BTreeMap::new()),
+            Err(Error::AlreadyExists(_))
+        ));
         assert_eq!(s.info("default", &d).unwrap(), before);
         // The same bytes in a second namespace share the file; deleting one keeps it.
         let mut w = s.open_writer("other", "b", 0, None).unwrap();
@@ -855,7 +1011,11 @@ mod tests {
         s.delete("default", &d).unwrap();
         assert!(s.reader_path("other", &d).unwrap().0.exists());
         s.delete("other", &d).unwrap();
-        assert!(!dir.path().join("content/blobs/sha256").join(d.hex()).exists());
+        assert!(!dir
+            .path()
+            .join("content/blobs/sha256")
+            .join(d.hex())
+            .exists());
     }
 
     #[test]
@@ -865,17 +1025,32 @@ mod tests {
         for (r, body, app) in [("1", "one", "web"), ("2", "two", "db")] {
             let mut w = s.open_writer("default", r, 0, None).unwrap();
             w.write(0, body.as_bytes()).unwrap();
-            s.commit(w, 0, None, BTreeMap::from([("app".into(), app.into())])).unwrap();
+            s.commit(w, 0, None, BTreeMap::from([("app".into(), app.into())]))
+                .unwrap();
         }
-        let web = s.list("default", &Filter::parse("labels.app==web").unwrap()).unwrap();
+        let web = s
+            .list("default", &Filter::parse("labels.app==web").unwrap())
+            .unwrap();
         assert_eq!(web.len(), 1);
         assert_eq!(web[0].digest, sha(b"one"));
         let d = sha(b"two");
-        let i = s.update_labels("default", &d, BTreeMap::from([("tier".into(), "x".into())]), &["labels.tier".into()]).unwrap();
+        let i = s
+            .update_labels(
+                "default",
+                &d,
+                BTreeMap::from([("tier".into(), "x".into())]),
+                &["labels.tier".into()],
+            )
+            .unwrap();
         assert_eq!(i.labels.len(), 2);
-        let i = s.update_labels("default", &d, BTreeMap::new(), &["labels.app".into()]).unwrap();
+        let i = s
+            .update_labels("default", &d, BTreeMap::new(), &["labels.app".into()])
+            .unwrap();
         assert_eq!(i.labels, BTreeMap::from([("tier".into(), "x".into())]));
-        assert!(matches!(s.update_labels("default", &d, BTreeMap::new(), &["size".into()]), Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            s.update_labels("default", &d, BTreeMap::new(), &["size".into()]),
+            Err(Error::InvalidArgument(_))
+        ));
     }
 
     #[test]
@@ -886,8 +1061,14 @@ mod tests {
             let s = store(dir.path());
             // A crash after rename, before metadata: blob in place plus the intent.
             fs::write(s.blob_path(&d), b"payload").unwrap();
-            let intent = Intent::Commit { namespace: "default".into(), digest: d.to_string(), labels: BTreeMap::new() };
-            s.intents.insert(b"commit\0default\0x", serde_json::to_vec(&intent).unwrap()).unwrap();
+            let intent = Intent::Commit {
+                namespace: "default".into(),
+                digest: d.to_string(),
+                labels: BTreeMap::new(),
+            };
+            s.intents
+                .insert(b"commit\0default\0x", serde_json::to_vec(&intent).unwrap())
+                .unwrap();
             s.flush().unwrap();
             // And an orphan file nobody committed.
             fs::write(s.blob_path(&sha(b"orphan")), b"orphan").unwrap();
@@ -897,7 +1078,10 @@ mod tests {
         assert_eq!(report.commits_finished.len(), 1);
         assert_eq!(s.info("default", &d).unwrap().size, 7);
         assert_eq!(report.mismatches.len(), 1, "{:?}", report.mismatches);
-        assert!(s.blob_path(&sha(b"orphan")).exists(), "never deletes on mismatch");
+        assert!(
+            s.blob_path(&sha(b"orphan")).exists(),
+            "never deletes on mismatch"
+        );
     }
 
     #[test]
@@ -924,10 +1108,15 @@ mod tests {
             w.write(0, b"x").unwrap();
         }
         let db = crate::open_db(dir.path()).unwrap();
-        let opts = ContentOptions { ingest_max_age: Duration::ZERO };
+        let opts = ContentOptions {
+            ingest_max_age: Duration::ZERO,
+        };
         std::thread::sleep(Duration::from_millis(20));
         let (s, report) = ContentStore::open(dir.path(), db, &opts).unwrap();
         assert_eq!(report.ingests_removed, vec!["default/old".to_string()]);
-        assert!(matches!(s.status("default", "old"), Err(Error::NotFound(_))));
+        assert!(matches!(
+            s.status("default", "old"),
+            Err(Error::NotFound(_))
+        ));
     }
 }

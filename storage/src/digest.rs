@@ -24,17 +24,25 @@ impl Digest {
                 "{field} {s:?}: unsupported digest algorithm {alg:?}, only sha256 is supported"
             )));
         }
-        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if hex.len() != 64
+            || !hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return Err(Error::InvalidArgument(format!(
                 "{field} {s:?}: a sha256 digest has 64 lowercase hex characters"
             )));
         }
-        Ok(Self { hex: hex.to_string() })
+        Ok(Self {
+            hex: hex.to_string(),
+        })
     }
 
     /// Builds a digest from raw sha256 output.
     pub fn from_sha256(bytes: &[u8]) -> Self {
-        Self { hex: hex::encode(bytes) }
+        Self {
+            hex: hex::encode(bytes),
+        }
     }
 
     /// The 64 hex characters.
@@ -62,10 +70,15 @@ pub fn validate_ref(r: &str) -> Result<()> {
         return bad("must not be empty");
     }
     if r.len() > MAX_REF_LEN {
-        return bad(&format!("is {} bytes long, the limit is {MAX_REF_LEN}", r.len()));
+        return bad(&format!(
+            "is {} bytes long, the limit is {MAX_REF_LEN}",
+            r.len()
+        ));
     }
     if let Some(c) = r.chars().find(|c| !c.is_ascii_graphic()) {
-        return bad(&format!("contains {c:?}: only printable ASCII without spaces is allowed"));
+        return bad(&format!(
+            "contains {c:?}: only printable ASCII without spaces is allowed"
+        ));
     }
     if r.starts_with('/') {
         return bad("must not be an absolute path");
@@ -102,7 +115,12 @@ mod tests {
                 assert!(m.starts_with("digest "), "{m}");
             }
         }
-        assert_eq!(Digest::parse("d", &format!("sha256:{HEX}")).unwrap().to_string(), format!("sha256:{HEX}"));
+        assert_eq!(
+            Digest::parse("d", &format!("sha256:{HEX}"))
+                .unwrap()
+                .to_string(),
+            format!("sha256:{HEX}")
+        );
     }
 
     #[test]

@@ -1,1 +1,15 @@
+//! keeld, keel's daemon, and keelctl, its command line. The daemon binary only wires
+//! the layers together: configuration, observability, the ttrpc server and its
+//! services, and the actors that own state.
 
+pub mod config;
+pub mod ctl;
+pub mod daemon;
+pub mod observability;
+pub mod server;
+pub mod services;
+
+/// keel's version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The git revision keel was built from.
+pub const REVISION: &str = env!("KEEL_GIT_REVISION");

@@ -1,1 +1,320 @@
+//! Harness for keel's integration tests: real keeld and keelctl binaries on temporary
+//! roots, killed for real.
+//!
+//! The binaries come from the same target directory as the test executable (build
+//! them first with `cargo build --bins`, as `deploy/test.sh` does) or from
+//! `KEEL_BIN_DIR`.
 
+use std::io::Write;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Serialises tests that move gigabytes, so two of them never compete for the disk.
+pub static HEAVY: Mutex<()> = Mutex::new(());
+
+/// Takes [`HEAVY`], surviving a poisoned lock (a failed heavy test must not fail others).
+pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    HEAVY.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Directory holding keeld and keelctl.
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("KEEL_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    // target/<profile>/deps/<test-exe> → target/<profile>
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
+    for b in ["keeld", "keelctl"] {
+        assert!(
+            dir.join(b).exists(),
+            "{} is missing: build the binaries first (cargo build --bins) or set KEEL_BIN_DIR",
+            dir.join(b).display()
+        );
+    }
+    dir
+}
+
+/// Fails loudly when the tests cannot do what they claim without root.
+pub fn require_root(what: &str) {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "{what} needs root (run the tests as root, as CI does)"
+    );
+}
+
+/// One keeld on its own root, state and socket.
+#[derive(Debug)]
+pub struct Keeld {
+    pub dir: tempfile::TempDir,
+    pub root: PathBuf,
+    pub state: PathBuf,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    child: Option<Child>,
+}
+
+impl Keeld {
+    /// Starts keeld with a fresh root and waits until it answers.
+    pub fn start() -> Self {
+        Self::start_with_config("")
+    }
+
+    /// Starts keeld with extra TOML configuration.
+    pub fn start_with_config(extra: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("keel-it-")
+            .tempdir_in(scratch_dir())
+            .expect("tempdir");
+        let root = dir.path().join("root");
+        let state = dir.path().join("state");
+        let socket = dir.path().join("run").join("keel.sock");
+        let config = dir.path().join("keel.toml");
+        let mut f = std::fs::File::create(&config).expect("config");
+        // Let a non-root developer's uid in too; CI runs as root.
+        writeln!(f, "{extra}").unwrap();
+        if !extra.contains("allowed_uids") {
+            writeln!(f, "allowed_uids = [{}]", nix::unistd::getuid()).unwrap();
+        }
+        let mut k = Keeld {
+            dir,
+            root,
+            state,
+            socket,
+            config,
+            child: None,
+        };
+        k.spawn();
+        k
+    }
+
+    fn command(&self) -> Command {
+        let mut c = Command::new(bin_dir().join("keeld"));
+        c.arg("--root")
+            .arg(&self.root)
+            .arg("--state")
+            .arg(&self.state)
+            .arg("--address")
+            .arg(&self.socket)
+            .arg("--config")
+            .arg(&self.config)
+            .env("KEEL_LOG_LEVEL", "info");
+        c
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("keeld.log")
+    }
+
+    /// Starts (or restarts) the daemon and waits for it to answer Version.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log");
+        let child = self
+            .command()
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn keeld");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// Runs a second keeld on the same root and socket, returning its output.
+    pub fn run_second(&self) -> Output {
+        self.command()
+            .stdin(Stdio::null())
+            .output()
+            .expect("run second keeld")
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.socket.exists() && self.ctl(&["version"]).status.success() {
+                return;
+            }
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("keeld exited during startup ({st}); log:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "keeld did not become ready; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// keeld's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut c = self.child.take().expect("keeld running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(c.id()).unwrap()),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = c.try_wait().expect("wait") {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "keeld ignored SIGTERM; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// keelctl against this daemon.
+    pub fn ctl_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin_dir().join("keelctl"));
+        c.arg("--address").arg(&self.socket).args(args);
+        c.env_remove("KEEL_NAMESPACE");
+        c
+    }
+
+    /// Runs keelctl to completion with no stdin.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        self.ctl_cmd(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run keelctl")
+    }
+
+    /// Runs keelctl and asserts success; returns stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert!(
+            out.status.success(),
+            "keelctl {args:?} failed: {}",
+            describe(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    /// Runs keelctl, asserts failure with stderr containing `want`; returns stderr.
+    pub fn ctl_err(&self, args: &[&str], want: &str) -> String {
+        let out = self.ctl(args);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            !out.status.success(),
+            "keelctl {args:?} should fail: {}",
+            describe(&out)
+        );
+        assert!(
+            err.contains(want),
+            "keelctl {args:?}: stderr lacks {want:?}: {err}"
+        );
+        err
+    }
+
+    /// Asserts the daemon still answers.
+    pub fn assert_serving(&self) {
+        let out = self.ctl(&["version"]);
+        assert!(
+            out.status.success(),
+            "keeld stopped serving: {}\nlog:\n{}",
+            describe(&out),
+            self.log()
+        );
+    }
+}
+
+impl Drop for Keeld {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A readable account of a finished command.
+pub fn describe(out: &Output) -> String {
+    format!(
+        "status {:?} (signal {:?})\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        out.status.signal(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Where tests put daemons and data: on disk, not tmpfs (`KEEL_TEST_SCRATCH` overrides).
+pub fn scratch_dir() -> PathBuf {
+    let d = std::env::var_os("KEEL_TEST_SCRATCH")
+        .map_or_else(|| PathBuf::from("/var/tmp/keel-tests"), PathBuf::from);
+    std::fs::create_dir_all(&d).expect("scratch dir");
+    d
+}
+
+/// A file of `len` pseudo-random bytes and its sha256 digest (`sha256:<hex>`), as the
+/// system's `sha256sum` computes it.
+pub fn random_file(dir: &Path, name: &str, len: u64, seed: u64) -> (PathBuf, String) {
+    use rand::{RngCore, SeedableRng};
+    let path = dir.join(name);
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    let mut f =
+        std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&path).expect("create"));
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = usize::try_from(left.min(buf.len() as u64)).unwrap();
+        rng.fill_bytes(&mut buf[..n]);
+        f.write_all(&buf[..n]).unwrap();
+        left -= n as u64;
+    }
+    f.flush().unwrap();
+    drop(f);
+    (path.clone(), sha256sum(&path))
+}
+
+/// `sha256:<hex>` of a file, computed by the system's sha256sum.
+pub fn sha256sum(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    assert!(out.status.success(), "sha256sum: {}", describe(&out));
+    let hex = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    format!("sha256:{hex}")
+}

@@ -1,1 +1,24 @@
-fn main(){}
+//! keelctl: keel's command line.
+
+use clap::Parser;
+use keel_supervisor::ctl::{run, Cli};
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(run(cli)) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            // Show keel's own error (code and message), not ttrpc's status structure.
+            match e.downcast_ref::<ttrpc::Error>() {
+                Some(t) => eprintln!("keelctl: {}", keel_protocol::Error::from(t.clone())),
+                None => eprintln!("keelctl: {e:#}"),
+            }
+            std::process::exit(1);
+        }
+    }
+}

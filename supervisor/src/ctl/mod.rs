@@ -1,0 +1,51 @@
+//! keelctl: the command line, shaped like containerd's `ctr`.
+
+pub mod content;
+pub mod output;
+
+use clap::{Parser, Subcommand};
+use keel_protocol::Client;
+
+/// keelctl's global options.
+#[derive(Debug, Parser)]
+#[command(name = "keelctl", version = crate::VERSION, about = "Control keeld, the keel container node agent")]
+pub struct Cli {
+    /// keeld's socket.
+    #[arg(long, global = true, env = "KEEL_ADDRESS", default_value = crate::config::DEFAULT_ADDRESS)]
+    pub address: String,
+    /// Namespace for the request.
+    #[arg(long, short = 'n', global = true, env = "KEEL_NAMESPACE", default_value = keel_protocol::DEFAULT_NAMESPACE)]
+    pub namespace: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the client's and the daemon's version and git revision.
+    Version,
+    /// Manage the content store.
+    #[command(subcommand)]
+    Content(content::ContentCmd),
+}
+
+/// Runs a parsed command; returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Version => {
+            println!(
+                "Client:\n  Version:  {}\n  Revision: {}",
+                crate::VERSION,
+                crate::REVISION
+            );
+            let client = Client::connect(&cli.address, Some(&cli.namespace)).await?;
+            let (v, r) = client.daemon_version().await?;
+            println!("\nServer:\n  Version:  {v}\n  Revision: {r}");
+            Ok(0)
+        }
+        Command::Content(cmd) => {
+            let client = Client::connect(&cli.address, Some(&cli.namespace)).await?;
+            content::run(&client, cmd).await
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! keeld's lifecycle: lock the root, open storage, start the actors, serve ttrpc,
+//! and on SIGTERM/SIGINT shut down in order: stop accepting → stop the actors →
+//! flush storage → remove the socket.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use keel_actors::storage::StorageHandle;
+use keel_protocol::api::{content_ttrpc, version_ttrpc};
+use keel_protocol::containerd::shim::events_ttrpc_async::create_events;
+use keel_storage::{ContentOptions, ContentStore};
+use nix::fcntl::{Flock, FlockArg};
+use tokio::signal::unix::{signal, SignalKind};
+use ttrpc::asynchronous::Server;
+
+use crate::config::Config;
+use crate::server::{prepare_socket, Auth, PeerCredHook};
+use crate::services::{
+    content::ContentService, shim_events::ShimEventsService, version::VersionService,
+};
+
+/// Holds `<root>/keeld.lock` for the daemon's lifetime: one keeld per root.
+#[derive(Debug)]
+pub struct RootLock {
+    _lock: Flock<File>,
+}
+
+impl RootLock {
+    pub fn acquire(root: &Path) -> anyhow::Result<Self> {
+        let path = root.join("keeld.lock");
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("open lock file {}", path.display()))?;
+        let mut lock = match Flock::lock(file.try_clone()?, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((_, errno)) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                anyhow::bail!(
+                    "another keeld{} holds the lock {} ({errno}); refusing to start a second daemon on root {}",
+                    if holder.is_empty() { String::new() } else { format!(" (pid {holder})") },
+                    path.display(),
+                    root.display()
+                );
+            }
+        };
+        lock.set_len(0)?;
+        lock.rewind()?;
+        writeln!(lock, "{}", std::process::id())?;
+        lock.sync_all()?;
+        Ok(Self { _lock: lock })
+    }
+}
+
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("chmod {}", dir.display()))
+}
+
+/// Runs keeld until SIGTERM or SIGINT. Builds its own actix system on a two-thread
+/// tokio runtime: actors live on the system arbiter (plus their own threads), ttrpc
+/// connections are plain tokio tasks.
+pub fn run(cfg: Config) -> anyhow::Result<()> {
+    let system = actix_rt::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("keeld-rt")
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+    });
+    system.block_on(serve(cfg))
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    create_private_dir(&cfg.root)?;
+    create_private_dir(&cfg.state)?;
+    let _lock = RootLock::acquire(&cfg.root)?;
+
+    let db = keel_storage::open_db(&cfg.root)?;
+    let opts = ContentOptions {
+        ingest_max_age: cfg.ingest_max_age,
+    };
+    let (store, report) = ContentStore::open(&cfg.root, db.clone(), &opts)?;
+    for m in &report.mismatches {
+        tracing::error!(mismatch = %m, "content store: metadata and blobs disagree; nothing was deleted, run `keelctl content fsck`");
+    }
+    tracing::info!(
+        blobs = report.blobs,
+        ingests_kept = report.ingests_kept.len(),
+        ingests_removed = report.ingests_removed.len(),
+        commits_finished = report.commits_finished.len(),
+        mismatches = report.mismatches.len(),
+        "content store checked"
+    );
+    for r in &report.ingests_removed {
+        tracing::info!(ingest = %r, "removed a stale partial ingest");
+    }
+    let storage = StorageHandle::start(store);
+
+    let auth = Arc::new(Auth::new(&cfg.allowed_uids));
+    let (shim_events, _) = tokio::sync::broadcast::channel(1024);
+    let version = Arc::new(VersionService { auth: auth.clone() });
+    prepare_socket(&cfg.address)?;
+    let addr = format!("unix://{}", cfg.address.display());
+    let mut server = Server::new()
+        .bind(&addr)
+        .with_context(|| format!("bind {}", cfg.address.display()))?
+        .set_accept_hook(PeerCredHook)
+        .register_service(version_ttrpc::create_version(version.clone()))
+        .register_service(version_ttrpc::create_health(version))
+        .register_service(content_ttrpc::create_content(Arc::new(ContentService {
+            auth: auth.clone(),
+            storage: storage.clone(),
+        })))
+        .register_service(create_events(Arc::new(ShimEventsService {
+            auth,
+            sink: shim_events,
+        })));
+    fs::set_permissions(&cfg.address, fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod {}", cfg.address.display()))?;
+    server.start().await.context("start ttrpc server")?;
+    tracing::info!(
+        address = %cfg.address.display(),
+        root = %cfg.root.display(),
+        state = %cfg.state.display(),
+        version = crate::VERSION,
+        revision = crate::REVISION,
+        "keeld serving"
+    );
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let which = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = which, "shutting down");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+
+    // Stop accepting and close connections first, so no request races the flush.
+    if let Err(e) = server.shutdown().await {
+        tracing::warn!(error = %e, "ttrpc server shutdown");
+    }
+    drop(storage);
+    actix::System::current().stop();
+    let flushed = tokio::task::spawn_blocking(move || db.flush()).await?;
+    flushed.context("flush metadata")?;
+    if let Err(e) = fs::remove_file(&cfg.address) {
+        tracing::warn!(error = %e, "remove socket");
+    }
+    tracing::info!("keeld stopped");
+    Ok(())
+}

@@ -1,0 +1,324 @@
+//! `keel.services.content.v1.Content`: reads go to the store on the blocking pool;
+//! every mutation goes through the storage actor.
+
+use std::collections::BTreeMap;
+use std::io::SeekFrom;
+use std::sync::Arc;
+
+use keel_actors::storage::StorageHandle;
+use keel_protocol::api::content::*;
+use keel_protocol::api::content_ttrpc;
+use keel_protocol::filters::Filter;
+use keel_protocol::types::timestamp;
+use keel_protocol::Error;
+use keel_storage::digest::validate_ref;
+use keel_storage::Digest;
+use protobuf::well_known_types::empty::Empty;
+use protobuf::MessageField;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use ttrpc::asynchronous::{ServerStream, ServerStreamSender, TtrpcContext};
+
+use super::{blocking, Rpc};
+use crate::server::Auth;
+
+/// Bytes per Read response. ttrpc bounds a message at 4 MiB and buffers up to 100
+/// messages per connection, so this also bounds what a slow reader can pin.
+const READ_CHUNK: usize = 256 << 10;
+
+#[derive(Debug)]
+pub struct ContentService {
+    pub auth: Arc<Auth>,
+    pub storage: StorageHandle,
+}
+
+fn to_info(i: keel_storage::Info) -> Info {
+    Info {
+        digest: i.digest.to_string(),
+        size: i64::try_from(i.size).unwrap_or(i64::MAX),
+        created_at: MessageField::some(timestamp(i.created_at)),
+        updated_at: MessageField::some(timestamp(i.updated_at)),
+        labels: i.labels.into_iter().collect(),
+        ..Default::default()
+    }
+}
+
+fn to_status(s: keel_storage::Status) -> Status {
+    Status {
+        ref_: s.reference,
+        offset: i64::try_from(s.offset).unwrap_or(i64::MAX),
+        total: i64::try_from(s.total).unwrap_or(i64::MAX),
+        expected: s.expected.map(|d| d.to_string()).unwrap_or_default(),
+        started_at: MessageField::some(timestamp(s.started_at)),
+        updated_at: MessageField::some(timestamp(s.updated_at)),
+        ..Default::default()
+    }
+}
+
+fn digest(field: &str, s: &str) -> ttrpc::Result<Digest> {
+    Digest::parse(field, s).rpc()
+}
+
+fn optional_digest(field: &str, s: &str) -> ttrpc::Result<Option<Digest>> {
+    if s.is_empty() {
+        Ok(None)
+    } else {
+        digest(field, s).map(Some)
+    }
+}
+
+fn non_negative(field: &str, v: i64) -> ttrpc::Result<u64> {
+    u64::try_from(v).map_err(|_| {
+        Error::InvalidArgument(format!("{field} must not be negative, got {v}")).into()
+    })
+}
+
+fn write_response(action: WriteAction, st: &keel_storage::Status) -> WriteContentResponse {
+    WriteContentResponse {
+        action: action.into(),
+        offset: i64::try_from(st.offset).unwrap_or(i64::MAX),
+        total: i64::try_from(st.total).unwrap_or(i64::MAX),
+        started_at: MessageField::some(timestamp(st.started_at)),
+        updated_at: MessageField::some(timestamp(st.updated_at)),
+        ..Default::default()
+    }
+}
+
+#[async_trait::async_trait]
+impl content_ttrpc::Content for ContentService {
+    async fn info(&self, ctx: &TtrpcContext, req: InfoRequest) -> ttrpc::Result<InfoResponse> {
+        let ns = self.auth.request(ctx, "Content.Info").rpc()?.namespace;
+        let d = digest("digest", &req.digest)?;
+        let store = self.storage.store().clone();
+        let info = blocking(move || store.info(&ns, &d)).await?;
+        Ok(InfoResponse {
+            info: MessageField::some(to_info(info)),
+            ..Default::default()
+        })
+    }
+
+    async fn update(
+        &self,
+        ctx: &TtrpcContext,
+        req: UpdateRequest,
+    ) -> ttrpc::Result<UpdateResponse> {
+        let ns = self.auth.request(ctx, "Content.Update").rpc()?.namespace;
+        let info = req
+            .info
+            .into_option()
+            .ok_or_else(|| Error::InvalidArgument("info is required".into()))
+            .rpc()?;
+        let d = digest("info.digest", &info.digest)?;
+        let mask = req
+            .update_mask
+            .into_option()
+            .map(|m| m.paths)
+            .unwrap_or_default();
+        let labels: BTreeMap<_, _> = info.labels.into_iter().collect();
+        let updated = self
+            .storage
+            .update_labels(&ns, d, labels, mask)
+            .await
+            .rpc()?;
+        Ok(UpdateResponse {
+            info: MessageField::some(to_info(updated)),
+            ..Default::default()
+        })
+    }
+
+    async fn list(
+        &self,
+        ctx: &TtrpcContext,
+        req: ListContentRequest,
+    ) -> ttrpc::Result<ListContentResponse> {
+        let ns = self.auth.request(ctx, "Content.List").rpc()?.namespace;
+        let filter = Filter::parse_all(&req.filters).rpc()?;
+        let store = self.storage.store().clone();
+        let infos = blocking(move || store.list(&ns, &filter)).await?;
+        Ok(ListContentResponse {
+            info: infos.into_iter().map(to_info).collect(),
+            ..Default::default()
+        })
+    }
+
+    async fn delete(&self, ctx: &TtrpcContext, req: DeleteContentRequest) -> ttrpc::Result<Empty> {
+        let ns = self.auth.request(ctx, "Content.Delete").rpc()?.namespace;
+        let d = digest("digest", &req.digest)?;
+        self.storage.delete(&ns, d).await.rpc()?;
+        Ok(Empty::new())
+    }
+
+    async fn read(
+        &self,
+        ctx: &TtrpcContext,
+        req: ReadContentRequest,
+        tx: ServerStreamSender<ReadContentResponse>,
+    ) -> ttrpc::Result<()> {
+        let ns = self.auth.request(ctx, "Content.Read").rpc()?.namespace;
+        let d = digest("digest", &req.digest)?;
+        let offset = non_negative("offset", req.offset)?;
+        let want = non_negative("size", req.size)?;
+        let store = self.storage.store().clone();
+        let (path, info) = blocking(move || store.reader_path(&ns, &d)).await?;
+        if offset > info.size {
+            return Err(Error::InvalidArgument(format!(
+                "offset {offset} is past the end of the {} byte blob",
+                info.size
+            ))
+            .into());
+        }
+        let end = if want == 0 {
+            info.size
+        } else {
+            (offset + want).min(info.size)
+        };
+        let io = |e: std::io::Error| {
+            ttrpc::Error::from(Error::Internal(format!("read {}: {e}", path.display())))
+        };
+        let mut f = tokio::fs::File::open(&path).await.map_err(io)?;
+        f.seek(SeekFrom::Start(offset)).await.map_err(io)?;
+        let mut pos = offset;
+        while pos < end {
+            let n = usize::try_from(end - pos)
+                .unwrap_or(READ_CHUNK)
+                .min(READ_CHUNK);
+            let mut data = vec![0u8; n];
+            f.read_exact(&mut data).await.map_err(io)?;
+            let resp = ReadContentResponse {
+                offset: i64::try_from(pos).unwrap_or(i64::MAX),
+                data,
+                ..Default::default()
+            };
+            tx.send(&resp).await?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    async fn status(
+        &self,
+        ctx: &TtrpcContext,
+        req: StatusRequest,
+    ) -> ttrpc::Result<StatusResponse> {
+        let ns = self.auth.request(ctx, "Content.Status").rpc()?.namespace;
+        let store = self.storage.store().clone();
+        let st = blocking(move || store.status(&ns, &req.ref_)).await?;
+        Ok(StatusResponse {
+            status: MessageField::some(to_status(st)),
+            ..Default::default()
+        })
+    }
+
+    async fn list_statuses(
+        &self,
+        ctx: &TtrpcContext,
+        req: ListStatusesRequest,
+    ) -> ttrpc::Result<ListStatusesResponse> {
+        let ns = self
+            .auth
+            .request(ctx, "Content.ListStatuses")
+            .rpc()?
+            .namespace;
+        let filter = Filter::parse_all(&req.filters).rpc()?;
+        let store = self.storage.store().clone();
+        let sts = blocking(move || store.list_statuses(&ns, &filter)).await?;
+        Ok(ListStatusesResponse {
+            statuses: sts.into_iter().map(to_status).collect(),
+            ..Default::default()
+        })
+    }
+
+    /// The first message names the ref and opens (or resumes) its writer, taking the
+    /// ref's lock; STAT, WRITE and COMMIT each get a response. The lock is released
+    /// when the stream ends, however it ends; uncommitted bytes stay for a resume.
+    async fn write(
+        &self,
+        ctx: &TtrpcContext,
+        mut stream: ServerStream<WriteContentResponse, WriteContentRequest>,
+    ) -> ttrpc::Result<()> {
+        let ns = self.auth.request(ctx, "Content.Write").rpc()?.namespace;
+        let Some(mut req) = stream.recv().await? else {
+            return Ok(());
+        };
+        let reference = req.ref_.clone();
+        validate_ref(&reference).rpc()?;
+        let total = non_negative("total", req.total)?;
+        let expected = optional_digest("expected", &req.expected)?;
+        let (lease, mut status) = self
+            .storage
+            .open_writer(&ns, &reference, total, expected)
+            .await
+            .rpc()?;
+        loop {
+            if !req.ref_.is_empty() && req.ref_ != reference {
+                return Err(Error::InvalidArgument(format!(
+                    "ref {:?} differs from the stream's ref {reference:?}",
+                    req.ref_
+                ))
+                .into());
+            }
+            let action = req.action.enum_value().map_err(|v| {
+                ttrpc::Error::from(Error::InvalidArgument(format!("unknown write action {v}")))
+            })?;
+            if !req.data.is_empty() {
+                if action == WriteAction::STAT {
+                    return Err(
+                        Error::InvalidArgument("a STAT request carries no data".into()).into(),
+                    );
+                }
+                let offset = non_negative("offset", req.offset)?;
+                status = lease
+                    .write(offset, std::mem::take(&mut req.data))
+                    .await
+                    .rpc()?;
+            }
+            match action {
+                WriteAction::STAT | WriteAction::WRITE => {
+                    stream.send(&write_response(action, &status)).await?
+                }
+                WriteAction::COMMIT => {
+                    let size = non_negative("total", req.total)?;
+                    let expected = optional_digest("expected", &req.expected)?;
+                    let labels = std::mem::take(&mut req.labels).into_iter().collect();
+                    let (d, size) = lease.commit(size, expected, labels).await.rpc()?;
+                    let mut resp = write_response(action, &status);
+                    resp.offset = i64::try_from(size).unwrap_or(i64::MAX);
+                    resp.digest = d.to_string();
+                    stream.send(&resp).await?;
+                    return Ok(());
+                }
+            }
+            match stream.recv().await? {
+                Some(next) => req = next,
+                None => return Ok(()),
+            }
+        }
+    }
+
+    async fn abort(&self, ctx: &TtrpcContext, req: AbortRequest) -> ttrpc::Result<Empty> {
+        let ns = self.auth.request(ctx, "Content.Abort").rpc()?.namespace;
+        validate_ref(&req.ref_).rpc()?;
+        self.storage.abort(&ns, &req.ref_).await.rpc()?;
+        Ok(Empty::new())
+    }
+
+    async fn fsck(&self, ctx: &TtrpcContext, _: FsckRequest) -> ttrpc::Result<FsckResponse> {
+        self.auth.request(ctx, "Content.Fsck").rpc()?;
+        let r = self.storage.fsck().await.rpc()?;
+        Ok(FsckResponse {
+            checked: r.checked,
+            bytes: r.bytes,
+            corrupt: r
+                .corrupt
+                .into_iter()
+                .map(|(digest, actual, message)| CorruptBlob {
+                    digest,
+                    actual,
+                    message,
+                    ..Default::default()
+                })
+                .collect(),
+            mismatches: r.mismatches,
+            ..Default::default()
+        })
+    }
+}

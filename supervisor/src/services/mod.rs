@@ -1,0 +1,32 @@
+//! ttrpc services. Handlers stay thin: authorise and validate, ask the owning actor
+//! (or read the store on the blocking pool), map the result.
+
+pub mod content;
+pub mod shim_events;
+pub mod version;
+
+use keel_protocol::Error;
+
+/// Maps a library result onto the wire through keel's one error mapping.
+pub(crate) trait Rpc<T> {
+    fn rpc(self) -> ttrpc::Result<T>;
+}
+
+impl<T, E: Into<Error>> Rpc<T> for Result<T, E> {
+    fn rpc(self) -> ttrpc::Result<T> {
+        self.map_err(|e| ttrpc::Error::from(e.into()))
+    }
+}
+
+/// Runs blocking store work (sled reads, file metadata, hashing) off the RPC threads.
+pub(crate) async fn blocking<T, F>(f: F) -> ttrpc::Result<T>
+where
+    F: FnOnce() -> Result<T, keel_storage::Error> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("blocking task failed: {e}")))
+        .rpc()?
+        .rpc()
+}
