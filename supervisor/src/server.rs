@@ -9,8 +9,9 @@
 use std::collections::HashSet;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::io::{BorrowedFd, RawFd};
+use std::os::unix::io::{BorrowedFd, OwnedFd, RawFd};
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::Context;
 use keel_protocol::{identifiers, Error, DEFAULT_NAMESPACE, NAMESPACE_KEY};
@@ -19,6 +20,50 @@ use ttrpc::asynchronous::TtrpcContext;
 use ttrpc::{AcceptHook, ConnectionDataExt, HookError, HookOutput};
 
 const PEER_KEY: &str = "keel.peer";
+const WATCH_KEY: &str = "keel.watch";
+
+/// How often a long-lived stream handler checks whether its client hung up.
+const HANGUP_POLL: Duration = Duration::from_millis(200);
+
+/// A duplicate of a connection's socket, used only to see the peer hang up.
+///
+/// ttrpc 0.10 never tells a stream handler that its connection closed (it waits for
+/// the handler before tearing the connection down), so a handler blocked in `recv`
+/// would wait forever, holding whatever it holds (a content ref lock, a subscription).
+/// Polling this descriptor for POLLRDHUP tells it; nothing is ever read from it.
+#[derive(Debug)]
+pub struct HangupWatch {
+    fd: OwnedFd,
+}
+
+impl HangupWatch {
+    /// Whether the peer has closed its end.
+    pub fn hung_up(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd on the stack, a descriptor this struct owns, and a
+        // zero timeout: poll only writes `revents`.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        n < 0 || (n > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0)
+    }
+}
+
+/// Resolves once the request's client has hung up (never, if unknown).
+pub async fn client_gone(ctx: &TtrpcContext) {
+    let Some(watch) = ctx.connection_data.get_typed::<HangupWatch>(WATCH_KEY) else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(HANGUP_POLL).await;
+        if watch.hung_up() {
+            return;
+        }
+    }
+}
 
 /// The credentials of a connected client, from SO_PEERCRED.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,8 +89,10 @@ impl AcceptHook for PeerCredHook {
             uid: cred.uid(),
             gid: cred.gid(),
         };
+        let dup = fd.try_clone_to_owned().map_err(HookError::Io)?;
         let mut data = ttrpc::ConnectionData::new();
         data.insert(PEER_KEY.to_string(), Box::new(peer));
+        data.insert(WATCH_KEY.to_string(), Box::new(HangupWatch { fd: dup }));
         Ok(HookOutput {
             data,
             payload_transform: None,
@@ -183,6 +230,17 @@ mod tests {
             auth.request(&ctx(None, None), "m"),
             Err(Error::PermissionDenied(_))
         ));
+    }
+
+    #[test]
+    fn hangup_watch_sees_the_peer_close() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let watch = HangupWatch {
+            fd: OwnedFd::from(a),
+        };
+        assert!(!watch.hung_up());
+        drop(b);
+        assert!(watch.hung_up());
     }
 
     #[test]

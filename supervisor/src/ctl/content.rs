@@ -466,8 +466,12 @@ async fn ingest(
             .await?;
             offset += len;
         }
+        // COMMIT names the offset it follows, so the server orders it after the last
+        // WRITE. No close_send: the server ends the stream after COMMIT, and a close
+        // frame could overtake the COMMIT frame.
         tx.send(&WriteContentRequest {
             action: WriteAction::COMMIT.into(),
+            offset: i64::try_from(offset)?,
             total: if total > 0 {
                 total
             } else {
@@ -478,20 +482,19 @@ async fn ingest(
             ..Default::default()
         })
         .await?;
-        tx.close_send().await?;
         Ok(())
     }
     .await;
     // The server's answer explains a failed send better than the send error does; a
     // local failure (stdin) leaves the server waiting, so do not wait long for it.
-    let acked = if send_result.is_err() {
-        match tokio::time::timeout(std::time::Duration::from_secs(2), acks).await {
+    let acked = match &send_result {
+        Err(_) => match tokio::time::timeout(std::time::Duration::from_secs(2), acks).await {
             Ok(joined) => joined.context("ingest acknowledgements")?,
-            Err(_) => return Err(send_result.unwrap_err()),
-        }
-    } else {
-        acks.await.context("ingest acknowledgements")?
+            Err(_) => return send_result.map(|()| String::new()),
+        },
+        Ok(()) => acks.await.context("ingest acknowledgements")?,
     };
+
     if let Some(pb) = &progress {
         pb.finish_and_clear();
     }

@@ -19,11 +19,13 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use ttrpc::asynchronous::{ServerStream, ServerStreamSender, TtrpcContext};
 
 use super::{blocking, Rpc};
-use crate::server::Auth;
+use crate::server::{client_gone, Auth};
 
 /// Bytes per Read response. ttrpc bounds a message at 4 MiB and buffers up to 100
 /// messages per connection, so this also bounds what a slow reader can pin.
 const READ_CHUNK: usize = 256 << 10;
+/// WRITE requests held while an earlier one is still missing, at most.
+const MAX_OUT_OF_ORDER: usize = 64;
 
 #[derive(Debug)]
 pub struct ContentService {
@@ -229,26 +231,50 @@ impl content_ttrpc::Content for ContentService {
 
     /// The first message names the ref and opens (or resumes) its writer, taking the
     /// ref's lock; STAT, WRITE and COMMIT each get a response. The lock is released
-    /// when the stream ends, however it ends; uncommitted bytes stay for a resume.
+    /// when the stream ends, however it ends (a client that hangs up included);
+    /// uncommitted bytes stay for a resume.
+    ///
+    /// ttrpc 0.10 hands a client stream's frames to the handler from one task per
+    /// frame, so two frames sent in order can arrive swapped. WRITE and COMMIT carry
+    /// their offset (COMMIT: the total written), and are applied in offset order from a
+    /// small bounded buffer; the client's window keeps that buffer short.
     async fn write(
         &self,
         ctx: &TtrpcContext,
         mut stream: ServerStream<WriteContentResponse, WriteContentRequest>,
     ) -> ttrpc::Result<()> {
         let ns = self.auth.request(ctx, "Content.Write").rpc()?.namespace;
-        let Some(mut req) = stream.recv().await? else {
+        let Some(first) = stream.recv().await? else {
             return Ok(());
         };
-        let reference = req.ref_.clone();
+        let reference = first.ref_.clone();
         validate_ref(&reference).rpc()?;
-        let total = non_negative("total", req.total)?;
-        let expected = optional_digest("expected", &req.expected)?;
+        let total = non_negative("total", first.total)?;
+        let expected = optional_digest("expected", &first.expected)?;
         let (lease, mut status) = self
             .storage
             .open_writer(&ns, &reference, total, expected)
             .await
             .rpc()?;
+        // Out-of-order WRITE (kind 0) and COMMIT (kind 1) requests, keyed by offset.
+        let mut pending: BTreeMap<(u64, u8), WriteContentRequest> = BTreeMap::new();
+        let mut next = Some(first);
+        let gone = client_gone(ctx);
+        tokio::pin!(gone);
         loop {
+            let req = match next.take() {
+                Some(r) => r,
+                None => tokio::select! {
+                    r = stream.recv() => match r? {
+                        Some(r) => r,
+                        None => return Ok(()),
+                    },
+                    () = &mut gone => {
+                        tracing::info!(namespace = %ns, reference = %reference, "content writer's client hung up; ref unlocked");
+                        return Err(Error::Cancelled("client hung up".into()).into());
+                    }
+                },
+            };
             if !req.ref_.is_empty() && req.ref_ != reference {
                 return Err(Error::InvalidArgument(format!(
                     "ref {:?} differs from the stream's ref {reference:?}",
@@ -259,37 +285,70 @@ impl content_ttrpc::Content for ContentService {
             let action = req.action.enum_value().map_err(|v| {
                 ttrpc::Error::from(Error::InvalidArgument(format!("unknown write action {v}")))
             })?;
-            if !req.data.is_empty() {
-                if action == WriteAction::STAT {
-                    return Err(
-                        Error::InvalidArgument("a STAT request carries no data".into()).into(),
-                    );
-                }
-                let offset = non_negative("offset", req.offset)?;
-                status = lease
-                    .write(offset, std::mem::take(&mut req.data))
-                    .await
-                    .rpc()?;
-            }
+            let offset = non_negative("offset", req.offset)?;
             match action {
-                WriteAction::STAT | WriteAction::WRITE => {
-                    stream.send(&write_response(action, &status)).await?
+                WriteAction::STAT => {
+                    if !req.data.is_empty() {
+                        return Err(Error::InvalidArgument(
+                            "a STAT request carries no data".into(),
+                        )
+                        .into());
+                    }
+                    stream.send(&write_response(action, &status)).await?;
+                    continue;
                 }
-                WriteAction::COMMIT => {
+                WriteAction::WRITE if req.data.is_empty() => {
+                    return Err(Error::InvalidArgument("a WRITE request needs data".into()).into());
+                }
+                _ => {}
+            }
+            if offset < status.offset {
+                return Err(Error::FailedPrecondition(format!(
+                    "write at offset {offset}, but ref {reference:?} has {} bytes; resume from {}",
+                    status.offset, status.offset
+                ))
+                .into());
+            }
+            let kind = u8::from(action == WriteAction::COMMIT);
+            if pending.insert((offset, kind), req).is_some() {
+                return Err(Error::InvalidArgument(format!(
+                    "two {action:?} requests at offset {offset}"
+                ))
+                .into());
+            }
+            if pending.len() > MAX_OUT_OF_ORDER {
+                return Err(Error::FailedPrecondition(format!(
+                    "more than {MAX_OUT_OF_ORDER} writes ahead of offset {}; a request is missing",
+                    status.offset
+                ))
+                .into());
+            }
+            // Apply everything that now lines up.
+            while let Some(entry) = pending.first_entry() {
+                if entry.key().0 != status.offset {
+                    break;
+                }
+                let (_, mut req) = entry.remove_entry();
+                if !req.data.is_empty() {
+                    status = lease
+                        .write(status.offset, std::mem::take(&mut req.data))
+                        .await
+                        .rpc()?;
+                }
+                if req.action.enum_value_or_default() == WriteAction::COMMIT {
                     let size = non_negative("total", req.total)?;
                     let expected = optional_digest("expected", &req.expected)?;
                     let labels = std::mem::take(&mut req.labels).into_iter().collect();
                     let (d, size) = lease.commit(size, expected, labels).await.rpc()?;
-                    let mut resp = write_response(action, &status);
+                    let mut resp = write_response(WriteAction::COMMIT, &status);
                     resp.offset = i64::try_from(size).unwrap_or(i64::MAX);
                     resp.digest = d.to_string();
                     stream.send(&resp).await?;
                     return Ok(());
                 }
-            }
-            match stream.recv().await? {
-                Some(next) => req = next,
-                None => return Ok(()),
+                stream
+                    .send(&write_response(WriteAction::WRITE, &status))
+                    .await?;
             }
         }
     }
