@@ -18,4 +18,10 @@ echo "== build"
 cargo build --locked --workspace --bins
 echo "== tests"
 # Two cores: two test threads; the gigabyte tests serialise themselves.
-RUST_TEST_THREADS=${RUST_TEST_THREADS:-2} cargo test --locked --workspace --no-fail-fast
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+RUST_TEST_THREADS=${RUST_TEST_THREADS:-2} cargo test --locked --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
+# One closing line for the whole run, summed over every test binary.
+awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "keel: %d passed, %d failed, %d skipped\n", p, f, i }' "$log"
+exit "$status"

@@ -4,6 +4,21 @@
 pub enum Error {
     #[error(transparent)]
     Storage(#[from] keel_storage::Error),
+    #[error(transparent)]
+    Protocol(#[from] keel_protocol::Error),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// Launching or cleaning up a shim failed.
+    #[error("shim: {0}")]
+    Shim(String),
+    #[error("{0}")]
+    Io(String),
     /// The actor is gone (keeld is shutting down) or its mailbox is closed.
     #[error("{0} is not running")]
     ActorGone(&'static str),
@@ -13,11 +28,16 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl From<Error> for keel_protocol::Error {
     fn from(e: Error) -> Self {
+        use keel_protocol::Error as P;
         match e {
             Error::Storage(e) => e.into(),
-            Error::ActorGone(what) => {
-                keel_protocol::Error::Unavailable(format!("{what} is not running"))
-            }
+            Error::Protocol(e) => e,
+            Error::InvalidArgument(m) => P::InvalidArgument(m),
+            Error::NotFound(m) => P::NotFound(m),
+            Error::AlreadyExists(m) => P::AlreadyExists(m),
+            Error::FailedPrecondition(m) => P::FailedPrecondition(m),
+            e @ (Error::Shim(_) | Error::Io(_)) => P::Internal(e.to_string()),
+            Error::ActorGone(what) => P::Unavailable(format!("{what} is not running")),
         }
     }
 }

@@ -5,6 +5,8 @@
 //!   content store and runs on a thread of its own.
 
 pub mod error;
+pub mod shim;
+pub mod state;
 pub mod storage;
 
 pub use error::{Error, Result};

@@ -159,7 +159,7 @@ impl Handler<Write> for StorageActor {
 
     fn handle(&mut self, m: Write, _: &mut Self::Context) -> Self::Result {
         let w = self.writer(m.id)?;
-        w.write(m.offset, &m.data)?;
+        w.write(m.offset, m.data)?;
         Ok(w.status())
     }
 }

@@ -508,13 +508,15 @@ impl ContentStore {
         fs::rename(&tmp, dir.join("meta.json")).map_err(Error::io("rename", &tmp))?;
         sync_dir(&dir)?;
 
-        // Rebuild the hash from the bytes already on disk.
-        let (hasher, offset) = hash_file(&data, None)?;
+        // The offset is where the bytes on disk end; the hasher rebuilds their hash on
+        // its own thread while new bytes already arrive.
         let file = OpenOptions::new()
             .append(true)
             .open(&data)
             .map_err(Error::io("open", &data))?;
         let md = file.metadata().map_err(Error::io("stat", &data))?;
+        let offset = md.len();
+        let hasher = Hasher::start(data.clone(), offset)?;
         Ok(Writer {
             namespace: ns.to_string(),
             reference: reference.to_string(),
@@ -582,7 +584,8 @@ impl ContentStore {
                 ));
             }
         }
-        let actual = Digest::from_sha256(&w.hasher.clone().finalize());
+        let mut w = w;
+        let actual = w.hasher.finish()?;
         if let Some(e) = expected.as_ref().or(w.expected.as_ref()) {
             if *e != actual {
                 return Err(discard(
@@ -800,6 +803,73 @@ impl ContentStore {
     }
 }
 
+/// Chunks queued for a writer's hasher thread, at most.
+const HASH_QUEUE: usize = 16;
+
+/// Hashes a writer's bytes on a thread of its own, so writing and hashing overlap.
+/// It first hashes what is already on disk (a resumed ingest), then every chunk the
+/// writer hands it, in order.
+#[derive(Debug)]
+struct Hasher {
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    thread: Option<std::thread::JoinHandle<Result<Sha256>>>,
+}
+
+impl Hasher {
+    fn start(existing: PathBuf, existing_len: u64) -> Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(HASH_QUEUE);
+        let thread = std::thread::Builder::new()
+            .name("keel-hash".into())
+            .spawn(move || {
+                let (mut h, n) = hash_file(&existing, Some(existing_len))?;
+                if n != existing_len {
+                    return Err(Error::Corrupt(format!(
+                        "{} shrank while being hashed: {n} of {existing_len} bytes",
+                        existing.display()
+                    )));
+                }
+                for chunk in rx {
+                    h.update(&chunk);
+                }
+                Ok(h)
+            })
+            .map_err(Error::io("spawn hasher for", PathBuf::new()))?;
+        Ok(Self {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    fn feed(&self, chunk: Vec<u8>) -> Result<()> {
+        match &self.tx {
+            Some(tx) if tx.send(chunk).is_ok() => Ok(()),
+            _ => Err(Error::Corrupt("hasher thread stopped".into())),
+        }
+    }
+
+    /// Waits for every queued chunk to be hashed; returns the digest.
+    fn finish(&mut self) -> Result<Digest> {
+        drop(self.tx.take());
+        let thread = self
+            .thread
+            .take()
+            .ok_or_else(|| Error::Corrupt("hasher already finished".into()))?;
+        let h = thread
+            .join()
+            .map_err(|_| Error::Corrupt("hasher thread panicked".into()))??;
+        Ok(Digest::from_sha256(&h.finalize()))
+    }
+}
+
+impl Drop for Hasher {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// An open ingest. Owned by the storage actor while a client streams into it.
 #[derive(Debug)]
 pub struct Writer {
@@ -807,7 +877,7 @@ pub struct Writer {
     reference: String,
     dir: PathBuf,
     file: File,
-    hasher: Sha256,
+    hasher: Hasher,
     offset: u64,
     writeback_from: u64,
     total: u64,
@@ -837,7 +907,7 @@ impl Writer {
     }
 
     /// Appends `data`, which must start at the writer's offset.
-    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+    pub fn write(&mut self, offset: u64, data: Vec<u8>) -> Result<()> {
         if offset != self.offset {
             return Err(Error::FailedPrecondition(format!(
                 "write at offset {offset}, but ref {:?} has {} bytes; resume from {}",
@@ -854,9 +924,9 @@ impl Writer {
             )));
         }
         self.file
-            .write_all(data)
+            .write_all(&data)
             .map_err(Error::io("write", self.dir.join("data")))?;
-        self.hasher.update(data);
+        self.hasher.feed(data)?;
         self.offset = end;
         self.updated_at = SystemTime::now();
         if self.offset - self.writeback_from >= WRITEBACK_EVERY {
@@ -903,8 +973,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
         let mut w = s.open_writer("default", "r1", 11, None).unwrap();
-        w.write(0, b"hello ").unwrap();
-        w.write(6, b"world").unwrap();
+        w.write(0, b"hello ".to_vec()).unwrap();
+        w.write(6, b"world".to_vec()).unwrap();
         let d = s
             .commit(
                 w,
@@ -933,7 +1003,7 @@ mod tests {
         {
             let s = store(dir.path());
             let mut w = s.open_writer("default", "r1", 0, None).unwrap();
-            w.write(0, b"abc").unwrap();
+            w.write(0, b"abc".to_vec()).unwrap();
             // dropped without commit: as after a crash
         }
         let s = store(dir.path());
@@ -941,10 +1011,10 @@ mod tests {
         let mut w = s.open_writer("default", "r1", 0, None).unwrap();
         assert_eq!(w.status().offset, 3);
         assert!(matches!(
-            w.write(0, b"abc"),
+            w.write(0, b"abc".to_vec()),
             Err(Error::FailedPrecondition(_))
         ));
-        w.write(3, b"def").unwrap();
+        w.write(3, b"def".to_vec()).unwrap();
         assert_eq!(
             s.commit(w, 6, None, BTreeMap::new()).unwrap(),
             sha(b"abcdef")
@@ -956,7 +1026,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
         let mut w = s.open_writer("default", "r", 0, None).unwrap();
-        w.write(0, b"data").unwrap();
+        w.write(0, b"data".to_vec()).unwrap();
         let err = s.commit(w, 5, None, BTreeMap::new()).unwrap_err();
         assert!(
             matches!(&err, Error::FailedPrecondition(m) if m.contains("expected 5") && m.contains("got 4")),
@@ -964,7 +1034,7 @@ mod tests {
         );
 
         let mut w = s.open_writer("default", "r", 0, None).unwrap();
-        w.write(0, b"data").unwrap();
+        w.write(0, b"data".to_vec()).unwrap();
         let wrong = sha(b"other");
         let err = s
             .commit(w, 0, Some(wrong.clone()), BTreeMap::new())
@@ -984,7 +1054,7 @@ mod tests {
 
         let mut w = s.open_writer("default", "r", 3, None).unwrap();
         assert!(matches!(
-            w.write(0, b"data"),
+            w.write(0, b"data".to_vec()),
             Err(Error::FailedPrecondition(_))
         ));
     }
@@ -994,11 +1064,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
         let mut w = s.open_writer("default", "a", 0, None).unwrap();
-        w.write(0, b"x").unwrap();
+        w.write(0, b"x".to_vec()).unwrap();
         let d = s.commit(w, 0, None, BTreeMap::new()).unwrap();
         let before = s.info("default", &d).unwrap();
         let mut w = s.open_writer("default", "b", 0, None).unwrap();
-        w.write(0, b"x").unwrap();
+        w.write(0, b"x".to_vec()).unwrap();
         assert!(matches!(
             s.commit(w, 0, None, BTreeMap::new()),
             Err(Error::AlreadyExists(_))
@@ -1006,7 +1076,7 @@ mod tests {
         assert_eq!(s.info("default", &d).unwrap(), before);
         // The same bytes in a second namespace share the file; deleting one keeps it.
         let mut w = s.open_writer("other", "b", 0, None).unwrap();
-        w.write(0, b"x").unwrap();
+        w.write(0, b"x".to_vec()).unwrap();
         s.commit(w, 0, None, BTreeMap::new()).unwrap();
         s.delete("default", &d).unwrap();
         assert!(s.reader_path("other", &d).unwrap().0.exists());
@@ -1024,7 +1094,7 @@ mod tests {
         let s = store(dir.path());
         for (r, body, app) in [("1", "one", "web"), ("2", "two", "db")] {
             let mut w = s.open_writer("default", r, 0, None).unwrap();
-            w.write(0, body.as_bytes()).unwrap();
+            w.write(0, body.as_bytes().to_vec()).unwrap();
             s.commit(w, 0, None, BTreeMap::from([("app".into(), app.into())]))
                 .unwrap();
         }
@@ -1089,7 +1159,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
         let mut w = s.open_writer("default", "r", 0, None).unwrap();
-        w.write(0, b"good bytes").unwrap();
+        w.write(0, b"good bytes".to_vec()).unwrap();
         let d = s.commit(w, 0, None, BTreeMap::new()).unwrap();
         assert!(s.fsck().unwrap().corrupt.is_empty());
         fs::write(s.blob_path(&d), b"bad bytes!").unwrap();
@@ -1105,7 +1175,7 @@ mod tests {
         {
             let s = store(dir.path());
             let mut w = s.open_writer("default", "old", 0, None).unwrap();
-            w.write(0, b"x").unwrap();
+            w.write(0, b"x".to_vec()).unwrap();
         }
         let db = crate::open_db(dir.path()).unwrap();
         let opts = ContentOptions {

@@ -8,10 +8,12 @@
 pub mod content;
 pub mod digest;
 pub mod error;
+pub mod meta;
 
 pub use content::{ContentOptions, ContentStore, Info, Status, Writer};
 pub use digest::Digest;
 pub use error::{Error, Result};
+pub use meta::Meta;
 
 use std::path::Path;
 

@@ -1,0 +1,192 @@
+//! Launching and cleaning up containerd-shim-runc-v2, exactly as containerd 1.6 does.
+//!
+//! `start`: `<shim> -namespace NS -address A -publish-binary B -id ID start` with the
+//! bundle as working directory, `TTRPC_ADDRESS` pointing at keeld's socket (where the
+//! shim forwards its events), stdin at EOF and stdout read alone: it is the shim's
+//! socket address, without a newline. The shim needs `<bundle>/log`, a FIFO with a
+//! reader, before it serves anything, so [`LogFifo`] creates and drains it first.
+//!
+//! `delete`: the same flags plus `-bundle`, for a shim that died; it kills and removes
+//! the runc container and prints a `DeleteResponse` (exit 137) on stdout.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use keel_protocol::containerd::api::DeleteResponse;
+use protobuf::Message;
+use tokio::io::AsyncBufReadExt;
+use tokio::process::Command;
+
+use crate::{Error, Result};
+
+/// How long `start` and `delete` may take (containerd: 5 s for cleanup).
+const SHIM_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a shim command needs to know about keeld and the task.
+#[derive(Debug, Clone)]
+pub struct ShimCommand {
+    /// Binary, e.g. `containerd-shim-runc-v2` resolved on PATH.
+    pub binary: PathBuf,
+    pub namespace: String,
+    pub id: String,
+    /// keeld's socket path: the shim's `-address` (it only feeds the socket-name hash,
+    /// so it must be stable per keel instance) and its `TTRPC_ADDRESS`.
+    pub keel_socket: PathBuf,
+    pub bundle: PathBuf,
+}
+
+/// Resolves a runtime name the way containerd does: `io.containerd.runc.v2` →
+/// `containerd-shim-runc-v2` on PATH.
+pub fn resolve_runtime(name: &str) -> Result<PathBuf> {
+    let parts: Vec<&str> = name.split('.').collect();
+    if parts.len() < 2
+        || parts.iter().any(|p| {
+            p.is_empty()
+                || !p
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        })
+    {
+        return Err(Error::InvalidArgument(format!(
+            "runtime {name:?} is not a runtime name like io.containerd.runc.v2"
+        )));
+    }
+    let binary = format!(
+        "containerd-shim-{}-{}",
+        parts[parts.len() - 2],
+        parts[parts.len() - 1]
+    );
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(&binary))
+        .find(|p| p.is_file())
+        .ok_or_else(|| Error::NotFound(format!("runtime {name:?}: no {binary} on PATH")))
+}
+
+impl ShimCommand {
+    fn command(&self) -> Command {
+        let mut c = Command::new(&self.binary);
+        c.arg("-namespace")
+            .arg(&self.namespace)
+            .arg("-address")
+            .arg(&self.keel_socket)
+            .arg("-publish-binary")
+            .arg(std::env::current_exe().unwrap_or_else(|_| PathBuf::from("keeld")))
+            .arg("-id")
+            .arg(&self.id)
+            .current_dir(&self.bundle)
+            .env("TTRPC_ADDRESS", &self.keel_socket)
+            .env("GOMAXPROCS", "2")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        c
+    }
+
+    /// Runs `start`; returns the shim's ttrpc address.
+    pub async fn start(&self) -> Result<String> {
+        let mut c = self.command();
+        c.arg("start");
+        let out = tokio::time::timeout(SHIM_COMMAND_TIMEOUT, c.output())
+            .await
+            .map_err(|_| Error::Shim(format!("{} start timed out", self.binary.display())))?
+            .map_err(|e| Error::Shim(format!("run {} start: {e}", self.binary.display())))?;
+        if !out.status.success() {
+            return Err(Error::Shim(format!(
+                "{} start failed ({}): {}",
+                self.binary.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let address = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if !address.starts_with("unix://") {
+            return Err(Error::Shim(format!(
+                "shim start printed {address:?}, not a unix:// address"
+            )));
+        }
+        Ok(address)
+    }
+
+    /// Runs `delete` for a shim that is gone: kills and removes the container, unmounts
+    /// its rootfs, and reports (pid, exit status 137).
+    pub async fn delete(&self) -> Result<DeleteResponse> {
+        let mut c = self.command();
+        c.arg("-bundle").arg(&self.bundle).arg("delete");
+        let out = tokio::time::timeout(SHIM_COMMAND_TIMEOUT, c.output())
+            .await
+            .map_err(|_| Error::Shim(format!("{} delete timed out", self.binary.display())))?
+            .map_err(|e| Error::Shim(format!("run {} delete: {e}", self.binary.display())))?;
+        if !out.status.success() {
+            return Err(Error::Shim(format!(
+                "{} delete failed ({}): {}",
+                self.binary.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        DeleteResponse::parse_from_bytes(&out.stdout)
+            .map_err(|e| Error::Shim(format!("shim delete output: {e}")))
+    }
+}
+
+/// The bundle's `log` FIFO, held open read-write (so the shim's open never blocks and
+/// never sees a missing reader) and drained into keel's log with the task's fields.
+#[derive(Debug)]
+pub struct LogFifo {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LogFifo {
+    /// Creates `<bundle>/log` if needed, opens it and starts draining it.
+    pub fn open(bundle: &Path, namespace: &str, id: &str) -> Result<Self> {
+        let path = bundle.join("log");
+        match nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)) {
+            Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+            Err(e) => return Err(Error::Io(format!("mkfifo {}: {e}", path.display()))),
+        }
+        let rx = tokio::net::unix::pipe::OpenOptions::new()
+            .read_write(true)
+            .open_receiver(&path)
+            .map_err(|e| Error::Io(format!("open {}: {e}", path.display())))?;
+        let (ns, id) = (namespace.to_string(), id.to_string());
+        let task = tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(rx).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                tracing::info!(target: "keel::shim", namespace = %ns, task_id = %id, "{line}");
+            }
+        });
+        Ok(Self { task })
+    }
+}
+
+impl Drop for LogFifo {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_names_resolve_like_containerd() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("containerd-shim-runc-v2");
+        std::fs::write(&bin, "").unwrap();
+        let old = std::env::var_os("PATH");
+        // SAFETY: this test alone changes PATH, and restores it; no other test in this
+        // crate reads it.
+        unsafe { std::env::set_var("PATH", dir.path()) };
+        let got = resolve_runtime("io.containerd.runc.v2");
+        let missing = resolve_runtime("io.containerd.nope.v9");
+        let bad = resolve_runtime("../../bin/sh");
+        unsafe { std::env::set_var("PATH", old.unwrap_or_default()) };
+        assert_eq!(got.unwrap(), bin);
+        assert!(matches!(missing, Err(Error::NotFound(_))));
+        assert!(matches!(bad, Err(Error::InvalidArgument(_))));
+    }
+}

@@ -1,0 +1,280 @@
+//! Metadata of containers, tasks and exits in sled, per namespace.
+//!
+//! Keys are `namespace NUL id` (plus `NUL exec-id` for exits), so a namespace's
+//! records are one prefix scan. Every mutation is flushed before it returns: a caller
+//! that acknowledges after a call here has made the change durable.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// A container: what `Containers.Create` stored. The spec is OCI JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    pub id: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub runtime: String,
+    /// Runtime options as a protobuf `Any` (type URL, value).
+    pub runtime_options: Option<(String, Vec<u8>)>,
+    pub spec: Vec<u8>,
+    pub rootfs: Vec<MountRecord>,
+    pub created_ns: u64,
+    pub updated_ns: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountRecord {
+    pub kind: String,
+    pub source: String,
+    pub target: String,
+    pub options: Vec<String>,
+}
+
+/// A task's durable facts: enough to find and reconnect to its shim after a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub id: String,
+    pub bundle: String,
+    /// `unix:///run/containerd/s/<hash>`, recorded before the task is reported created.
+    pub shim_address: String,
+    pub shim_pid: u32,
+    pub pid: u32,
+    pub stdin: String,
+    pub stdout: String,
+    pub stderr: String,
+    pub terminal: bool,
+    /// Per-task log file of a detached task, if any.
+    pub log_path: Option<String>,
+    pub created_ns: u64,
+    /// Set once the task has been started.
+    pub started: bool,
+}
+
+/// An exit, recorded before it is published and used to publish it only once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitRecord {
+    pub container_id: String,
+    /// Exec id; empty for the init process.
+    pub exec_id: String,
+    pub pid: u32,
+    pub exit_status: u32,
+    pub exited_ns: u64,
+}
+
+pub fn nanos(t: SystemTime) -> u64 {
+    u64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos()).unwrap_or(u64::MAX)
+}
+
+pub fn from_nanos(n: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_nanos(n)
+}
+
+fn key(parts: &[&str]) -> Vec<u8> {
+    parts.join("\0").into_bytes()
+}
+
+/// The metadata database (containers, tasks, exits).
+#[derive(Debug, Clone)]
+pub struct Meta {
+    db: sled::Db,
+    containers: sled::Tree,
+    tasks: sled::Tree,
+    exits: sled::Tree,
+}
+
+impl Meta {
+    pub fn open(db: sled::Db) -> Result<Self> {
+        Ok(Self {
+            containers: db.open_tree("containers")?,
+            tasks: db.open_tree("tasks")?,
+            exits: db.open_tree("exits")?,
+            db,
+        })
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn get<T: DeserializeOwned>(tree: &sled::Tree, k: &[u8], what: &str) -> Result<Option<T>> {
+        match tree.get(k)? {
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| Error::Corrupt(format!("{what}: {e}"))),
+            None => Ok(None),
+        }
+    }
+
+    fn list<T: DeserializeOwned>(tree: &sled::Tree, ns: &str, what: &str) -> Result<Vec<T>> {
+        tree.scan_prefix(format!("{ns}\0").as_bytes())
+            .map(|item| {
+                let (_, v) = item?;
+                serde_json::from_slice(&v).map_err(|e| Error::Corrupt(format!("{what}: {e}")))
+            })
+            .collect()
+    }
+
+    fn put<T: Serialize>(&self, tree: &sled::Tree, k: Vec<u8>, v: &T) -> Result<()> {
+        tree.insert(k, serde_json::to_vec(v).expect("record serialises"))?;
+        self.flush()
+    }
+
+    /// Namespaces that hold containers or tasks.
+    pub fn namespaces(&self) -> Result<Vec<String>> {
+        let mut out = std::collections::BTreeSet::new();
+        for tree in [&self.containers, &self.tasks] {
+            for item in tree.iter().keys() {
+                let k = item?;
+                if let Some(ns) = k.split(|b| *b == 0).next() {
+                    out.insert(String::from_utf8_lossy(ns).to_string());
+                }
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    pub fn container(&self, ns: &str, id: &str) -> Result<Option<ContainerRecord>> {
+        Self::get(&self.containers, &key(&[ns, id]), "container")
+    }
+
+    pub fn containers(&self, ns: &str) -> Result<Vec<ContainerRecord>> {
+        Self::list(&self.containers, ns, "container")
+    }
+
+    /// Stores a new container; AlreadyExists if the id is taken.
+    pub fn create_container(&self, ns: &str, c: &ContainerRecord) -> Result<()> {
+        let v = serde_json::to_vec(c).expect("record serialises");
+        let k = key(&[ns, &c.id]);
+        match self
+            .containers
+            .compare_and_swap(k, None as Option<&[u8]>, Some(v))?
+        {
+            Ok(()) => self.flush(),
+            Err(_) => Err(Error::AlreadyExists(format!(
+                "container {} already exists in namespace {ns}",
+                c.id
+            ))),
+        }
+    }
+
+    pub fn update_container(&self, ns: &str, c: &ContainerRecord) -> Result<()> {
+        self.put(&self.containers, key(&[ns, &c.id]), c)
+    }
+
+    pub fn delete_container(&self, ns: &str, id: &str) -> Result<bool> {
+        let removed = self.containers.remove(key(&[ns, id]))?.is_some();
+        self.flush()?;
+        Ok(removed)
+    }
+
+    pub fn task(&self, ns: &str, id: &str) -> Result<Option<TaskRecord>> {
+        Self::get(&self.tasks, &key(&[ns, id]), "task")
+    }
+
+    pub fn tasks(&self, ns: &str) -> Result<Vec<TaskRecord>> {
+        Self::list(&self.tasks, ns, "task")
+    }
+
+    pub fn put_task(&self, ns: &str, t: &TaskRecord) -> Result<()> {
+        self.put(&self.tasks, key(&[ns, &t.id]), t)
+    }
+
+    /// Removes a task and its exit records.
+    pub fn delete_task(&self, ns: &str, id: &str) -> Result<()> {
+        self.tasks.remove(key(&[ns, id]))?;
+        let prefix = key(&[ns, id, ""]);
+        for k in self.exits.scan_prefix(&prefix).keys() {
+            self.exits.remove(k?)?;
+        }
+        self.flush()
+    }
+
+    /// Records an exit unless one is already recorded for that process; returns
+    /// whether this call recorded it (and so whether the caller should publish it).
+    pub fn record_exit(&self, ns: &str, e: &ExitRecord) -> Result<bool> {
+        let v = serde_json::to_vec(e).expect("record serialises");
+        let k = key(&[ns, &e.container_id, &e.exec_id]);
+        let fresh = self
+            .exits
+            .compare_and_swap(k, None as Option<&[u8]>, Some(v))?
+            .is_ok();
+        if fresh {
+            self.flush()?;
+        }
+        Ok(fresh)
+    }
+
+    pub fn exit(&self, ns: &str, container_id: &str, exec_id: &str) -> Result<Option<ExitRecord>> {
+        Self::get(&self.exits, &key(&[ns, container_id, exec_id]), "exit")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> (tempfile::TempDir, Meta) {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Meta::open(crate::open_db(dir.path()).unwrap()).unwrap();
+        (dir, m)
+    }
+
+    fn container(id: &str) -> ContainerRecord {
+        ContainerRecord {
+            id: id.into(),
+            labels: Default::default(),
+            runtime: "io.containerd.runc.v2".into(),
+            runtime_options: None,
+            spec: b"{}".to_vec(),
+            rootfs: vec![],
+            created_ns: 1,
+            updated_ns: 1,
+        }
+    }
+
+    #[test]
+    fn containers_are_per_namespace_and_unique() {
+        let (_d, m) = meta();
+        m.create_container("a", &container("x")).unwrap();
+        m.create_container("b", &container("x")).unwrap();
+        assert!(matches!(
+            m.create_container("a", &container("x")),
+            Err(Error::AlreadyExists(_))
+        ));
+        assert_eq!(m.containers("a").unwrap().len(), 1);
+        assert_eq!(
+            m.namespaces().unwrap(),
+            vec!["a".to_string(), "b".to_string()]
+        );
+        assert!(m.delete_container("a", "x").unwrap());
+        assert!(m.container("a", "x").unwrap().is_none());
+        assert!(m.container("b", "x").unwrap().is_some());
+    }
+
+    #[test]
+    fn an_exit_is_recorded_once() {
+        let (_d, m) = meta();
+        let e = ExitRecord {
+            container_id: "t".into(),
+            exec_id: String::new(),
+            pid: 9,
+            exit_status: 137,
+            exited_ns: 5,
+        };
+        assert!(m.record_exit("ns", &e).unwrap());
+        let again = ExitRecord {
+            exit_status: 0,
+            ..e.clone()
+        };
+        assert!(
+            !m.record_exit("ns", &again).unwrap(),
+            "second report of the same exit is a duplicate"
+        );
+        assert_eq!(m.exit("ns", "t", "").unwrap().unwrap().exit_status, 137);
+        m.delete_task("ns", "t").unwrap();
+        assert!(m.exit("ns", "t", "").unwrap().is_none());
+    }
+}
