@@ -39,15 +39,18 @@ pub struct ShimCommand {
 /// Resolves a runtime name the way containerd does: `io.containerd.runc.v2` →
 /// `containerd-shim-runc-v2` on PATH.
 pub fn resolve_runtime(name: &str) -> Result<PathBuf> {
+    resolve_runtime_in(name, &std::env::var_os("PATH").unwrap_or_default())
+}
+
+/// [`resolve_runtime`] with an explicit search path.
+pub fn resolve_runtime_in(name: &str, search: &std::ffi::OsStr) -> Result<PathBuf> {
     let parts: Vec<&str> = name.split('.').collect();
-    if parts.len() < 2
-        || parts.iter().any(|p| {
-            p.is_empty()
-                || !p
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        })
-    {
+    let valid = |p: &&str| {
+        !p.is_empty()
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    };
+    if parts.len() < 2 || !parts.iter().all(valid) {
         return Err(Error::InvalidArgument(format!(
             "runtime {name:?} is not a runtime name like io.containerd.runc.v2"
         )));
@@ -57,8 +60,7 @@ pub fn resolve_runtime(name: &str) -> Result<PathBuf> {
         parts[parts.len() - 2],
         parts[parts.len() - 1]
     );
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
+    std::env::split_paths(search)
         .map(|d| d.join(&binary))
         .find(|p| p.is_file())
         .ok_or_else(|| Error::NotFound(format!("runtime {name:?}: no {binary} on PATH")))
@@ -177,16 +179,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let bin = dir.path().join("containerd-shim-runc-v2");
         std::fs::write(&bin, "").unwrap();
-        let old = std::env::var_os("PATH");
-        // SAFETY: this test alone changes PATH, and restores it; no other test in this
-        // crate reads it.
-        unsafe { std::env::set_var("PATH", dir.path()) };
-        let got = resolve_runtime("io.containerd.runc.v2");
-        let missing = resolve_runtime("io.containerd.nope.v9");
-        let bad = resolve_runtime("../../bin/sh");
-        unsafe { std::env::set_var("PATH", old.unwrap_or_default()) };
-        assert_eq!(got.unwrap(), bin);
-        assert!(matches!(missing, Err(Error::NotFound(_))));
-        assert!(matches!(bad, Err(Error::InvalidArgument(_))));
+        let search = dir.path().as_os_str();
+        assert_eq!(
+            resolve_runtime_in("io.containerd.runc.v2", search).unwrap(),
+            bin
+        );
+        assert!(matches!(
+            resolve_runtime_in("io.containerd.nope.v9", search),
+            Err(Error::NotFound(_))
+        ));
+        assert!(matches!(
+            resolve_runtime_in("../../bin/sh", search),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            resolve_runtime_in("", search),
+            Err(Error::InvalidArgument(_))
+        ));
     }
 }
