@@ -5,8 +5,10 @@
 //!   content store and runs on a thread of its own.
 
 pub mod error;
+pub mod events;
 pub mod shim;
 pub mod state;
 pub mod storage;
+pub mod task;
 
 pub use error::{Error, Result};

@@ -9,8 +9,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
+use keel_actors::events::EventSink;
 use keel_actors::storage::StorageHandle;
-use keel_protocol::api::{content_ttrpc, version_ttrpc};
+use keel_actors::task::{TaskEnv, Tasks};
+use keel_protocol::api::{containers_ttrpc, content_ttrpc, tasks_ttrpc, version_ttrpc};
 use keel_protocol::containerd::shim::events_ttrpc_async::create_events;
 use keel_storage::{ContentOptions, ContentStore};
 use nix::fcntl::{Flock, FlockArg};
@@ -20,7 +22,8 @@ use ttrpc::asynchronous::Server;
 use crate::config::Config;
 use crate::server::{prepare_socket, Auth, PeerCredHook};
 use crate::services::{
-    content::ContentService, shim_events::ShimEventsService, version::VersionService,
+    containers::ContainersService, content::ContentService, shim_events::ShimEventsService,
+    tasks::TasksService, version::VersionService,
 };
 
 /// Holds `<root>/keeld.lock` for the daemon's lifetime: one keeld per root.
@@ -108,6 +111,17 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         tracing::info!(ingest = %r, "removed a stale partial ingest");
     }
     let storage = StorageHandle::start(store);
+    let meta = keel_storage::Meta::open(db.clone())?;
+    let events = EventSink::new();
+    let tasks = Tasks::new(
+        TaskEnv {
+            meta: meta.clone(),
+            events: events.clone(),
+            state_dir: cfg.state.clone(),
+            keel_socket: cfg.address.clone(),
+        },
+        actix::Arbiter::current(),
+    );
 
     let auth = Arc::new(Auth::new(&cfg.allowed_uids));
     let (shim_events, _) = tokio::sync::broadcast::channel(1024);
@@ -123,6 +137,19 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         .register_service(content_ttrpc::create_content(Arc::new(ContentService {
             auth: auth.clone(),
             storage: storage.clone(),
+        })))
+        .register_service(containers_ttrpc::create_containers(Arc::new(
+            ContainersService {
+                auth: auth.clone(),
+                meta: meta.clone(),
+                events: events.clone(),
+                tasks: tasks.clone(),
+            },
+        )))
+        .register_service(tasks_ttrpc::create_tasks(Arc::new(TasksService {
+            auth: auth.clone(),
+            meta,
+            tasks,
         })))
         .register_service(create_events(Arc::new(ShimEventsService {
             auth,

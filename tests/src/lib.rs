@@ -58,6 +58,9 @@ pub struct Keeld {
     pub state: PathBuf,
     pub socket: PathBuf,
     pub config: PathBuf,
+    /// The namespace keelctl uses by default: unique per daemon, so cgroups
+    /// (`/keel/<ns>/<id>`) never collide between tests or with leftovers.
+    pub namespace: String,
     child: Option<Child>,
 }
 
@@ -89,6 +92,7 @@ impl Keeld {
             state,
             socket,
             config,
+            namespace: format!("it{}", rand::random::<u32>()),
             child: None,
         };
         k.spawn();
@@ -204,7 +208,7 @@ impl Keeld {
     pub fn ctl_cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(bin_dir().join("keelctl"));
         c.arg("--address").arg(&self.socket).args(args);
-        c.env_remove("KEEL_NAMESPACE");
+        c.env("KEEL_NAMESPACE", &self.namespace);
         c
     }
 
@@ -256,10 +260,58 @@ impl Keeld {
 }
 
 impl Drop for Keeld {
+    /// Kills the daemon, then everything it may have left running (a failed test
+    /// leaves tasks behind): containers through runc, shims, mounts, cgroups.
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        let runc_root = self.state.join("runc");
+        if let Ok(namespaces) = std::fs::read_dir(&runc_root) {
+            for ns in namespaces.flatten() {
+                let list = Command::new("runc")
+                    .arg("--root")
+                    .arg(ns.path())
+                    .args(["list", "-q"])
+                    .output();
+                let ids = list
+                    .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+                    .unwrap_or_default();
+                for id in ids.lines() {
+                    let _ = Command::new("runc")
+                        .arg("--root")
+                        .arg(ns.path())
+                        .args(["delete", "--force", id])
+                        .stderr(Stdio::null())
+                        .output();
+                }
+            }
+        }
+        let _ = Command::new("pkill")
+            .args(["-9", "-f", "--"])
+            .arg(format!("-address {}", self.socket.display()))
+            .status();
+        let prefix = self.dir.path().display().to_string();
+        if let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") {
+            for target in mounts
+                .lines()
+                .filter_map(|l| l.split(' ').nth(4))
+                .filter(|t| t.starts_with(&prefix))
+            {
+                let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+        if let Ok(ctrls) = std::fs::read_dir("/sys/fs/cgroup") {
+            for ctrl in ctrls.flatten() {
+                let ns = ctrl.path().join("keel").join(&self.namespace);
+                if let Ok(ids) = std::fs::read_dir(&ns) {
+                    for id in ids.flatten().filter(|e| e.path().is_dir()) {
+                        let _ = std::fs::remove_dir(id.path());
+                    }
+                }
+                let _ = std::fs::remove_dir(&ns);
+            }
         }
     }
 }
@@ -317,4 +369,43 @@ pub fn sha256sum(path: &Path) -> String {
         .unwrap()
         .to_string();
     format!("sha256:{hex}")
+}
+
+/// A busybox root filesystem (from Debian's busybox-static), built once per test run.
+pub fn busybox_rootfs() -> PathBuf {
+    static ROOTFS: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ROOTFS
+        .get_or_init(|| {
+            let busybox = Path::new("/bin/busybox");
+            assert!(
+                busybox.exists(),
+                "/bin/busybox is missing: run deploy/install-deps.sh (busybox-static)"
+            );
+            let dir = scratch_dir().join(format!("rootfs-{}", std::process::id()));
+            for d in ["bin", "proc", "dev", "sys", "tmp", "etc", "root"] {
+                std::fs::create_dir_all(dir.join(d)).unwrap();
+            }
+            std::fs::copy(busybox, dir.join("bin/busybox")).unwrap();
+            for applet in [
+                "sh", "echo", "sleep", "true", "cat", "ls", "head", "dd", "yes",
+            ] {
+                let link = dir.join("bin").join(applet);
+                if !link.exists() {
+                    std::os::unix::fs::symlink("busybox", link).unwrap();
+                }
+            }
+            dir
+        })
+        .clone()
+}
+
+/// Fails loudly when runc or the shim is missing.
+pub fn require_runtime() {
+    require_root("running containers");
+    for bin in ["runc", "containerd-shim-runc-v2"] {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
+            .unwrap_or(false);
+        assert!(found, "{bin} is not on PATH: run deploy/install-deps.sh");
+    }
 }

@@ -2,6 +2,7 @@
 
 pub mod content;
 pub mod output;
+pub mod tasks;
 
 use clap::{Parser, Subcommand};
 use keel_protocol::Client;
@@ -27,25 +28,39 @@ pub enum Command {
     /// Manage the content store.
     #[command(subcommand)]
     Content(content::ContentCmd),
+    /// Create a container and run its task.
+    Run(tasks::RunArgs),
+    /// Manage containers.
+    #[command(subcommand, alias = "c")]
+    Containers(tasks::ContainersCmd),
+    /// Manage tasks.
+    #[command(subcommand, alias = "t")]
+    Tasks(tasks::TasksCmd),
 }
 
 /// Runs a parsed command; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
-    match cli.command {
+    let Cli {
+        address,
+        namespace,
+        command,
+    } = cli;
+    let connect = || Client::connect(&address, Some(&namespace));
+    match command {
         Command::Version => {
             println!(
                 "Client:\n  Version:  {}\n  Revision: {}",
                 crate::VERSION,
                 crate::REVISION
             );
-            let client = Client::connect(&cli.address, Some(&cli.namespace)).await?;
+            let client = connect().await?;
             let (v, r) = client.daemon_version().await?;
             println!("\nServer:\n  Version:  {v}\n  Revision: {r}");
             Ok(0)
         }
-        Command::Content(cmd) => {
-            let client = Client::connect(&cli.address, Some(&cli.namespace)).await?;
-            content::run(&client, cmd).await
-        }
+        Command::Content(cmd) => content::run(&connect().await?, cmd).await,
+        Command::Run(a) => tasks::run(&connect().await?, a).await,
+        Command::Containers(cmd) => tasks::containers(&connect().await?, cmd).await,
+        Command::Tasks(cmd) => tasks::tasks(&connect().await?, cmd).await,
     }
 }

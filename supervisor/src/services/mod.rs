@@ -1,8 +1,10 @@
 //! ttrpc services. Handlers stay thin: authorise and validate, ask the owning actor
 //! (or read the store on the blocking pool), map the result.
 
+pub mod containers;
 pub mod content;
 pub mod shim_events;
+pub mod tasks;
 pub mod version;
 
 use keel_protocol::Error;

@@ -1,0 +1,995 @@
+//! One actor per task, supervising its containerd-shim-runc-v2.
+//!
+//! [`Tasks::create`] writes the bundle, launches the shim (`start`), records the shim's
+//! address durably *before* the task is reported created, connects, sends Create and
+//! then starts a [`TaskActor`] on the task arbiter. The actor owns the task's shim
+//! connection and its state machine; every request goes through its mailbox.
+//! Requests that change state (start, delete, an exit) are atomic: the actor handles
+//! nothing else until they finish, so an exit is never published before the start.
+//!
+//! The actor watches its shim with a pending `Wait` (sent with no timeout: the Go shim
+//! turns a timeout into a deadline). Wait returning is the exit; Wait failing while
+//! the shim process is gone is the shim's death, handled as containerd does: run the
+//! shim's `delete` subcommand and report exit 137.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use actix::prelude::*;
+use keel_protocol::containerd::api;
+use keel_protocol::containerd::events::task as ev;
+use keel_protocol::shim::ShimClient;
+use keel_protocol::types::{pack, system_time, timestamp};
+use keel_storage::meta::{from_nanos, nanos, ContainerRecord, ExitRecord, MountRecord, TaskRecord};
+use keel_storage::Meta;
+use protobuf::MessageField;
+use tokio::sync::oneshot;
+
+use crate::events::EventSink;
+use crate::shim::{resolve_runtime, LogFifo, ShimCommand};
+use crate::state::TaskState;
+use crate::{Error, Result};
+
+/// Deadline for one shim RPC other than Wait.
+const SHIM_RPC_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a forced delete waits for the killed task to exit.
+const FORCE_KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// What every task needs from keeld.
+#[derive(Debug)]
+pub struct TaskEnv {
+    pub meta: Meta,
+    pub events: EventSink,
+    /// keeld's state directory; bundles live in `<state>/tasks/<ns>/<id>`.
+    pub state_dir: PathBuf,
+    /// keeld's socket: the shims' `-address` and `TTRPC_ADDRESS`.
+    pub keel_socket: PathBuf,
+}
+
+impl TaskEnv {
+    fn bundle(&self, ns: &str, id: &str) -> PathBuf {
+        self.state_dir.join("tasks").join(ns).join(id)
+    }
+
+    fn log_file(&self, ns: &str, id: &str) -> PathBuf {
+        self.state_dir
+            .join("logs")
+            .join(ns)
+            .join(format!("{id}.log"))
+    }
+
+    fn runc_root(&self) -> PathBuf {
+        self.state_dir.join("runc")
+    }
+}
+
+/// A Create request, validated by the service.
+#[derive(Debug, Clone)]
+pub struct CreateTask {
+    pub namespace: String,
+    pub container: ContainerRecord,
+    pub stdin: String,
+    pub stdout: String,
+    pub stderr: String,
+    pub terminal: bool,
+    /// Keep stdout and stderr in keel's per-task log file.
+    pub log_to_file: bool,
+}
+
+/// A task as the API shows it.
+#[derive(Debug, Clone)]
+pub struct TaskInfo {
+    pub id: String,
+    pub pid: u32,
+    pub state: TaskState,
+    pub stdin: String,
+    pub stdout: String,
+    pub stderr: String,
+    pub terminal: bool,
+    pub exit: Option<ExitRecord>,
+}
+
+fn rpc_timeout() -> Option<Duration> {
+    Some(SHIM_RPC_TIMEOUT)
+}
+
+/// Whether a process exists and is not a zombie. The shim is not keeld's child
+/// (`start` double-forks), so waitpid is not available.
+fn process_alive(pid: u32) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|s| s != "Z" && s != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Adapts the container's spec to its bundle: rootfs at `<bundle>/rootfs` (where the
+/// shim mounts it) and an absolute cgroups path `/keel/<ns>/<id>`.
+fn bundle_spec(spec: &[u8], ns: &str, id: &str) -> Result<Vec<u8>> {
+    let mut v: serde_json::Value = serde_json::from_slice(spec)
+        .map_err(|e| Error::InvalidArgument(format!("spec is not valid JSON: {e}")))?;
+    let obj = v
+        .as_object_mut()
+        .ok_or_else(|| Error::InvalidArgument("spec must be a JSON object".into()))?;
+    let root = obj.entry("root").or_insert_with(|| serde_json::json!({}));
+    root["path"] = serde_json::json!("rootfs");
+    let linux = obj.entry("linux").or_insert_with(|| serde_json::json!({}));
+    linux["cgroupsPath"] = serde_json::json!(format!("/keel/{ns}/{id}"));
+    Ok(serde_json::to_vec_pretty(&v).expect("json serialises"))
+}
+
+fn mounts(rootfs: &[MountRecord]) -> Vec<api::Mount> {
+    rootfs
+        .iter()
+        .map(|m| api::Mount {
+            type_: m.kind.clone(),
+            source: m.source.clone(),
+            target: m.target.clone(),
+            options: m.options.clone(),
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// Removes a bundle without ever following into a still-mounted rootfs: files are
+/// unlinked one by one and `rootfs` is only `rmdir`ed, which fails if it is a mount
+/// point or not empty.
+fn remove_bundle(bundle: &Path) -> Result<()> {
+    let rootfs = bundle.join("rootfs");
+    if rootfs.exists() {
+        let _ = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH);
+        std::fs::remove_dir(&rootfs)
+            .map_err(|e| Error::Io(format!("remove {}: {e}", rootfs.display())))?;
+    }
+    let entries = match std::fs::read_dir(bundle) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::Io(format!("read {}: {e}", bundle.display()))),
+    };
+    for entry in entries.flatten() {
+        let p = entry.path();
+        let r = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            std::fs::remove_dir(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        r.map_err(|e| Error::Io(format!("remove {}: {e}", p.display())))?;
+    }
+    std::fs::remove_dir(bundle).map_err(|e| Error::Io(format!("remove {}: {e}", bundle.display())))
+}
+
+/// Removes the namespace's cgroup parent (`/keel/<ns>`) on every v1 controller once it
+/// is empty; runc removes the task's own cgroup.
+fn remove_cgroups(ns: &str, id: &str) {
+    let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
+    for ctrl in entries.flatten() {
+        let base = ctrl.path().join("keel").join(ns);
+        let _ = std::fs::remove_dir(base.join(id));
+        let _ = std::fs::remove_dir(&base);
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> keel_storage::Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Io(format!("blocking task: {e}")))?
+        .map_err(Error::from)
+}
+
+/// The registry of live task actors, and the way to create one.
+#[derive(Clone)]
+pub struct Tasks {
+    env: Arc<TaskEnv>,
+    arbiter: ArbiterHandle,
+    live: Arc<Mutex<HashMap<(String, String), TaskHandle>>>,
+}
+
+impl std::fmt::Debug for Tasks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tasks").field("env", &self.env).finish()
+    }
+}
+
+impl Tasks {
+    /// `arbiter` is where task actors run; ttrpc handlers are not on an actix arbiter.
+    pub fn new(env: TaskEnv, arbiter: ArbiterHandle) -> Self {
+        Self {
+            env: Arc::new(env),
+            arbiter,
+            live: Arc::default(),
+        }
+    }
+
+    pub fn env(&self) -> &TaskEnv {
+        &self.env
+    }
+
+    pub fn get(&self, ns: &str, id: &str) -> Result<TaskHandle> {
+        self.live
+            .lock()
+            .expect("task registry")
+            .get(&(ns.to_string(), id.to_string()))
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("task {id} not found in namespace {ns}")))
+    }
+
+    pub fn list(&self, ns: &str) -> Vec<TaskHandle> {
+        let live = self.live.lock().expect("task registry");
+        let mut v: Vec<_> = live
+            .iter()
+            .filter(|((n, _), _)| n == ns)
+            .map(|(_, h)| h.clone())
+            .collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    fn forget(&self, ns: &str, id: &str) {
+        self.live
+            .lock()
+            .expect("task registry")
+            .remove(&(ns.to_string(), id.to_string()));
+    }
+
+    /// Creates the task: bundle, shim, Create. On failure nothing is left behind.
+    pub async fn create(&self, req: CreateTask) -> Result<TaskHandle> {
+        let ns = req.namespace.clone();
+        let id = req.container.id.clone();
+        let key = (ns.clone(), id.clone());
+        {
+            let live = self.live.lock().expect("task registry");
+            if live.contains_key(&key) {
+                return Err(Error::AlreadyExists(format!(
+                    "task {id} already exists in namespace {ns}"
+                )));
+            }
+        }
+        let meta = self.env.meta.clone();
+        let (n2, i2) = (ns.clone(), id.clone());
+        if blocking(move || meta.task(&n2, &i2)).await?.is_some() {
+            return Err(Error::AlreadyExists(format!(
+                "task {id} already exists in namespace {ns}"
+            )));
+        }
+        let binary = resolve_runtime(&req.container.runtime)?;
+        let bundle = self.env.bundle(&ns, &id);
+        let cmd = ShimCommand {
+            binary,
+            namespace: ns.clone(),
+            id: id.clone(),
+            keel_socket: self.env.keel_socket.clone(),
+            bundle: bundle.clone(),
+        };
+        match self.create_inner(&req, &cmd).await {
+            Ok(handle) => {
+                self.live
+                    .lock()
+                    .expect("task registry")
+                    .insert(key, handle.clone());
+                Ok(handle)
+            }
+            Err((e, shim)) => {
+                tracing::warn!(namespace = %ns, task_id = %id, error = %e, "task create failed; cleaning up");
+                if let Some(shim) = shim {
+                    let _ = shim
+                        .delete(
+                            &api::DeleteRequest {
+                                id: id.clone(),
+                                ..Default::default()
+                            },
+                            rpc_timeout(),
+                        )
+                        .await;
+                    let _ = shim
+                        .shutdown(
+                            &api::ShutdownRequest {
+                                id: id.clone(),
+                                ..Default::default()
+                            },
+                            rpc_timeout(),
+                        )
+                        .await;
+                }
+                let _ = remove_bundle(&bundle);
+                remove_cgroups(&ns, &id);
+                let meta = self.env.meta.clone();
+                let _ = blocking(move || meta.delete_task(&ns, &id)).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn create_inner(
+        &self,
+        req: &CreateTask,
+        cmd: &ShimCommand,
+    ) -> Result<TaskHandle, (Error, Option<ShimClient>)> {
+        let ns = &req.namespace;
+        let id = &req.container.id;
+        let bundle = &cmd.bundle;
+        let fail = |e: Error| (e, None);
+        if bundle.exists() {
+            // A leftover from a crash during create; nothing references it.
+            remove_bundle(bundle).map_err(fail)?;
+        }
+        std::fs::create_dir_all(bundle.join("rootfs"))
+            .map_err(|e| fail(Error::Io(format!("create bundle: {e}"))))?;
+        let spec = bundle_spec(&req.container.spec, ns, id).map_err(fail)?;
+        std::fs::write(bundle.join("config.json"), spec)
+            .map_err(|e| fail(Error::Io(format!("write config.json: {e}"))))?;
+        let log = LogFifo::open(bundle, ns, id).map_err(fail)?;
+
+        let (stdout, stderr, log_path) =
+            if req.log_to_file && req.stdout.is_empty() && req.stderr.is_empty() {
+                let p = self.env.log_file(ns, id);
+                std::fs::create_dir_all(p.parent().expect("log dir"))
+                    .map_err(|e| fail(Error::Io(format!("create log dir: {e}"))))?;
+                let url = format!("file://{}", p.display());
+                (url.clone(), url, Some(p.display().to_string()))
+            } else {
+                (req.stdout.clone(), req.stderr.clone(), None)
+            };
+
+        let address = cmd.start().await.map_err(fail)?;
+        // The shim's address is durable before anything reports the task created, so
+        // a crash from here on leaves a task keel can find and reconcile.
+        let mut record = TaskRecord {
+            id: id.clone(),
+            bundle: bundle.display().to_string(),
+            shim_address: address.clone(),
+            shim_pid: 0,
+            pid: 0,
+            stdin: req.stdin.clone(),
+            stdout,
+            stderr,
+            terminal: req.terminal,
+            log_path,
+            created_ns: nanos(SystemTime::now()),
+            started: false,
+        };
+        let persist = |record: TaskRecord| {
+            let meta = self.env.meta.clone();
+            let ns = ns.clone();
+            async move { blocking(move || meta.put_task(&ns, &record)).await }
+        };
+        persist(record.clone()).await.map_err(fail)?;
+
+        let shim = ShimClient::connect(&address, ns)
+            .await
+            .map_err(|e| fail(e.into()))?;
+        let with_shim = |e: Error| (e, Some(shim.clone()));
+        let conn = shim
+            .connect_shim(
+                &api::ConnectRequest {
+                    id: id.clone(),
+                    ..Default::default()
+                },
+                rpc_timeout(),
+            )
+            .await
+            .map_err(|e| with_shim(e.into()))?;
+        record.shim_pid = conn.shim_pid;
+
+        let options = keel_protocol::containerd::shim::oci::Options {
+            root: self.env.runc_root().display().to_string(),
+            ..Default::default()
+        };
+        let mut any = pack(&options).map_err(|e| with_shim(e.into()))?;
+        any.type_url = "containerd.runc.v1.Options".into();
+        let create = api::CreateTaskRequest {
+            id: id.clone(),
+            bundle: bundle.display().to_string(),
+            rootfs: mounts(&req.container.rootfs),
+            terminal: req.terminal,
+            stdin: req.stdin.clone(),
+            stdout: record.stdout.clone(),
+            stderr: record.stderr.clone(),
+            options: MessageField::some(any),
+            ..Default::default()
+        };
+        let created = shim
+            .create(&create, rpc_timeout())
+            .await
+            .map_err(|e| with_shim(e.into()))?;
+        record.pid = created.pid;
+        persist(record.clone()).await.map_err(with_shim)?;
+
+        let event = ev::TaskCreate {
+            container_id: id.clone(),
+            bundle: record.bundle.clone(),
+            pid: created.pid,
+            ..Default::default()
+        };
+        self.env.events.publish(
+            ns,
+            "/tasks/create",
+            pack(&event).map_err(|e| with_shim(e.into()))?,
+        );
+
+        let actor = TaskActor {
+            ns: ns.clone(),
+            id: id.clone(),
+            state: TaskState::Created,
+            shim: shim.clone(),
+            shim_alive: true,
+            deleting: false,
+            cmd: cmd.clone(),
+            record,
+            env: self.env.clone(),
+            tasks: self.clone(),
+            exit: None,
+            waiters: Vec::new(),
+            _log: log,
+        };
+        let addr = TaskActor::start_in_arbiter(&self.arbiter, |_| actor);
+        Ok(TaskHandle {
+            id: id.clone(),
+            addr,
+        })
+    }
+}
+
+/// Supervises one task. Owned by its arbiter; reached only through [`TaskHandle`].
+struct TaskActor {
+    ns: String,
+    id: String,
+    state: TaskState,
+    shim: ShimClient,
+    shim_alive: bool,
+    /// Set once Delete has begun: exits and shim death are expected from then on.
+    deleting: bool,
+    cmd: ShimCommand,
+    record: TaskRecord,
+    env: Arc<TaskEnv>,
+    tasks: Tasks,
+    exit: Option<ExitRecord>,
+    waiters: Vec<oneshot::Sender<ExitRecord>>,
+    _log: LogFifo,
+}
+
+impl Actor for TaskActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let shim = self.shim.clone();
+        let id = self.id.clone();
+        let shim_pid = self.record.shim_pid;
+        let addr = ctx.address();
+        actix::spawn(async move {
+            loop {
+                let req = api::WaitRequest {
+                    id: id.clone(),
+                    ..Default::default()
+                };
+                match shim.wait(&req, None).await {
+                    Ok(r) => {
+                        let at = r
+                            .exited_at
+                            .as_ref()
+                            .map_or_else(SystemTime::now, system_time);
+                        addr.do_send(Exited {
+                            status: r.exit_status,
+                            at,
+                        });
+                        return;
+                    }
+                    Err(e) if !process_alive(shim_pid) => {
+                        tracing::warn!(task_id = %id, shim_pid, error = %e, "shim is gone");
+                        addr.do_send(ShimDied);
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(task_id = %id, shim_pid, error = %e, "wait on shim failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+    }
+}
+
+impl TaskActor {
+    fn info(&self) -> TaskInfo {
+        TaskInfo {
+            id: self.id.clone(),
+            pid: self.record.pid,
+            state: self.state,
+            stdin: self.record.stdin.clone(),
+            stdout: self.record.stdout.clone(),
+            stderr: self.record.stderr.clone(),
+            terminal: self.record.terminal,
+            exit: self.exit.clone(),
+        }
+    }
+
+    /// Records the exit durably, publishes it if it is new, and wakes the waiters.
+    fn exited(&mut self, status: u32, at: SystemTime) -> ResponseActFuture<Self, ()> {
+        if self.exit.is_some() {
+            return Box::pin(async {}.into_actor(self));
+        }
+        let rec = ExitRecord {
+            container_id: self.id.clone(),
+            exec_id: String::new(),
+            pid: self.record.pid,
+            exit_status: status,
+            exited_ns: nanos(at),
+        };
+        let meta = self.env.meta.clone();
+        let (ns, r2) = (self.ns.clone(), rec.clone());
+        Box::pin(async move { blocking(move || meta.record_exit(&ns, &r2)).await }.into_actor(self).map(
+            move |fresh, act, _| {
+                match fresh {
+                    Ok(true) => {
+                        let event = ev::TaskExit {
+                            container_id: act.id.clone(),
+                            id: act.id.clone(),
+                            pid: rec.pid,
+                            exit_status: rec.exit_status,
+                            exited_at: MessageField::some(timestamp(from_nanos(rec.exited_ns))),
+                            ..Default::default()
+                        };
+                        if let Ok(any) = pack(&event) {
+                            act.env.events.publish(&act.ns, "/tasks/exit", any);
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::error!(task_id = %act.id, error = %e, "recording exit failed"),
+                }
+                tracing::info!(namespace = %act.ns, task_id = %act.id, exit_status = rec.exit_status, "task exited");
+                act.state = TaskState::Stopped;
+                for w in act.waiters.drain(..) {
+                    let _ = w.send(rec.clone());
+                }
+                act.exit = Some(rec);
+            },
+        ))
+    }
+}
+
+/// The init process exited (Wait returned).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Exited {
+    status: u32,
+    at: SystemTime,
+}
+
+impl Handler<Exited> for TaskActor {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, m: Exited, _: &mut Self::Context) -> Self::Result {
+        AtomicResponse::new(self.exited(m.status, m.at))
+    }
+}
+
+/// The shim process is gone: clean up with its `delete` subcommand and report 137.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct ShimDied;
+
+impl Handler<ShimDied> for TaskActor {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, _: ShimDied, _: &mut Self::Context) -> Self::Result {
+        self.shim_alive = false;
+        if self.deleting {
+            return AtomicResponse::new(Box::pin(async {}.into_actor(self)));
+        }
+        let cmd = self.cmd.clone();
+        let address = self.record.shim_address.clone();
+        AtomicResponse::new(Box::pin(
+            async move {
+                let r = cmd.delete().await;
+                // A SIGKILLed shim leaves its socket behind.
+                if let Some(path) = address.strip_prefix("unix://") {
+                    let _ = std::fs::remove_file(path);
+                }
+                r
+            }
+            .into_actor(self)
+            .then(|r, act, _| {
+                let status = match r {
+                    Ok(resp) => resp.exit_status,
+                    Err(e) => {
+                        tracing::error!(task_id = %act.id, error = %e, "shim delete failed");
+                        255
+                    }
+                };
+                act.exited(status, SystemTime::now())
+            }),
+        ))
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<u32>")]
+struct Start;
+
+impl Handler<Start> for TaskActor {
+    type Result = AtomicResponse<Self, Result<u32>>;
+
+    fn handle(&mut self, _: Start, _: &mut Self::Context) -> Self::Result {
+        if let Err(e) = self.state.can_start(&self.id) {
+            return AtomicResponse::new(Box::pin(async move { Err(e) }.into_actor(self)));
+        }
+        let shim = self.shim.clone();
+        let req = api::StartRequest {
+            id: self.id.clone(),
+            ..Default::default()
+        };
+        AtomicResponse::new(Box::pin(
+            async move { shim.start(&req, rpc_timeout()).await }
+                .into_actor(self)
+                .then(|r, act, _| {
+                    let result = match r {
+                        Ok(resp) => {
+                            act.state = TaskState::Running;
+                            act.record.started = true;
+                            act.record.pid = resp.pid;
+                            let event = ev::TaskStart {
+                                container_id: act.id.clone(),
+                                pid: resp.pid,
+                                ..Default::default()
+                            };
+                            if let Ok(any) = pack(&event) {
+                                act.env.events.publish(&act.ns, "/tasks/start", any);
+                            }
+                            Ok(resp.pid)
+                        }
+                        Err(e) => Err(Error::from(e)),
+                    };
+                    let meta = act.env.meta.clone();
+                    let (ns, record) = (act.ns.clone(), act.record.clone());
+                    async move {
+                        if let Err(e) = blocking(move || meta.put_task(&ns, &record)).await {
+                            tracing::error!(error = %e, "persisting task start failed");
+                        }
+                        result
+                    }
+                    .into_actor(act)
+                }),
+        ))
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<()>")]
+struct Kill {
+    signal: u32,
+    all: bool,
+}
+
+impl Handler<Kill> for TaskActor {
+    type Result = ResponseFuture<Result<()>>;
+
+    fn handle(&mut self, m: Kill, _: &mut Self::Context) -> Self::Result {
+        if let Err(e) = self.state.can_kill(&self.id) {
+            return Box::pin(async move { Err(e) });
+        }
+        let shim = self.shim.clone();
+        let req = api::KillRequest {
+            id: self.id.clone(),
+            signal: m.signal,
+            all: m.all,
+            ..Default::default()
+        };
+        Box::pin(async move {
+            shim.kill(&req, rpc_timeout())
+                .await
+                .map(|_| ())
+                .map_err(Error::from)
+        })
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<()>")]
+struct CloseStdin;
+
+impl Handler<CloseStdin> for TaskActor {
+    type Result = ResponseFuture<Result<()>>;
+
+    fn handle(&mut self, _: CloseStdin, _: &mut Self::Context) -> Self::Result {
+        let shim = self.shim.clone();
+        let req = api::CloseIORequest {
+            id: self.id.clone(),
+            stdin: true,
+            ..Default::default()
+        };
+        Box::pin(async move {
+            shim.close_io(&req, rpc_timeout())
+                .await
+                .map(|_| ())
+                .map_err(Error::from)
+        })
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "TaskInfo")]
+struct Get;
+
+impl Handler<Get> for TaskActor {
+    type Result = MessageResult<Get>;
+
+    fn handle(&mut self, _: Get, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.info())
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<ExitRecord>")]
+struct Wait;
+
+impl Handler<Wait> for TaskActor {
+    type Result = ResponseFuture<Result<ExitRecord>>;
+
+    fn handle(&mut self, _: Wait, _: &mut Self::Context) -> Self::Result {
+        if let Some(e) = &self.exit {
+            let e = e.clone();
+            return Box::pin(async move { Ok(e) });
+        }
+        let (tx, rx) = oneshot::channel();
+        self.waiters.push(tx);
+        let id = self.id.clone();
+        Box::pin(async move {
+            rx.await
+                .map_err(|_| Error::FailedPrecondition(format!("task {id} was deleted")))
+        })
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<Vec<u32>>")]
+struct Pids;
+
+impl Handler<Pids> for TaskActor {
+    type Result = ResponseFuture<Result<Vec<u32>>>;
+
+    fn handle(&mut self, _: Pids, _: &mut Self::Context) -> Self::Result {
+        let shim = self.shim.clone();
+        let alive = self.shim_alive;
+        let req = api::PidsRequest {
+            id: self.id.clone(),
+            ..Default::default()
+        };
+        Box::pin(async move {
+            if !alive {
+                return Ok(Vec::new());
+            }
+            let r = shim.pids(&req, rpc_timeout()).await?;
+            Ok(r.processes.iter().map(|p| p.pid).collect())
+        })
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<ExitRecord>")]
+struct Delete {
+    force: bool,
+}
+
+impl Handler<Delete> for TaskActor {
+    type Result = AtomicResponse<Self, Result<ExitRecord>>;
+
+    fn handle(&mut self, m: Delete, _: &mut Self::Context) -> Self::Result {
+        if let Err(e) = self.state.can_delete(&self.id, m.force) {
+            return AtomicResponse::new(Box::pin(async move { Err(e) }.into_actor(self)));
+        }
+        self.deleting = true;
+        let (shim, alive, id) = (self.shim.clone(), self.shim_alive, self.id.clone());
+        let running = self.exit.is_none() && self.state != TaskState::Created;
+        AtomicResponse::new(Box::pin(
+            async move {
+                if !alive {
+                    return None;
+                }
+                if running {
+                    let kill = api::KillRequest {
+                        id: id.clone(),
+                        signal: 9,
+                        all: true,
+                        ..Default::default()
+                    };
+                    let _ = shim.kill(&kill, rpc_timeout()).await;
+                    let wait = api::WaitRequest {
+                        id: id.clone(),
+                        ..Default::default()
+                    };
+                    let _ = tokio::time::timeout(FORCE_KILL_WAIT, shim.wait(&wait, None)).await;
+                }
+                let deleted = shim
+                    .delete(
+                        &api::DeleteRequest {
+                            id: id.clone(),
+                            ..Default::default()
+                        },
+                        rpc_timeout(),
+                    )
+                    .await;
+                // Shutdown may close the connection before it answers ("early eof").
+                let _ = shim
+                    .shutdown(
+                        &api::ShutdownRequest {
+                            id,
+                            ..Default::default()
+                        },
+                        rpc_timeout(),
+                    )
+                    .await;
+                deleted.ok()
+            }
+            .into_actor(self)
+            .then(|deleted, act, _| {
+                let status = deleted.as_ref().map_or(137, |d| d.exit_status);
+                let at = deleted
+                    .as_ref()
+                    .and_then(|d| d.exited_at.as_ref())
+                    .map_or_else(SystemTime::now, system_time);
+                let record_exit: ResponseActFuture<Self, ()> =
+                    if act.exit.is_none() && act.record.started {
+                        act.exited(status, at)
+                    } else {
+                        Box::pin(async {}.into_actor(act))
+                    };
+                record_exit.then(|(), act, _| {
+                    let (ns, id, bundle, meta) = (
+                        act.ns.clone(),
+                        act.id.clone(),
+                        PathBuf::from(&act.record.bundle),
+                        act.env.meta.clone(),
+                    );
+                    let log_path = act.record.log_path.clone();
+                    let address = act.record.shim_address.clone();
+                    async move {
+                        remove_bundle(&bundle)?;
+                        remove_cgroups(&ns, &id);
+                        if let Some(p) = log_path {
+                            let _ = std::fs::remove_file(p);
+                        }
+                        if let Some(path) = address.strip_prefix("unix://") {
+                            let _ = std::fs::remove_file(path);
+                        }
+                        blocking(move || meta.delete_task(&ns, &id)).await
+                    }
+                    .into_actor(act)
+                    .map(|r, act, ctx| {
+                        r?;
+                        let exit = act.exit.clone().unwrap_or(ExitRecord {
+                            container_id: act.id.clone(),
+                            exec_id: String::new(),
+                            pid: act.record.pid,
+                            exit_status: 0,
+                            exited_ns: nanos(SystemTime::now()),
+                        });
+                        let event = ev::TaskDelete {
+                            container_id: act.id.clone(),
+                            id: act.id.clone(),
+                            pid: exit.pid,
+                            exit_status: exit.exit_status,
+                            exited_at: MessageField::some(timestamp(from_nanos(exit.exited_ns))),
+                            ..Default::default()
+                        };
+                        if let Ok(any) = pack(&event) {
+                            act.env.events.publish(&act.ns, "/tasks/delete", any);
+                        }
+                        act.tasks.forget(&act.ns, &act.id);
+                        ctx.stop();
+                        Ok(exit)
+                    })
+                })
+            }),
+        ))
+    }
+}
+
+/// keel's handle on one task actor.
+#[derive(Clone)]
+pub struct TaskHandle {
+    pub id: String,
+    addr: Addr<TaskActor>,
+}
+
+impl std::fmt::Debug for TaskHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskHandle").field("id", &self.id).finish()
+    }
+}
+
+impl TaskHandle {
+    async fn call<M>(&self, m: M) -> Result<M::Result>
+    where
+        M: Message + Send + 'static,
+        M::Result: Send,
+        TaskActor: Handler<M>,
+    {
+        self.addr
+            .send(m)
+            .await
+            .map_err(|_| Error::NotFound(format!("task {} is gone", self.id)))
+    }
+
+    pub async fn start(&self) -> Result<u32> {
+        self.call(Start).await?
+    }
+
+    pub async fn kill(&self, signal: u32, all: bool) -> Result<()> {
+        self.call(Kill { signal, all }).await?
+    }
+
+    /// Closes the task's stdin (the shim holds the FIFO open, so the writer closing
+    /// its end is not enough for the process to see EOF).
+    pub async fn close_stdin(&self) -> Result<()> {
+        self.call(CloseStdin).await?
+    }
+
+    pub async fn info(&self) -> Result<TaskInfo> {
+        self.call(Get).await
+    }
+
+    pub async fn wait(&self) -> Result<ExitRecord> {
+        self.call(Wait).await?
+    }
+
+    pub async fn pids(&self) -> Result<Vec<u32>> {
+        self.call(Pids).await?
+    }
+
+    pub async fn delete(&self, force: bool) -> Result<ExitRecord> {
+        self.call(Delete { force }).await?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bundle_spec_sets_rootfs_and_absolute_cgroup() {
+        let out = bundle_spec(
+            br#"{"ociVersion":"1.0.2","root":{"path":"/elsewhere","readonly":true}}"#,
+            "ns",
+            "web",
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["root"]["path"], "rootfs");
+        assert_eq!(v["root"]["readonly"], true);
+        assert_eq!(v["linux"]["cgroupsPath"], "/keel/ns/web");
+        assert!(matches!(
+            bundle_spec(b"[1]", "n", "i"),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn bundle_removal_never_descends_into_rootfs() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = dir.path().join("t1");
+        std::fs::create_dir_all(b.join("rootfs/bin")).unwrap();
+        std::fs::write(b.join("config.json"), "{}").unwrap();
+        // rootfs not empty (as if still mounted): refused, nothing inside removed.
+        assert!(remove_bundle(&b).is_err());
+        assert!(b.join("rootfs/bin").exists());
+        std::fs::remove_dir(b.join("rootfs/bin")).unwrap();
+        remove_bundle(&b).unwrap();
+        assert!(!b.exists());
+    }
+
+    #[test]
+    fn own_process_is_alive_and_pid_zero_is_not() {
+        assert!(process_alive(std::process::id()));
+        assert!(!process_alive(0));
+    }
+}

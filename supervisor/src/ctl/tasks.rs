@@ -1,0 +1,593 @@
+//! `keelctl run`, `keelctl containers …` and `keelctl tasks …`, shaped like ctr.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use keel_protocol::api::containers::{container::Runtime, *};
+use keel_protocol::api::tasks::*;
+use keel_protocol::api::types::Mount;
+use keel_protocol::types::{json_any, SPEC_TYPE_URL};
+use keel_protocol::{Client, Error};
+use protobuf::{Enum, MessageField};
+use tokio::io::AsyncWriteExt;
+
+use super::output::{table, Format};
+
+/// What a container is made of, shared by `run` and `containers create`.
+#[derive(Debug, Args)]
+pub struct ContainerArgs {
+    /// Host directory to use as the root filesystem.
+    #[arg(long)]
+    pub rootfs: PathBuf,
+    /// Environment variable K=V (repeatable).
+    #[arg(long = "env", value_name = "K=V")]
+    pub env: Vec<String>,
+    /// Label K=V (repeatable).
+    #[arg(long = "label", value_name = "K=V")]
+    pub labels: Vec<String>,
+    /// Working directory inside the container.
+    #[arg(long, default_value = "/")]
+    pub cwd: String,
+    /// Memory limit in bytes.
+    #[arg(long)]
+    pub memory_limit: Option<i64>,
+    /// CPU limit in cores (e.g. 0.5).
+    #[arg(long)]
+    pub cpus: Option<f64>,
+    /// Maximum number of processes.
+    #[arg(long)]
+    pub pids_limit: Option<i64>,
+    /// Runtime name.
+    #[arg(long, default_value = "io.containerd.runc.v2")]
+    pub runtime: String,
+    pub id: String,
+    /// Command and arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Remove the task and container when it exits.
+    #[arg(long)]
+    pub rm: bool,
+    /// Detach: output goes to the task's log file (`keelctl tasks logs`).
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+    /// Forward stdin to the container.
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    #[command(flatten)]
+    pub container: ContainerArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ContainersCmd {
+    /// Create a container (no task).
+    Create(ContainerArgs),
+    /// List containers.
+    #[command(alias = "list")]
+    Ls {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+        filters: Vec<String>,
+    },
+    /// Print a container as JSON.
+    Info { id: String },
+    /// Delete containers.
+    #[command(alias = "del")]
+    Rm {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TasksCmd {
+    /// Create and start a detached task for an existing container.
+    Start { id: String },
+    /// List tasks.
+    #[command(alias = "list")]
+    Ls {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Signal a task.
+    Kill {
+        /// Signal name or number.
+        #[arg(short = 's', long, default_value = "SIGTERM")]
+        signal: String,
+        /// Signal every process in the container.
+        #[arg(short = 'a', long)]
+        all: bool,
+        id: String,
+    },
+    /// Wait for a task to exit; exits with its status.
+    Wait { id: String },
+    /// Delete tasks.
+    #[command(alias = "del", alias = "delete")]
+    Rm {
+        /// Kill a running task first.
+        #[arg(short = 'f', long)]
+        force: bool,
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// List a task's processes.
+    Ps { id: String },
+    /// Print a detached task's output.
+    Logs { id: String },
+}
+
+/// Signal names and numbers, as `kill -l` on Linux.
+pub fn parse_signal(s: &str) -> anyhow::Result<u32> {
+    if let Ok(n) = s.parse::<u32>() {
+        return Ok(n);
+    }
+    let name = s.trim_start_matches("SIG").to_ascii_uppercase();
+    let sig: nix::sys::signal::Signal = format!("SIG{name}")
+        .parse()
+        .with_context(|| format!("unknown signal {s:?}"))?;
+    Ok(u32::try_from(sig as i32)?)
+}
+
+fn kv(list: &[String], what: &str) -> anyhow::Result<Vec<(String, String)>> {
+    list.iter()
+        .map(|s| match s.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => bail!("{what} {s:?} must be K=V"),
+        })
+        .collect()
+}
+
+/// The OCI spec for a container, starting from runc's defaults as ctr does.
+fn spec(a: &ContainerArgs) -> anyhow::Result<Vec<u8>> {
+    let mut v = serde_json::to_value(oci_spec::runtime::Spec::default())?;
+    v["hostname"] = serde_json::json!(a.id);
+    let p = &mut v["process"];
+    p["args"] = serde_json::json!(a.command);
+    p["cwd"] = serde_json::json!(a.cwd);
+    p["terminal"] = serde_json::json!(false);
+    let mut env =
+        vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string()];
+    for (k, val) in kv(&a.env, "--env")? {
+        env.push(format!("{k}={val}"));
+    }
+    p["env"] = serde_json::json!(env);
+    let mut resources = serde_json::json!({});
+    if let Some(m) = a.memory_limit {
+        resources["memory"] = serde_json::json!({ "limit": m, "swap": m });
+    }
+    if let Some(c) = a.cpus {
+        if !(c > 0.0 && c <= 1024.0) {
+            bail!("--cpus must be between 0 and 1024, got {c}");
+        }
+        let period: u64 = 100_000;
+        // Bounded above, so the rounded quota fits easily.
+        #[allow(clippy::cast_possible_truncation)]
+        let quota = (c * period as f64).round() as i64;
+        resources["cpu"] = serde_json::json!({ "quota": quota, "period": period });
+    }
+    if let Some(n) = a.pids_limit {
+        resources["pids"] = serde_json::json!({ "limit": n });
+    }
+    v["linux"]["resources"] = resources;
+    Ok(serde_json::to_vec(&v)?)
+}
+
+async fn create_container(client: &Client, a: &ContainerArgs) -> anyhow::Result<()> {
+    let rootfs = std::fs::canonicalize(&a.rootfs)
+        .with_context(|| format!("rootfs {}", a.rootfs.display()))?;
+    let c = Container {
+        id: a.id.clone(),
+        labels: kv(&a.labels, "--label")?.into_iter().collect(),
+        runtime: MessageField::some(Runtime {
+            name: a.runtime.clone(),
+            ..Default::default()
+        }),
+        spec: MessageField::some(json_any(SPEC_TYPE_URL, spec(a)?)),
+        rootfs: vec![Mount {
+            type_: "bind".into(),
+            source: rootfs.display().to_string(),
+            options: vec!["rbind".into(), "rw".into()],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    client
+        .containers
+        .create(
+            client.ctx(),
+            &CreateContainerRequest {
+                container: MessageField::some(c),
+                ..Default::default()
+            },
+        )
+        .await?;
+    Ok(())
+}
+
+async fn delete_all(client: &Client, id: &str) {
+    let _ = client
+        .tasks
+        .delete(
+            client.ctx(),
+            &DeleteTaskRequest {
+                container_id: id.into(),
+                force: true,
+                ..Default::default()
+            },
+        )
+        .await;
+    let _ = client
+        .containers
+        .delete(
+            client.ctx(),
+            &DeleteContainerRequest {
+                id: id.into(),
+                ..Default::default()
+            },
+        )
+        .await;
+}
+
+/// Copies a FIFO to our stdout or stderr until the writer side closes.
+fn copy_out(path: PathBuf, to_stderr: bool) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let mut rx = tokio::net::unix::pipe::OpenOptions::new()
+        .read_write(false)
+        .open_receiver(&path)?;
+    Ok(tokio::spawn(async move {
+        let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if to_stderr {
+            Box::new(tokio::io::stderr())
+        } else {
+            Box::new(tokio::io::stdout())
+        };
+        let _ = tokio::io::copy(&mut rx, &mut out).await;
+        let _ = out.flush().await;
+    }))
+}
+
+pub async fn run(client: &Client, a: RunArgs) -> anyhow::Result<i32> {
+    let id = a.container.id.clone();
+    create_container(client, &a.container).await?;
+    if a.detach {
+        let r = async {
+            let req = CreateTaskRequest {
+                container_id: id.clone(),
+                log_to_file: true,
+                ..Default::default()
+            };
+            client.tasks.create(client.ctx(), &req).await?;
+            client
+                .tasks
+                .start(
+                    client.ctx(),
+                    &StartRequest {
+                        container_id: id.clone(),
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            Ok::<_, anyhow::Error>(())
+        }
+        .await;
+        if r.is_err() {
+            delete_all(client, &id).await;
+        }
+        r?;
+        return Ok(0);
+    }
+
+    let fifos = tempfile::Builder::new().prefix("keelctl-").tempdir()?;
+    let mk = |name: &str| -> anyhow::Result<PathBuf> {
+        let p = fifos.path().join(name);
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
+        Ok(p)
+    };
+    let (stdout, stderr) = (mk("stdout")?, mk("stderr")?);
+    let stdin = if a.interactive {
+        Some(mk("stdin")?)
+    } else {
+        None
+    };
+    let copies = [
+        copy_out(stdout.clone(), false)?,
+        copy_out(stderr.clone(), true)?,
+    ];
+    let result = async {
+        let req = CreateTaskRequest {
+            container_id: id.clone(),
+            stdin: stdin
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            stdout: stdout.display().to_string(),
+            stderr: stderr.display().to_string(),
+            ..Default::default()
+        };
+        client.tasks.create(client.ctx(), &req).await?;
+        if let Some(p) = &stdin {
+            let mut tx = tokio::net::unix::pipe::OpenOptions::new().open_sender(p)?;
+            let (client, id) = (client.clone(), id.clone());
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut tokio::io::stdin(), &mut tx).await;
+                drop(tx);
+                // The shim keeps the FIFO open; tell it stdin is done, as ctr does.
+                let req = CloseIORequest {
+                    container_id: id,
+                    stdin: true,
+                    ..Default::default()
+                };
+                let _ = client.tasks.close_io(client.ctx(), &req).await;
+            });
+        }
+        client
+            .tasks
+            .start(
+                client.ctx(),
+                &StartRequest {
+                    container_id: id.clone(),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let w = client
+            .tasks
+            .wait(
+                client.ctx(),
+                &WaitRequest {
+                    container_id: id.clone(),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        Ok::<_, anyhow::Error>(w.exit_status)
+    }
+    .await;
+    // Output still in flight ends when the shim closes its end after the exit.
+    for c in copies {
+        let _ = tokio::time::timeout(Duration::from_secs(5), c).await;
+    }
+    if a.rm || result.is_err() {
+        delete_all(client, &id).await;
+    }
+    Ok(i32::try_from(result?).unwrap_or(255))
+}
+
+fn status_name(s: i32) -> &'static str {
+    match Status::from_i32(s).unwrap_or(Status::UNKNOWN) {
+        Status::UNKNOWN => "UNKNOWN",
+        Status::CREATED => "CREATED",
+        Status::RUNNING => "RUNNING",
+        Status::STOPPED => "STOPPED",
+        Status::PAUSED => "PAUSED",
+        Status::PAUSING => "PAUSING",
+    }
+}
+
+pub async fn containers(client: &Client, cmd: ContainersCmd) -> anyhow::Result<i32> {
+    match cmd {
+        ContainersCmd::Create(a) => create_container(client, &a).await?,
+        ContainersCmd::Ls { format, filters } => {
+            let r = client
+                .containers
+                .list(
+                    client.ctx(),
+                    &ListContainersRequest {
+                        filters,
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            match format {
+                Format::Json => {
+                    for c in &r.containers {
+                        println!(
+                            "{}",
+                            serde_json::json!({"id": c.id, "runtime": c.runtime.name, "labels": c.labels})
+                        );
+                    }
+                }
+                Format::Table => {
+                    let rows: Vec<Vec<String>> = r
+                        .containers
+                        .iter()
+                        .map(|c| {
+                            let labels: Vec<String> =
+                                c.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                            vec![
+                                c.id.clone(),
+                                c.runtime.name.clone(),
+                                if labels.is_empty() {
+                                    "-".into()
+                                } else {
+                                    labels.join(",")
+                                },
+                            ]
+                        })
+                        .collect();
+                    table(&["CONTAINER", "RUNTIME", "LABELS"], &rows);
+                }
+            }
+        }
+        ContainersCmd::Info { id } => {
+            let r = client
+                .containers
+                .get(
+                    client.ctx(),
+                    &GetContainerRequest {
+                        id,
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            let c = &r.container;
+            let spec: serde_json::Value = serde_json::from_slice(&c.spec.value).unwrap_or_default();
+            let j = serde_json::json!({
+                "id": c.id, "labels": c.labels, "runtime": c.runtime.name, "spec": spec,
+                "rootfs": c.rootfs.iter().map(|m| serde_json::json!({"type": m.type_, "source": m.source, "options": m.options})).collect::<Vec<_>>(),
+            });
+            println!("{}", serde_json::to_string_pretty(&j)?);
+        }
+        ContainersCmd::Rm { ids } => {
+            for id in ids {
+                client
+                    .containers
+                    .delete(
+                        client.ctx(),
+                        &DeleteContainerRequest {
+                            id: id.clone(),
+                            ..Default::default()
+                        },
+                    )
+                    .await?;
+                println!("{id}");
+            }
+        }
+    }
+    Ok(0)
+}
+
+pub async fn tasks(client: &Client, cmd: TasksCmd) -> anyhow::Result<i32> {
+    match cmd {
+        TasksCmd::Start { id } => {
+            let req = CreateTaskRequest {
+                container_id: id.clone(),
+                log_to_file: true,
+                ..Default::default()
+            };
+            client.tasks.create(client.ctx(), &req).await?;
+            client
+                .tasks
+                .start(
+                    client.ctx(),
+                    &StartRequest {
+                        container_id: id,
+                        ..Default::default()
+                    },
+                )
+                .await?;
+        }
+        TasksCmd::Ls { format } => {
+            let r = client
+                .tasks
+                .list(client.ctx(), &ListTasksRequest::new())
+                .await?;
+            match format {
+                Format::Json => {
+                    for t in &r.tasks {
+                        let status = status_name(t.status.value());
+                        println!(
+                            "{}",
+                            serde_json::json!({"id": t.container_id, "pid": t.pid, "status": status, "exit_status": t.exit_status})
+                        );
+                    }
+                }
+                Format::Table => {
+                    let rows: Vec<Vec<String>> = r
+                        .tasks
+                        .iter()
+                        .map(|t| {
+                            vec![
+                                t.container_id.clone(),
+                                t.pid.to_string(),
+                                status_name(t.status.value()).to_string(),
+                            ]
+                        })
+                        .collect();
+                    table(&["TASK", "PID", "STATUS"], &rows);
+                }
+            }
+        }
+        TasksCmd::Kill { signal, all, id } => {
+            let req = KillRequest {
+                container_id: id,
+                signal: parse_signal(&signal)?,
+                all,
+                ..Default::default()
+            };
+            client.tasks.kill(client.ctx(), &req).await?;
+        }
+        TasksCmd::Wait { id } => {
+            let w = client
+                .tasks
+                .wait(
+                    client.ctx(),
+                    &WaitRequest {
+                        container_id: id,
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            println!("{}", w.exit_status);
+            return Ok(i32::try_from(w.exit_status).unwrap_or(255));
+        }
+        TasksCmd::Rm { force, ids } => {
+            for id in ids {
+                let req = DeleteTaskRequest {
+                    container_id: id.clone(),
+                    force,
+                    ..Default::default()
+                };
+                let r = client.tasks.delete(client.ctx(), &req).await?;
+                println!("{id} {}", r.exit_status);
+            }
+        }
+        TasksCmd::Ps { id } => {
+            let r = client
+                .tasks
+                .list_pids(
+                    client.ctx(),
+                    &ListPidsRequest {
+                        container_id: id,
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            let rows: Vec<Vec<String>> = r
+                .processes
+                .iter()
+                .map(|p| vec![p.pid.to_string()])
+                .collect();
+            table(&["PID"], &rows);
+        }
+        TasksCmd::Logs { id } => {
+            let r = client
+                .tasks
+                .get(
+                    client.ctx(),
+                    &GetRequest {
+                        container_id: id.clone(),
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            let Some(path) = r.process.stdout.strip_prefix("file://") else {
+                return Err(Error::FailedPrecondition(format!(
+                    "task {id} is not detached; it has no log file"
+                ))
+                .into());
+            };
+            let mut f = tokio::fs::File::open(path)
+                .await
+                .with_context(|| format!("open {path}"))?;
+            tokio::io::copy(&mut f, &mut tokio::io::stdout()).await?;
+        }
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_by_name_and_number() {
+        assert_eq!(parse_signal("9").unwrap(), 9);
+        assert_eq!(parse_signal("SIGKILL").unwrap(), 9);
+        assert_eq!(parse_signal("term").unwrap(), 15);
+        assert!(parse_signal("NOPE").is_err());
+    }
+}

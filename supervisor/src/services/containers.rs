@@ -1,0 +1,380 @@
+//! `keel.services.containers.v1.Containers`: container metadata in sled.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use keel_actors::events::EventSink;
+use keel_actors::shim::resolve_runtime;
+use keel_actors::task::Tasks;
+use keel_protocol::api::containers::{container::Runtime, *};
+use keel_protocol::api::containers_ttrpc;
+use keel_protocol::api::types::Mount;
+use keel_protocol::containerd::events::container as cev;
+use keel_protocol::filters::{Adaptor, Filter};
+use keel_protocol::types::{json_any, pack, timestamp, SPEC_TYPE_URL};
+use keel_protocol::{identifiers, Error};
+use keel_storage::meta::{from_nanos, nanos, ContainerRecord, MountRecord};
+use keel_storage::Meta;
+use protobuf::well_known_types::any::Any;
+use protobuf::well_known_types::empty::Empty;
+use protobuf::MessageField;
+use ttrpc::asynchronous::TtrpcContext;
+
+use super::{blocking, Rpc};
+use crate::server::Auth;
+
+/// The runtime used when a container names none, as in containerd.
+pub const DEFAULT_RUNTIME: &str = "io.containerd.runc.v2";
+
+#[derive(Debug)]
+pub struct ContainersService {
+    pub auth: Arc<Auth>,
+    pub meta: Meta,
+    pub events: EventSink,
+    pub tasks: Tasks,
+}
+
+fn to_proto(c: &ContainerRecord) -> Container {
+    Container {
+        id: c.id.clone(),
+        labels: c.labels.clone().into_iter().collect(),
+        runtime: MessageField::some(Runtime {
+            name: c.runtime.clone(),
+            options: c
+                .runtime_options
+                .as_ref()
+                .map(|(t, v)| Any {
+                    type_url: t.clone(),
+                    value: v.clone(),
+                    ..Default::default()
+                })
+                .into(),
+            ..Default::default()
+        }),
+        spec: MessageField::some(json_any(SPEC_TYPE_URL, c.spec.clone())),
+        rootfs: c
+            .rootfs
+            .iter()
+            .map(|m| Mount {
+                type_: m.kind.clone(),
+                source: m.source.clone(),
+                target: m.target.clone(),
+                options: m.options.clone(),
+                ..Default::default()
+            })
+            .collect(),
+        created_at: MessageField::some(timestamp(from_nanos(c.created_ns))),
+        updated_at: MessageField::some(timestamp(from_nanos(c.updated_ns))),
+        ..Default::default()
+    }
+}
+
+struct ContainerFields<'a>(&'a ContainerRecord);
+
+impl Adaptor for ContainerFields<'_> {
+    fn field(&self, path: &[String]) -> Option<String> {
+        match path {
+            [f] if f == "id" => Some(self.0.id.clone()),
+            [f, n] if f == "runtime" && n == "name" => Some(self.0.runtime.clone()),
+            [f] if f == "labels" => (!self.0.labels.is_empty()).then(String::new),
+            [f, k] if f == "labels" => self.0.labels.get(k).cloned(),
+            _ => None,
+        }
+    }
+}
+
+/// Checks a spec: JSON of an OCI runtime spec with a process to run.
+fn validate_spec(any: Option<&Any>) -> Result<Vec<u8>, Error> {
+    let any = any.ok_or_else(|| Error::InvalidArgument("container.spec is required".into()))?;
+    if !any.type_url.ends_with("opencontainers/runtime-spec/1/Spec") {
+        return Err(Error::InvalidArgument(format!(
+            "container.spec has type {:?}, expected {SPEC_TYPE_URL}",
+            any.type_url
+        )));
+    }
+    let spec: oci_spec::runtime::Spec = serde_json::from_slice(&any.value).map_err(|e| {
+        Error::InvalidArgument(format!(
+            "container.spec is not a valid OCI runtime spec: {e}"
+        ))
+    })?;
+    let args = spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.args().clone())
+        .unwrap_or_default();
+    if args.is_empty() || args[0].is_empty() {
+        return Err(Error::InvalidArgument(
+            "container.spec.process.args must name a program".into(),
+        ));
+    }
+    Ok(any.value.clone())
+}
+
+fn validate_rootfs(mounts: &[Mount]) -> Result<Vec<MountRecord>, Error> {
+    if mounts.is_empty() {
+        return Err(Error::InvalidArgument(
+            "container.rootfs is required (a directory or mounts)".into(),
+        ));
+    }
+    mounts
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            if m.type_.is_empty() {
+                return Err(Error::InvalidArgument(format!(
+                    "container.rootfs[{i}].type is required"
+                )));
+            }
+            if m.type_ == "bind" && !std::path::Path::new(&m.source).is_dir() {
+                return Err(Error::InvalidArgument(format!(
+                    "container.rootfs[{i}].source {:?} is not a directory",
+                    m.source
+                )));
+            }
+            Ok(MountRecord {
+                kind: m.type_.clone(),
+                source: m.source.clone(),
+                target: m.target.clone(),
+                options: m.options.clone(),
+            })
+        })
+        .collect()
+}
+
+impl ContainersService {
+    fn publish_container(&self, ns: &str, topic: &str, c: &ContainerRecord) {
+        let any = match topic {
+            "/containers/create" => pack(&cev::ContainerCreate {
+                id: c.id.clone(),
+                runtime: MessageField::some(cev::container_create::Runtime {
+                    name: c.runtime.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            "/containers/update" => pack(&cev::ContainerUpdate {
+                id: c.id.clone(),
+                labels: c.labels.clone().into_iter().collect(),
+                ..Default::default()
+            }),
+            _ => pack(&cev::ContainerDelete {
+                id: c.id.clone(),
+                ..Default::default()
+            }),
+        };
+        if let Ok(any) = any {
+            self.events.publish(ns, topic, any);
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl containers_ttrpc::Containers for ContainersService {
+    async fn get(
+        &self,
+        ctx: &TtrpcContext,
+        req: GetContainerRequest,
+    ) -> ttrpc::Result<GetContainerResponse> {
+        let ns = self.auth.request(ctx, "Containers.Get").rpc()?.namespace;
+        identifiers::validate("id", &req.id).rpc()?;
+        let meta = self.meta.clone();
+        let id = req.id.clone();
+        let c = blocking(move || meta.container(&ns, &id)).await?;
+        let c = c
+            .ok_or_else(|| Error::NotFound(format!("container {} not found", req.id)))
+            .rpc()?;
+        Ok(GetContainerResponse {
+            container: MessageField::some(to_proto(&c)),
+            ..Default::default()
+        })
+    }
+
+    async fn list(
+        &self,
+        ctx: &TtrpcContext,
+        req: ListContainersRequest,
+    ) -> ttrpc::Result<ListContainersResponse> {
+        let ns = self.auth.request(ctx, "Containers.List").rpc()?.namespace;
+        let filter = Filter::parse_all(&req.filters).rpc()?;
+        let meta = self.meta.clone();
+        let all = blocking(move || meta.containers(&ns)).await?;
+        let containers = all
+            .iter()
+            .filter(|c| filter.matches(&ContainerFields(c)))
+            .map(to_proto)
+            .collect();
+        Ok(ListContainersResponse {
+            containers,
+            ..Default::default()
+        })
+    }
+
+    async fn create(
+        &self,
+        ctx: &TtrpcContext,
+        req: CreateContainerRequest,
+    ) -> ttrpc::Result<CreateContainerResponse> {
+        let ns = self.auth.request(ctx, "Containers.Create").rpc()?.namespace;
+        let c = req
+            .container
+            .into_option()
+            .ok_or_else(|| Error::InvalidArgument("container is required".into()))
+            .rpc()?;
+        identifiers::validate("container.id", &c.id).rpc()?;
+        let spec = validate_spec(c.spec.as_ref()).rpc()?;
+        let rootfs = validate_rootfs(&c.rootfs).rpc()?;
+        let runtime = c
+            .runtime
+            .as_ref()
+            .map(|r| r.name.clone())
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| DEFAULT_RUNTIME.into());
+        resolve_runtime(&runtime)
+            .map_err(keel_protocol::Error::from)
+            .rpc()?;
+        let now = nanos(SystemTime::now());
+        let rec = ContainerRecord {
+            id: c.id.clone(),
+            labels: c.labels.into_iter().collect::<BTreeMap<_, _>>(),
+            runtime,
+            runtime_options: c
+                .runtime
+                .as_ref()
+                .and_then(|r| r.options.as_ref())
+                .map(|a| (a.type_url.clone(), a.value.clone())),
+            spec,
+            rootfs,
+            created_ns: now,
+            updated_ns: now,
+        };
+        let (meta, ns2, r2) = (self.meta.clone(), ns.clone(), rec.clone());
+        blocking(move || meta.create_container(&ns2, &r2)).await?;
+        self.publish_container(&ns, "/containers/create", &rec);
+        Ok(CreateContainerResponse {
+            container: MessageField::some(to_proto(&rec)),
+            ..Default::default()
+        })
+    }
+
+    async fn update(
+        &self,
+        ctx: &TtrpcContext,
+        req: UpdateContainerRequest,
+    ) -> ttrpc::Result<UpdateContainerResponse> {
+        let ns = self.auth.request(ctx, "Containers.Update").rpc()?.namespace;
+        let c = req
+            .container
+            .into_option()
+            .ok_or_else(|| Error::InvalidArgument("container is required".into()))
+            .rpc()?;
+        identifiers::validate("container.id", &c.id).rpc()?;
+        let (meta, ns2, id) = (self.meta.clone(), ns.clone(), c.id.clone());
+        let mut rec = blocking(move || meta.container(&ns2, &id))
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("container {} not found", c.id)))
+            .rpc()?;
+        let paths = req
+            .update_mask
+            .into_option()
+            .map(|m| m.paths)
+            .unwrap_or_default();
+        let all = paths.is_empty();
+        for p in if all {
+            vec!["labels".to_string(), "spec".to_string()]
+        } else {
+            paths
+        } {
+            match p.as_str() {
+                "labels" => rec.labels = c.labels.clone().into_iter().collect(),
+                "spec" if c.spec.is_some() || !all => rec.spec = validate_spec(c.spec.as_ref()).rpc()?,
+                "spec" => {}
+                other => match other.strip_prefix("labels.") {
+                    Some(k) => match c.labels.get(k) {
+                        Some(v) => {
+                            rec.labels.insert(k.to_string(), v.clone());
+                        }
+                        None => {
+                            rec.labels.remove(k);
+                        }
+                    },
+                    None => {
+                        return Err(Error::InvalidArgument(format!(
+                            "update_mask path {other:?} cannot be updated; use labels, labels.<key> or spec"
+                        ))
+                        .into())
+                    }
+                },
+            }
+        }
+        rec.updated_ns = nanos(SystemTime::now());
+        let (meta, ns2, r2) = (self.meta.clone(), ns.clone(), rec.clone());
+        blocking(move || meta.update_container(&ns2, &r2)).await?;
+        self.publish_container(&ns, "/containers/update", &rec);
+        Ok(UpdateContainerResponse {
+            container: MessageField::some(to_proto(&rec)),
+            ..Default::default()
+        })
+    }
+
+    async fn delete(
+        &self,
+        ctx: &TtrpcContext,
+        req: DeleteContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        let ns = self.auth.request(ctx, "Containers.Delete").rpc()?.namespace;
+        identifiers::validate("id", &req.id).rpc()?;
+        if self.tasks.get(&ns, &req.id).is_ok() {
+            return Err(Error::FailedPrecondition(format!(
+                "container {} has a task; delete the task first",
+                req.id
+            ))
+            .into());
+        }
+        let (meta, ns2, id) = (self.meta.clone(), ns.clone(), req.id.clone());
+        let rec = blocking(move || meta.container(&ns2, &id)).await?;
+        let rec = rec
+            .ok_or_else(|| Error::NotFound(format!("container {} not found", req.id)))
+            .rpc()?;
+        let (meta, ns2, id) = (self.meta.clone(), ns.clone(), req.id.clone());
+        blocking(move || meta.delete_container(&ns2, &id)).await?;
+        self.publish_container(&ns, "/containers/delete", &rec);
+        Ok(Empty::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_are_checked() {
+        let ok = json_any(SPEC_TYPE_URL, br#"{"ociVersion":"1.0.2","process":{"args":["/bin/true"],"cwd":"/","user":{"uid":0,"gid":0}}}"#.to_vec());
+        validate_spec(Some(&ok)).unwrap();
+        let cases = [
+            (json_any("other/Type", ok.value.clone()), "expected"),
+            (json_any(SPEC_TYPE_URL, b"not json".to_vec()), "not a valid OCI runtime spec"),
+            (json_any(SPEC_TYPE_URL, br#"{"ociVersion":"1.0.2","process":{"args":[],"cwd":"/","user":{"uid":0,"gid":0}}}"#.to_vec()), "args"),
+        ];
+        for (any, want) in cases {
+            let e = validate_spec(Some(&any)).unwrap_err();
+            assert!(
+                matches!(&e, Error::InvalidArgument(m) if m.contains(want)),
+                "{e:?}"
+            );
+        }
+        assert!(validate_spec(None).is_err());
+    }
+
+    #[test]
+    fn rootfs_must_exist() {
+        let m = Mount {
+            type_: "bind".into(),
+            source: "/nonexistent/rootfs".into(),
+            ..Default::default()
+        };
+        let e = validate_rootfs(&[m]).unwrap_err();
+        assert!(e.message().contains("rootfs[0].source"), "{e}");
+        assert!(validate_rootfs(&[]).is_err());
+    }
+}

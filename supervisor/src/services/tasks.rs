@@ -1,0 +1,337 @@
+//! `keel.services.tasks.v1.Tasks`: thin handlers over the task actors.
+
+use std::sync::Arc;
+
+use keel_actors::state::TaskState;
+use keel_actors::task::{CreateTask, TaskInfo, Tasks};
+use keel_protocol::api::tasks::*;
+use keel_protocol::api::tasks_ttrpc;
+use keel_protocol::types::timestamp;
+use keel_protocol::{identifiers, Error};
+use keel_storage::meta::{from_nanos, ExitRecord};
+use keel_storage::Meta;
+use protobuf::well_known_types::empty::Empty;
+use protobuf::MessageField;
+use ttrpc::asynchronous::TtrpcContext;
+
+use super::{blocking, Rpc};
+use crate::server::Auth;
+
+#[derive(Debug)]
+pub struct TasksService {
+    pub auth: Arc<Auth>,
+    pub meta: Meta,
+    pub tasks: Tasks,
+}
+
+fn status(s: TaskState) -> Status {
+    match s {
+        TaskState::Created => Status::CREATED,
+        TaskState::Running => Status::RUNNING,
+        TaskState::Pausing => Status::PAUSING,
+        TaskState::Paused => Status::PAUSED,
+        TaskState::Stopped => Status::STOPPED,
+        TaskState::Unknown => Status::UNKNOWN,
+    }
+}
+
+fn process(ns_id: &str, i: &TaskInfo) -> Process {
+    Process {
+        container_id: ns_id.to_string(),
+        pid: i.pid,
+        status: status(i.state).into(),
+        stdin: i.stdin.clone(),
+        stdout: i.stdout.clone(),
+        stderr: i.stderr.clone(),
+        terminal: i.terminal,
+        exit_status: i.exit.as_ref().map_or(0, |e| e.exit_status),
+        exited_at: i
+            .exit
+            .as_ref()
+            .map(|e| timestamp(from_nanos(e.exited_ns)))
+            .into(),
+        ..Default::default()
+    }
+}
+
+fn id(field: &str, v: &str) -> ttrpc::Result<()> {
+    identifiers::validate(field, v).rpc()
+}
+
+fn no_exec(exec_id: &str) -> ttrpc::Result<()> {
+    if exec_id.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Unimplemented("exec processes are not supported yet".into()).into())
+    }
+}
+
+fn unimplemented<T>(what: &str) -> ttrpc::Result<T> {
+    Err(Error::Unimplemented(format!("{what} is not supported yet")).into())
+}
+
+fn exit_response(
+    e: &ExitRecord,
+) -> (
+    u32,
+    MessageField<protobuf::well_known_types::timestamp::Timestamp>,
+) {
+    (
+        e.exit_status,
+        MessageField::some(timestamp(from_nanos(e.exited_ns))),
+    )
+}
+
+#[async_trait::async_trait]
+impl tasks_ttrpc::Tasks for TasksService {
+    async fn create(
+        &self,
+        ctx: &TtrpcContext,
+        req: CreateTaskRequest,
+    ) -> ttrpc::Result<CreateTaskResponse> {
+        let ns = self.auth.request(ctx, "Tasks.Create").rpc()?.namespace;
+        id("container_id", &req.container_id)?;
+        if req.terminal {
+            return unimplemented("terminal");
+        }
+        if req.checkpoint.is_some() {
+            return unimplemented("restore from a checkpoint");
+        }
+        if !req.rootfs.is_empty() {
+            return unimplemented("task rootfs mounts (give them to the container)");
+        }
+        let (meta, ns2, cid) = (self.meta.clone(), ns.clone(), req.container_id.clone());
+        let container = blocking(move || meta.container(&ns2, &cid))
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("container {} not found", req.container_id)))
+            .rpc()?;
+        let handle = self
+            .tasks
+            .create(CreateTask {
+                namespace: ns,
+                container,
+                stdin: req.stdin,
+                stdout: req.stdout,
+                stderr: req.stderr,
+                terminal: req.terminal,
+                log_to_file: req.log_to_file,
+            })
+            .await
+            .rpc()?;
+        let info = handle.info().await.rpc()?;
+        Ok(CreateTaskResponse {
+            container_id: req.container_id,
+            pid: info.pid,
+            ..Default::default()
+        })
+    }
+
+    async fn start(&self, ctx: &TtrpcContext, req: StartRequest) -> ttrpc::Result<StartResponse> {
+        let ns = self.auth.request(ctx, "Tasks.Start").rpc()?.namespace;
+        id("container_id", &req.container_id)?;
+        no_exec(&req.exec_id)?;
+        let pid = self
+            .tasks
+            .get(&ns, &req.container_id)
+            .rpc()?
+            .start()
+            .await
+            .rpc()?;
+        Ok(StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn delete(
+        &self,
+        ctx: &TtrpcContext,
+        req: DeleteTaskRequest,
+    ) -> ttrpc::Result<DeleteResponse> {
+        let ns = self.auth.request(ctx, "Tasks.Delete").rpc()?.namespace;
+        id("container_id", &req.container_id)?;
+        let exit = self
+            .tasks
+            .get(&ns, &req.container_id)
+            .rpc()?
+            .delete(req.force)
+            .await
+            .rpc()?;
+        let (exit_status, exited_at) = exit_response(&exit);
+        Ok(DeleteResponse {
+            id: req.container_id,
+            pid: exit.pid,
+            exit_status,
+            exited_at,
+            ..Default::default()
+        })
+    }
+
+    async fn delete_process(
+        &self,
+        ctx: &TtrpcContext,
+        req: DeleteProcessRequest,
+    ) -> ttrpc::Result<DeleteResponse> {
+        self.auth.request(ctx, "Tasks.DeleteProcess").rpc()?;
+        id("container_id", &req.container_id)?;
+        unimplemented("exec processes")
+    }
+
+    async fn get(&self, ctx: &TtrpcContext, req: GetRequest) -> ttrpc::Result<GetResponse> {
+        let ns = self.auth.request(ctx, "Tasks.Get").rpc()?.namespace;
+        id("container_id", &req.container_id)?;
+        no_exec(&req.exec_id)?;
+        let info = self
+            .tasks
+            .get(&ns, &req.container_id)
+            .rpc()?
+            .info()
+            .await
+            .rpc()?;
+        Ok(GetResponse {
+            process: MessageField::some(process(&req.container_id, &info)),
+            ..Default::default()
+        })
+    }
+
+    async fn list(
+        &self,
+        ctx: &TtrpcContext,
+        _: ListTasksRequest,
+    ) -> ttrpc::Result<ListTasksResponse> {
+        let ns = self.auth.request(ctx, "Tasks.List").rpc()?.namespace;
+        let mut tasks = Vec::new();
+        for h in self.tasks.list(&ns) {
+            if let Ok(info) = h.info().await {
+                tasks.push(process(&info.id, &info));
+            }
+        }
+        Ok(ListTasksResponse {
+            tasks,
+            ..Default::default()
+        })
+    }
+
+    async fn kill(&self, ctx: &TtrpcContext, req: KillRequest) -> ttrpc::Result<Empty> {
+        let ns = self.auth.request(ctx, "Tasks.Kill").rpc()?.namespace;
+        id("container_id", &req.container_id)?;
+        no_exec(&req.exec_id)?;
+        if req.signal == 0 || req.signal > 64 {
+            return Err(Error::InvalidArgument(format!(
+                "signal {} is not a signal number (1-64)",
+                req.signal
+            ))
+            .into());
+        }
+        self.tasks
+            .get(&ns, &req.container_id)
+            .rpc()?
+            .kill(req.signal, req.all)
+            .await
+            .rpc()?;
+        Ok(Empty::new())
+    }
+
+    async fn wait(&self, ctx: &TtrpcContext, req: WaitRequest) -> ttrpc::Result<WaitResponse> {
+        let ns = self.auth.request(ctx, "Tasks.Wait").rpc()?.namespace;
+        id("container_id", &req.container_id)?;
+        no_exec(&req.exec_id)?;
+        let exit = self
+            .tasks
+            .get(&ns, &req.container_id)
+            .rpc()?
+            .wait()
+            .await
+            .rpc()?;
+        let (exit_status, exited_at) = exit_response(&exit);
+        Ok(WaitResponse {
+            exit_status,
+            exited_at,
+            ..Default::default()
+        })
+    }
+
+    async fn list_pids(
+        &self,
+        ctx: &TtrpcContext,
+        req: ListPidsRequest,
+    ) -> ttrpc::Result<ListPidsResponse> {
+        let ns = self.auth.request(ctx, "Tasks.ListPids").rpc()?.namespace;
+        id("container_id", &req.container_id)?;
+        let pids = self
+            .tasks
+            .get(&ns, &req.container_id)
+            .rpc()?
+            .pids()
+            .await
+            .rpc()?;
+        Ok(ListPidsResponse {
+            processes: pids
+                .into_iter()
+                .map(|pid| ProcessInfo {
+                    pid,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    async fn exec(&self, ctx: &TtrpcContext, _: ExecProcessRequest) -> ttrpc::Result<Empty> {
+        self.auth.request(ctx, "Tasks.Exec").rpc()?;
+        unimplemented("exec")
+    }
+
+    async fn resize_pty(&self, ctx: &TtrpcContext, _: ResizePtyRequest) -> ttrpc::Result<Empty> {
+        self.auth.request(ctx, "Tasks.ResizePty").rpc()?;
+        unimplemented("terminal resize")
+    }
+
+    async fn close_io(&self, ctx: &TtrpcContext, req: CloseIORequest) -> ttrpc::Result<Empty> {
+        let ns = self.auth.request(ctx, "Tasks.CloseIO").rpc()?.namespace;
+        id("container_id", &req.container_id)?;
+        no_exec(&req.exec_id)?;
+        if req.stdin {
+            self.tasks
+                .get(&ns, &req.container_id)
+                .rpc()?
+                .close_stdin()
+                .await
+                .rpc()?;
+        }
+        Ok(Empty::new())
+    }
+
+    async fn pause(&self, ctx: &TtrpcContext, _: PauseTaskRequest) -> ttrpc::Result<Empty> {
+        self.auth.request(ctx, "Tasks.Pause").rpc()?;
+        unimplemented("pause")
+    }
+
+    async fn resume(&self, ctx: &TtrpcContext, _: ResumeTaskRequest) -> ttrpc::Result<Empty> {
+        self.auth.request(ctx, "Tasks.Resume").rpc()?;
+        unimplemented("resume")
+    }
+
+    async fn checkpoint(
+        &self,
+        ctx: &TtrpcContext,
+        _: CheckpointTaskRequest,
+    ) -> ttrpc::Result<CheckpointTaskResponse> {
+        self.auth.request(ctx, "Tasks.Checkpoint").rpc()?;
+        unimplemented("checkpoint")
+    }
+
+    async fn update(&self, ctx: &TtrpcContext, _: UpdateTaskRequest) -> ttrpc::Result<Empty> {
+        self.auth.request(ctx, "Tasks.Update").rpc()?;
+        unimplemented("update")
+    }
+
+    async fn metrics(
+        &self,
+        ctx: &TtrpcContext,
+        _: MetricsRequest,
+    ) -> ttrpc::Result<MetricsResponse> {
+        self.auth.request(ctx, "Tasks.Metrics").rpc()?;
+        unimplemented("metrics")
+    }
+}

@@ -1,0 +1,368 @@
+//! Containers and tasks through keelctl, real runc and the real
+//! containerd-shim-runc-v2, on a busybox rootfs.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use keel_tests::{busybox_rootfs, describe, require_runtime, Keeld};
+use sha2::Digest;
+
+fn run(k: &Keeld, args: &[&str]) -> std::process::Output {
+    let rootfs = busybox_rootfs();
+    let mut a = vec!["run", "--rootfs", rootfs.to_str().unwrap()];
+    a.extend_from_slice(args);
+    k.ctl(&a)
+}
+
+/// The shim socket containerd-shim-runc-v2 makes for a task of this keeld.
+fn shim_socket(k: &Keeld, ns: &str, id: &str) -> std::path::PathBuf {
+    let h = sha2::Sha256::digest(format!("{}/{ns}/{id}", k.socket.display()).as_bytes());
+    std::path::Path::new("/run/containerd/s").join(hex::encode(h))
+}
+
+/// Asserts nothing of task `id` is left: shim, socket, mount, bundle, runc state, cgroup.
+fn assert_no_leaks(k: &Keeld, ns: &str, id: &str) {
+    let shims = std::process::Command::new("pgrep")
+        .args([
+            "-f",
+            &format!(
+                "containerd-shim-runc-v2 -namespace {ns} -id {id} -address {}",
+                k.socket.display()
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        shims.stdout.is_empty(),
+        "shim of {id} still running: {}",
+        String::from_utf8_lossy(&shims.stdout)
+    );
+    assert!(
+        !shim_socket(k, ns, id).exists(),
+        "shim socket of {id} left behind"
+    );
+    let bundle = k.state.join("tasks").join(ns).join(id);
+    assert!(!bundle.exists(), "bundle {} left behind", bundle.display());
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(bundle.to_str().unwrap()),
+        "mount under {} left behind",
+        bundle.display()
+    );
+    let runc = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(k.state.join("runc").join(ns))
+        .args(["list", "-q"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&runc.stdout)
+            .lines()
+            .any(|l| l == id),
+        "runc still knows {id}"
+    );
+    for ctrl in ["memory", "pids", "cpu", "freezer"] {
+        let cg = std::path::Path::new("/sys/fs/cgroup")
+            .join(ctrl)
+            .join("keel")
+            .join(ns)
+            .join(id);
+        assert!(!cg.exists(), "cgroup {} left behind", cg.display());
+    }
+}
+
+#[test]
+fn run_prints_output_and_exits_with_the_task_status() {
+    require_runtime();
+    let k = Keeld::start();
+    let out = run(&k, &["--rm", "rt-echo", "/bin/busybox", "echo", "hello"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n");
+
+    let out = run(
+        &k,
+        &["--rm", "rt-exit7", "sh", "-c", "echo to-stderr >&2; exit 7"],
+    );
+    assert_eq!(out.status.code(), Some(7), "{}", describe(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "to-stderr\n");
+
+    // A task killed with SIGKILL reports 137.
+    let out = run(&k, &["-d", "rt-kill", "sleep", "300"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    k.ctl_ok(&["tasks", "kill", "-s", "SIGKILL", "rt-kill"]);
+    let w = k.ctl(&["tasks", "wait", "rt-kill"]);
+    assert_eq!(w.status.code(), Some(137), "{}", describe(&w));
+    k.ctl_ok(&["tasks", "rm", "rt-kill"]);
+    k.ctl_ok(&["containers", "rm", "rt-kill"]);
+    for id in ["rt-echo", "rt-exit7", "rt-kill"] {
+        assert_no_leaks(&k, &k.namespace, id);
+    }
+    assert!(
+        k.ctl_ok(&["containers", "ls", "--format", "json"])
+            .trim()
+            .is_empty(),
+        "--rm removed the containers"
+    );
+}
+
+#[test]
+fn stdin_is_forwarded_with_dash_i() {
+    require_runtime();
+    let k = Keeld::start();
+    let rootfs = busybox_rootfs();
+    let mut child = k
+        .ctl_cmd(&[
+            "run",
+            "--rm",
+            "-i",
+            "--rootfs",
+            rootfs.to_str().unwrap(),
+            "rt-cat",
+            "cat",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"through the fifo\n").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "through the fifo\n");
+}
+
+#[test]
+fn fifty_detached_tasks_listed_with_real_pids_then_removed_without_leaks() {
+    require_runtime();
+    let _g = keel_tests::heavy();
+    let k = Keeld::start();
+    let ids: Vec<String> = (0..50).map(|i| format!("many-{i}")).collect();
+    for id in &ids {
+        let out = run(
+            &k,
+            &["-d", id, "sh", "-c", &format!("echo {id}; sleep 600")],
+        );
+        assert!(
+            out.status.success(),
+            "{id}: {}\nlog:\n{}",
+            describe(&out),
+            k.log()
+        );
+    }
+    let ls = k.ctl_ok(&["tasks", "ls", "--format", "json"]);
+    let rows: Vec<serde_json::Value> = ls
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 50, "{ls}");
+    for r in &rows {
+        assert_eq!(r["status"], "RUNNING", "{r}");
+        let pid = r["pid"].as_u64().unwrap();
+        // The listed pid is the container's process: it lives in the task's cgroup.
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        let want = format!("/keel/{}/{}", k.namespace, r["id"].as_str().unwrap());
+        assert!(
+            cgroup.lines().any(|l| l.ends_with(&want)),
+            "pid {pid} of {} is not in {want}: {cgroup}",
+            r["id"]
+        );
+    }
+    // Detached output went to the log file.
+    assert_eq!(k.ctl_ok(&["tasks", "logs", "many-7"]), "many-7\n");
+    for id in &ids {
+        k.ctl_ok(&["tasks", "kill", "-s", "KILL", id]);
+    }
+    for id in &ids {
+        let w = k.ctl(&["tasks", "wait", id]);
+        assert_eq!(w.status.code(), Some(137), "{id}: {}", describe(&w));
+        k.ctl_ok(&["tasks", "rm", id]);
+        k.ctl_ok(&["containers", "rm", id]);
+    }
+    for id in &ids {
+        assert_no_leaks(&k, &k.namespace, id);
+    }
+    assert!(k
+        .ctl_ok(&["tasks", "ls", "--format", "json"])
+        .trim()
+        .is_empty());
+}
+
+#[test]
+fn memory_limit_exceeded_exits_137() {
+    require_runtime();
+    let k = Keeld::start();
+    // 16 MiB limit; the shell builds a string far larger than that.
+    let out = run(
+        &k,
+        &[
+            "--rm",
+            "--memory-limit",
+            "16777216",
+            "rt-oom",
+            "sh",
+            "-c",
+            "x=y; while true; do x=$x$x; done",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(137),
+        "{}\nlog:\n{}",
+        describe(&out),
+        k.log()
+    );
+    assert_no_leaks(&k, &k.namespace, "rt-oom");
+}
+
+#[test]
+fn sigkill_of_the_shim_stops_the_task_with_137_and_cleans_up() {
+    require_runtime();
+    let k = Keeld::start();
+    assert!(run(&k, &["-d", "rt-shim", "sleep", "600"]).status.success());
+    let ls = k.ctl_ok(&["tasks", "ls", "--format", "json"]);
+    let pid = serde_json::from_str::<serde_json::Value>(ls.trim()).unwrap()["pid"]
+        .as_u64()
+        .unwrap();
+    let pattern = format!(
+        "containerd-shim-runc-v2 -namespace {} -id rt-shim -address {}",
+        k.namespace,
+        k.socket.display()
+    );
+    let shim = std::process::Command::new("pgrep")
+        .args(["-f", &pattern])
+        .output()
+        .unwrap();
+    let shim_pid: i32 = String::from_utf8_lossy(&shim.stdout)
+        .trim()
+        .parse()
+        .expect("one shim");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+
+    let w = k.ctl(&["tasks", "wait", "rt-shim"]);
+    assert_eq!(w.status.code(), Some(137), "{}", describe(&w));
+    let ls = k.ctl_ok(&["tasks", "ls", "--format", "json"]);
+    assert!(ls.contains("\"STOPPED\""), "{ls}");
+    // The container's process went with its shim (the shim's delete kills it).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if st.contains(") Z") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "container process {pid} survived its shim"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !shim_socket(&k, &k.namespace, "rt-shim").exists(),
+        "dead shim's socket removed"
+    );
+    k.ctl_ok(&["tasks", "rm", "rt-shim"]);
+    k.ctl_ok(&["containers", "rm", "rt-shim"]);
+    assert_no_leaks(&k, &k.namespace, "rt-shim");
+}
+
+#[test]
+fn bad_input_gets_clear_errors_and_keeld_keeps_serving() {
+    require_runtime();
+    let k = Keeld::start();
+    let long = "x".repeat(300);
+    for (bad, why) in [
+        ("", "must not be empty"),
+        ("../x", "not a valid identifier"),
+        (long.as_str(), "300 characters"),
+        ("héllo", "not a valid identifier"),
+    ] {
+        let e = String::from_utf8_lossy(&run(&k, &[bad, "true"]).stderr).to_string();
+        assert!(
+            e.contains("invalid argument") && e.contains(why),
+            "id {bad:?}: {e}"
+        );
+        k.assert_serving();
+    }
+    k.ctl_err(
+        &[
+            "run",
+            "--rootfs",
+            "/nonexistent/rootfs",
+            "bad-rootfs",
+            "true",
+        ],
+        "rootfs",
+    );
+    k.ctl_err(
+        &[
+            "run",
+            "--rootfs",
+            busybox_rootfs().to_str().unwrap(),
+            "--runtime",
+            "io.containerd.nope.v9",
+            "bad-rt",
+            "true",
+        ],
+        "not found: runtime",
+    );
+
+    // A spec that is not valid, through the API.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use keel_protocol::api::containers::*;
+        let c = keel_protocol::Client::connect(k.socket.to_str().unwrap(), None)
+            .await
+            .unwrap();
+        let container = Container {
+            id: "bad-spec".into(),
+            spec: protobuf::MessageField::some(keel_protocol::types::json_any(
+                keel_protocol::types::SPEC_TYPE_URL,
+                br#"{"ociVersion": 7}"#.to_vec(),
+            )),
+            rootfs: vec![keel_protocol::api::types::Mount {
+                type_: "bind".into(),
+                source: busybox_rootfs().display().to_string(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let req = CreateContainerRequest {
+            container: protobuf::MessageField::some(container),
+            ..Default::default()
+        };
+        let err = keel_protocol::Error::from(c.containers.create(c.ctx(), &req).await.unwrap_err());
+        assert!(
+            matches!(&err, keel_protocol::Error::InvalidArgument(m) if m.contains("spec")),
+            "{err:?}"
+        );
+    });
+
+    // Starting a running task; deleting a running task without force.
+    assert!(run(&k, &["-d", "busy", "sleep", "600"]).status.success());
+    let out = k.ctl(&["tasks", "start", "busy"]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && e.contains("already exists"),
+        "{}",
+        describe(&out)
+    );
+    k.ctl_err(
+        &["tasks", "rm", "busy"],
+        "failed precondition: cannot delete task busy: it is running",
+    );
+    k.ctl_err(&["containers", "rm", "busy"], "failed precondition");
+    k.assert_serving();
+    k.ctl_ok(&["tasks", "rm", "-f", "busy"]);
+    k.ctl_ok(&["containers", "rm", "busy"]);
+    assert_no_leaks(&k, &k.namespace, "busy");
+    for id in ["bad-rootfs", "bad-rt", "bad-spec"] {
+        k.ctl_err(&["containers", "info", id], "not found");
+    }
+}
