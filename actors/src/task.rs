@@ -920,6 +920,12 @@ impl TaskHandle {
             .map_err(|_| Error::NotFound(format!("task {} is gone", self.id)))
     }
 
+    /// Reports an exit learned from the shim's events; the actor records and
+    /// publishes it unless it already has.
+    pub fn notify_exit(&self, status: u32, at: SystemTime) {
+        self.addr.do_send(Exited { status, at });
+    }
+
     pub async fn start(&self) -> Result<u32> {
         self.call(Start).await?
     }

@@ -72,6 +72,52 @@ pub fn json_any(type_url: &str, json: Vec<u8>) -> Any {
     any
 }
 
+/// Decodes an event payload of one of containerd's event types (task, container,
+/// content, image, namespace, snapshot) by its type URL; `None` for other types.
+pub fn decode_event(any: &Any) -> Option<Box<dyn protobuf::MessageDyn>> {
+    use containerd_shim_protos::events as e;
+    let name = any.type_url.rsplit('/').next()?;
+    let files = [
+        e::task::file_descriptor(),
+        e::container::file_descriptor(),
+        e::content::file_descriptor(),
+        e::image::file_descriptor(),
+        e::namespace::file_descriptor(),
+        e::snapshot::file_descriptor(),
+    ];
+    // protobuf wants the dotted full name (it panics on any other form).
+    let dotted = format!(".{}", name.trim_start_matches('.'));
+    let md = files.iter().find_map(|f| f.message_by_full_name(&dotted))?;
+    md.parse_from_bytes(&any.value).ok()
+}
+
+/// One field of a decoded event payload, as text (`container_id`, `exit_status`…).
+pub fn event_field(any: &Any, field: &str) -> Option<String> {
+    let msg = decode_event(any)?;
+    let fd = msg.descriptor_dyn().field_by_name(field)?;
+    if fd.is_repeated() || fd.is_map() {
+        return None;
+    }
+    fd.get_singular(&*msg).map(|v| match v {
+        protobuf::reflect::ReflectValueRef::String(s) => s.to_string(),
+        other => other.to_string(),
+    })
+}
+
+/// An event payload as JSON: containerd's JSON mapping for its own types, otherwise
+/// the type URL and the payload's size.
+pub fn event_json(any: &Any) -> String {
+    decode_event(any)
+        .and_then(|m| protobuf_json_mapping::print_to_string(&*m).ok())
+        .unwrap_or_else(|| {
+            format!(
+                "{{\"@type\":{:?},\"bytes\":{}}}",
+                any.type_url,
+                any.value.len()
+            )
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,6 +144,27 @@ mod tests {
         let mut prefixed = any.clone();
         prefixed.type_url = format!("type.googleapis.com/{}", any.type_url);
         assert_eq!(unpack::<TaskExit>(&prefixed).unwrap(), exit);
+
+        assert_eq!(event_field(&any, "container_id").as_deref(), Some("web"));
+        assert_eq!(event_field(&any, "exit_status").as_deref(), Some("137"));
+        assert_eq!(event_field(&any, "nope"), None);
+        // Every containerd event file is searched, whatever its package position.
+        let create = containerd_shim_protos::events::container::ContainerCreate {
+            id: "c".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            event_field(&pack(&create).unwrap(), "id").as_deref(),
+            Some("c")
+        );
+        let unknown = json_any("example.Unknown", vec![1, 2]);
+        assert!(decode_event(&unknown).is_none());
+        assert!(event_json(&unknown).contains("example.Unknown"));
+        let json = event_json(&any);
+        assert!(
+            json.contains("\"containerId\": \"web\"") || json.contains("\"containerId\":\"web\""),
+            "{json}"
+        );
 
         let mut wrong = any;
         wrong.type_url = "containerd.events.TaskStart".into();

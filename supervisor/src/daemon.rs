@@ -12,7 +12,9 @@ use anyhow::Context;
 use keel_actors::events::EventSink;
 use keel_actors::storage::StorageHandle;
 use keel_actors::task::{TaskEnv, Tasks};
-use keel_protocol::api::{containers_ttrpc, content_ttrpc, tasks_ttrpc, version_ttrpc};
+use keel_protocol::api::{
+    containers_ttrpc, content_ttrpc, events_ttrpc, tasks_ttrpc, version_ttrpc,
+};
 use keel_protocol::containerd::shim::events_ttrpc_async::create_events;
 use keel_storage::{ContentOptions, ContentStore};
 use nix::fcntl::{Flock, FlockArg};
@@ -22,8 +24,8 @@ use ttrpc::asynchronous::Server;
 use crate::config::Config;
 use crate::server::{prepare_socket, Auth, PeerCredHook};
 use crate::services::{
-    containers::ContainersService, content::ContentService, shim_events::ShimEventsService,
-    tasks::TasksService, version::VersionService,
+    containers::ContainersService, content::ContentService, events::EventsService,
+    shim_events::ShimEventsService, tasks::TasksService, version::VersionService,
 };
 
 /// Holds `<root>/keeld.lock` for the daemon's lifetime: one keeld per root.
@@ -124,7 +126,6 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     );
 
     let auth = Arc::new(Auth::new(&cfg.allowed_uids));
-    let (shim_events, _) = tokio::sync::broadcast::channel(1024);
     let version = Arc::new(VersionService { auth: auth.clone() });
     prepare_socket(&cfg.address)?;
     let addr = format!("unix://{}", cfg.address.display());
@@ -149,11 +150,16 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         .register_service(tasks_ttrpc::create_tasks(Arc::new(TasksService {
             auth: auth.clone(),
             meta,
-            tasks,
+            tasks: tasks.clone(),
+        })))
+        .register_service(events_ttrpc::create_events(Arc::new(EventsService {
+            auth: auth.clone(),
+            events: events.clone(),
         })))
         .register_service(create_events(Arc::new(ShimEventsService {
             auth,
-            sink: shim_events,
+            events,
+            tasks,
         })));
     fs::set_permissions(&cfg.address, fs::Permissions::from_mode(0o600))
         .with_context(|| format!("chmod {}", cfg.address.display()))?;

@@ -366,3 +366,193 @@ fn bad_input_gets_clear_errors_and_keeld_keeps_serving() {
         k.ctl_err(&["containers", "info", id], "not found");
     }
 }
+
+/// A `keelctl events --format json` subscriber whose lines arrive on a channel.
+struct Subscriber {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<serde_json::Value>,
+}
+
+impl Subscriber {
+    /// Subscribes, and returns once the subscription provably receives events (a
+    /// sentinel container's create event came through).
+    fn start(k: &Keeld, filters: &[&str]) -> Self {
+        let mut args = vec!["events", "--format", "json"];
+        args.extend_from_slice(filters);
+        let mut child = k
+            .ctl_cmd(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx
+                    .send(serde_json::from_str(&line).expect("json event line"))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        let mut s = Self { child, lines };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut n = 0;
+        loop {
+            n += 1;
+            let id = format!("sentinel-{n}");
+            k.ctl_ok(&[
+                "containers",
+                "create",
+                "--rootfs",
+                busybox_rootfs().to_str().unwrap(),
+                &id,
+                "true",
+            ]);
+            k.ctl_ok(&["containers", "rm", &id]);
+            if s.until(Duration::from_millis(500), |e| {
+                e["topic"] == "/containers/delete" && e["event"]["id"] == id.as_str()
+            })
+            .is_some()
+            {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "subscriber never received events"
+            );
+        }
+    }
+
+    /// Collects events until `done` matches one (returned), or the timeout.
+    fn until(
+        &mut self,
+        timeout: Duration,
+        mut done: impl FnMut(&serde_json::Value) -> bool,
+    ) -> Option<Vec<serde_json::Value>> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(e) => {
+                    let stop = done(&e);
+                    seen.push(e);
+                    if stop {
+                        return Some(seen);
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn task_topics(events: &[serde_json::Value], id: &str) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| {
+            e["topic"].as_str().unwrap_or("").starts_with("/tasks/")
+                && e["event"]["containerId"] == id
+        })
+        .map(|e| e["topic"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn each_task_event_arrives_once_and_in_order() {
+    require_runtime();
+    let k = Keeld::start();
+    let ns_filter = format!("namespace=={}", k.namespace);
+    let mut sub = Subscriber::start(&k, &[&ns_filter]);
+    for id in ["ev-a", "ev-b", "ev-c"] {
+        let out = run(&k, &["--rm", id, "sh", "-c", "echo hi"]);
+        assert!(out.status.success(), "{}", describe(&out));
+    }
+    let events = sub
+        .until(Duration::from_secs(20), |e| {
+            e["topic"] == "/tasks/delete" && e["event"]["containerId"] == "ev-c"
+        })
+        .expect("events of ev-c's delete");
+    for id in ["ev-a", "ev-b", "ev-c"] {
+        assert_eq!(
+            task_topics(&events, id),
+            [
+                "/tasks/create",
+                "/tasks/start",
+                "/tasks/exit",
+                "/tasks/delete"
+            ],
+            "{id}: {events:#?}"
+        );
+    }
+    // Sequence numbers strictly increase.
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    // A short grace period: nothing duplicated arrives late.
+    let late = sub.until(Duration::from_millis(500), |_| false);
+    assert!(late.is_none(), "late events: {late:?}");
+}
+
+#[test]
+fn memory_limit_gives_an_oom_event_and_exit_137() {
+    require_runtime();
+    let k = Keeld::start();
+    let mut sub = Subscriber::start(
+        &k,
+        &[
+            "topic==/tasks/oom",
+            "topic==/tasks/exit",
+            "topic==/containers/delete",
+        ],
+    );
+    let out = run(
+        &k,
+        &[
+            "--rm",
+            "--memory-limit",
+            "16777216",
+            "oom-1",
+            "sh",
+            "-c",
+            "x=y; while true; do x=$x$x; done",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(137), "{}", describe(&out));
+    let events = sub
+        .until(Duration::from_secs(20), |e| {
+            e["topic"] == "/tasks/exit" && e["event"]["containerId"] == "oom-1"
+        })
+        .expect("exit event");
+    let oom = sub.until(Duration::from_secs(2), |e| e["topic"] == "/tasks/oom");
+    let all: Vec<_> = events.into_iter().chain(oom.unwrap_or_default()).collect();
+    assert!(
+        all.iter()
+            .any(|e| e["topic"] == "/tasks/oom" && e["event"]["containerId"] == "oom-1"),
+        "no /tasks/oom for oom-1: {all:#?}"
+    );
+    assert!(
+        all.iter()
+            .any(|e| e["topic"] == "/tasks/exit" && e["event"]["exitStatus"] == 137),
+        "{all:#?}"
+    );
+}
+
+#[test]
+fn an_invalid_filter_is_rejected_at_subscribe_time() {
+    let k = Keeld::start();
+    k.ctl_err(&["events", "topic=="], "invalid argument: filter");
+    k.ctl_err(&["events", "topic~=["], "invalid regular expression");
+    k.assert_serving();
+}

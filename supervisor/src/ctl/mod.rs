@@ -1,6 +1,7 @@
 //! keelctl: the command line, shaped like containerd's `ctr`.
 
 pub mod content;
+pub mod events;
 pub mod output;
 pub mod tasks;
 
@@ -36,6 +37,8 @@ pub enum Command {
     /// Manage tasks.
     #[command(subcommand, alias = "t")]
     Tasks(tasks::TasksCmd),
+    /// Print events as they happen.
+    Events(events::EventsArgs),
 }
 
 /// Runs a parsed command; returns the process exit code.
@@ -62,5 +65,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Run(a) => tasks::run(&connect().await?, a).await,
         Command::Containers(cmd) => tasks::containers(&connect().await?, cmd).await,
         Command::Tasks(cmd) => tasks::tasks(&connect().await?, cmd).await,
+        Command::Events(a) => events::run(&connect().await?, a).await,
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod containers;
 pub mod content;
+pub mod events;
 pub mod shim_events;
 pub mod tasks;
 pub mod version;

@@ -1,34 +1,32 @@
 //! `containerd.services.events.ttrpc.v1.Events/Forward`, where containerd 1.6 shims
 //! send their task events (TTRPC_ADDRESS points at keeld's socket).
 //!
-//! Envelopes are validated and handed to an in-process sink; the task monitor
-//! consumes them.
+//! keel publishes `/tasks/create`, `/tasks/start` and `/tasks/delete` itself, when the
+//! task actor has done the step, so their order is keel's. From the shim it takes
+//! what only the shim knows (`/tasks/oom`, exec and pause events) into the exchange,
+//! and hands `/tasks/exit` of an init process to its task actor, which records and
+//! publishes each exit once whichever way it learns of it first.
 
 use std::sync::Arc;
 
+use keel_actors::events::EventSink;
+use keel_actors::task::Tasks;
 use keel_protocol::containerd::api::ForwardRequest;
+use keel_protocol::containerd::events::task::TaskExit;
 use keel_protocol::containerd::shim::events_ttrpc_async::Events;
+use keel_protocol::types::{system_time, unpack};
 use keel_protocol::{identifiers, Error};
 use protobuf::well_known_types::empty::Empty;
-use tokio::sync::broadcast;
 use ttrpc::asynchronous::TtrpcContext;
 
 use super::Rpc;
 use crate::server::Auth;
 
-/// A validated envelope forwarded by a shim.
-#[derive(Debug, Clone)]
-pub struct ShimEvent {
-    pub namespace: String,
-    pub topic: String,
-    pub event: protobuf::well_known_types::any::Any,
-    pub timestamp: protobuf::well_known_types::timestamp::Timestamp,
-}
-
 #[derive(Debug)]
 pub struct ShimEventsService {
     pub auth: Arc<Auth>,
-    pub sink: broadcast::Sender<ShimEvent>,
+    pub events: EventSink,
+    pub tasks: Tasks,
 }
 
 #[async_trait::async_trait]
@@ -54,17 +52,24 @@ impl Events for ShimEventsService {
             .ok_or_else(|| Error::InvalidArgument("envelope.event is required".into()))
             .rpc()?;
         tracing::debug!(namespace = %env.namespace, topic = %env.topic, type_url = %event.type_url, "shim event");
-        // No receiver yet is fine: the event is still logged, and shims' events are
-        // never the source of truth (keel reconciles with State/Wait).
-        let _ = self.sink.send(ShimEvent {
-            namespace: env.namespace,
-            topic: env.topic,
-            event,
-            timestamp: env
-                .timestamp
-                .into_option()
-                .unwrap_or_else(keel_protocol::types::now),
-        });
+        match env.topic.as_str() {
+            "/tasks/create" | "/tasks/start" | "/tasks/delete" => {}
+            "/tasks/exit" => {
+                let exit: TaskExit = unpack(&event).rpc()?;
+                if exit.id == exit.container_id || exit.id.is_empty() {
+                    if let Ok(task) = self.tasks.get(&env.namespace, &exit.container_id) {
+                        let at = exit
+                            .exited_at
+                            .as_ref()
+                            .map_or_else(std::time::SystemTime::now, system_time);
+                        task.notify_exit(exit.exit_status, at);
+                    }
+                }
+            }
+            _ => {
+                self.events.publish(&env.namespace, &env.topic, event);
+            }
+        }
         Ok(Empty::new())
     }
 }
