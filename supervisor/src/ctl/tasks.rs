@@ -308,9 +308,21 @@ pub async fn run(client: &Client, a: RunArgs) -> anyhow::Result<i32> {
             ..Default::default()
         };
         client.tasks.create(client.ctx(), &req).await?;
+        client
+            .tasks
+            .start(
+                client.ctx(),
+                &StartRequest {
+                    container_id: id.clone(),
+                    ..Default::default()
+                },
+            )
+            .await?;
         if let Some(p) = &stdin {
             let mut tx = tokio::net::unix::pipe::OpenOptions::new().open_sender(p)?;
             let (client, id) = (client.clone(), id.clone());
+            // Only after Start: a CloseIO before Start could close stdin before
+            // the shim has copied what was written.
             tokio::spawn(async move {
                 let _ = tokio::io::copy(&mut tokio::io::stdin(), &mut tx).await;
                 drop(tx);
@@ -323,16 +335,6 @@ pub async fn run(client: &Client, a: RunArgs) -> anyhow::Result<i32> {
                 let _ = client.tasks.close_io(client.ctx(), &req).await;
             });
         }
-        client
-            .tasks
-            .start(
-                client.ctx(),
-                &StartRequest {
-                    container_id: id.clone(),
-                    ..Default::default()
-                },
-            )
-            .await?;
         let w = client
             .tasks
             .wait(
