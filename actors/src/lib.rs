@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod events;
+pub mod monitor;
 pub mod shim;
 pub mod state;
 pub mod storage;

@@ -27,7 +27,7 @@ use keel_storage::Meta;
 use protobuf::MessageField;
 use tokio::sync::oneshot;
 
-use crate::events::EventSink;
+use crate::monitor::MonitorHandle;
 use crate::shim::{resolve_runtime, LogFifo, ShimCommand};
 use crate::state::TaskState;
 use crate::{Error, Result};
@@ -41,7 +41,8 @@ const FORCE_KILL_WAIT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct TaskEnv {
     pub meta: Meta,
-    pub events: EventSink,
+    /// Publishes the task's events and records its exits.
+    pub monitor: MonitorHandle,
     /// keeld's state directory; bundles live in `<state>/tasks/<ns>/<id>`.
     pub state_dir: PathBuf,
     /// keeld's socket: the shims' `-address` and `TTRPC_ADDRESS`.
@@ -411,7 +412,7 @@ impl Tasks {
             pid: created.pid,
             ..Default::default()
         };
-        self.env.events.publish(
+        self.env.monitor.publish(
             ns,
             "/tasks/create",
             pack(&event).map_err(|e| with_shim(e.into()))?,
@@ -513,7 +514,7 @@ impl TaskActor {
         }
     }
 
-    /// Records the exit durably, publishes it if it is new, and wakes the waiters.
+    /// Has the monitor record and publish the exit (once), then wakes the waiters.
     fn exited(&mut self, status: u32, at: SystemTime) -> ResponseActFuture<Self, ()> {
         if self.exit.is_some() {
             return Box::pin(async {}.into_actor(self));
@@ -525,26 +526,12 @@ impl TaskActor {
             exit_status: status,
             exited_ns: nanos(at),
         };
-        let meta = self.env.meta.clone();
+        let monitor = self.env.monitor.clone();
         let (ns, r2) = (self.ns.clone(), rec.clone());
-        Box::pin(async move { blocking(move || meta.record_exit(&ns, &r2)).await }.into_actor(self).map(
+        Box::pin(async move { monitor.exit(&ns, r2).await }.into_actor(self).map(
             move |fresh, act, _| {
-                match fresh {
-                    Ok(true) => {
-                        let event = ev::TaskExit {
-                            container_id: act.id.clone(),
-                            id: act.id.clone(),
-                            pid: rec.pid,
-                            exit_status: rec.exit_status,
-                            exited_at: MessageField::some(timestamp(from_nanos(rec.exited_ns))),
-                            ..Default::default()
-                        };
-                        if let Ok(any) = pack(&event) {
-                            act.env.events.publish(&act.ns, "/tasks/exit", any);
-                        }
-                    }
-                    Ok(false) => {}
-                    Err(e) => tracing::error!(task_id = %act.id, error = %e, "recording exit failed"),
+                if let Err(e) = fresh {
+                    tracing::error!(task_id = %act.id, error = %e, "recording exit failed");
                 }
                 tracing::info!(namespace = %act.ns, task_id = %act.id, exit_status = rec.exit_status, "task exited");
                 act.state = TaskState::Stopped;
@@ -643,7 +630,7 @@ impl Handler<Start> for TaskActor {
                                 ..Default::default()
                             };
                             if let Ok(any) = pack(&event) {
-                                act.env.events.publish(&act.ns, "/tasks/start", any);
+                                act.env.monitor.publish(&act.ns, "/tasks/start", any);
                             }
                             Ok(resp.pid)
                         }
@@ -882,7 +869,7 @@ impl Handler<Delete> for TaskActor {
                             ..Default::default()
                         };
                         if let Ok(any) = pack(&event) {
-                            act.env.events.publish(&act.ns, "/tasks/delete", any);
+                            act.env.monitor.publish(&act.ns, "/tasks/delete", any);
                         }
                         act.tasks.forget(&act.ns, &act.id);
                         ctx.stop();

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use keel_actors::events::EventSink;
+use keel_actors::monitor::MonitorHandle;
 use keel_actors::storage::StorageHandle;
 use keel_actors::task::{TaskEnv, Tasks};
 use keel_protocol::api::{
@@ -115,10 +116,11 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let storage = StorageHandle::start(store);
     let meta = keel_storage::Meta::open(db.clone())?;
     let events = EventSink::new();
+    let monitor = MonitorHandle::start(meta.clone(), events.clone());
     let tasks = Tasks::new(
         TaskEnv {
             meta: meta.clone(),
-            events: events.clone(),
+            monitor: monitor.clone(),
             state_dir: cfg.state.clone(),
             keel_socket: cfg.address.clone(),
         },
@@ -158,7 +160,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         })))
         .register_service(create_events(Arc::new(ShimEventsService {
             auth,
-            events,
+            monitor,
             tasks,
         })));
     fs::set_permissions(&cfg.address, fs::Permissions::from_mode(0o600))

@@ -353,6 +353,19 @@ fn bad_input_gets_clear_errors_and_keeld_keeps_serving() {
         "{}",
         describe(&out)
     );
+    // The Start call itself on a running task names the state.
+    rt.block_on(async {
+        use keel_protocol::api::tasks::StartRequest;
+        let c = keel_protocol::Client::connect(k.socket.to_str().unwrap(), Some(&k.namespace))
+            .await
+            .unwrap();
+        let req = StartRequest { container_id: "busy".into(), ..Default::default() };
+        let err = keel_protocol::Error::from(c.tasks.start(c.ctx(), &req).await.unwrap_err());
+        assert!(
+            matches!(&err, keel_protocol::Error::FailedPrecondition(m) if m.contains("it is running")),
+            "{err:?}"
+        );
+    });
     k.ctl_err(
         &["tasks", "rm", "busy"],
         "failed precondition: cannot delete task busy: it is running",

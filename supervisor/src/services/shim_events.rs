@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use keel_actors::events::EventSink;
+use keel_actors::monitor::MonitorHandle;
 use keel_actors::task::Tasks;
 use keel_protocol::containerd::api::ForwardRequest;
 use keel_protocol::containerd::events::task::TaskExit;
@@ -25,7 +25,7 @@ use crate::server::Auth;
 #[derive(Debug)]
 pub struct ShimEventsService {
     pub auth: Arc<Auth>,
-    pub events: EventSink,
+    pub monitor: MonitorHandle,
     pub tasks: Tasks,
 }
 
@@ -67,7 +67,7 @@ impl Events for ShimEventsService {
                 }
             }
             _ => {
-                self.events.publish(&env.namespace, &env.topic, event);
+                self.monitor.publish(&env.namespace, &env.topic, event);
             }
         }
         Ok(Empty::new())
