@@ -233,6 +233,26 @@ async fn delete_all(client: &Client, id: &str) {
         .await;
 }
 
+/// A Create request for a detached task: its output goes to keel's log file.
+fn detached(id: &str) -> CreateTaskRequest {
+    CreateTaskRequest {
+        container_id: id.to_string(),
+        log_to_file: true,
+        ..Default::default()
+    }
+}
+
+/// Creates the task and starts it.
+async fn create_and_start(client: &Client, req: CreateTaskRequest) -> anyhow::Result<()> {
+    let start = StartRequest {
+        container_id: req.container_id.clone(),
+        ..Default::default()
+    };
+    client.tasks.create(client.ctx(), &req).await?;
+    client.tasks.start(client.ctx(), &start).await?;
+    Ok(())
+}
+
 /// Copies a FIFO to our stdout or stderr until the writer side closes.
 fn copy_out(path: PathBuf, to_stderr: bool) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let mut rx = tokio::net::unix::pipe::OpenOptions::new()
@@ -253,26 +273,7 @@ pub async fn run(client: &Client, a: RunArgs) -> anyhow::Result<i32> {
     let id = a.container.id.clone();
     create_container(client, &a.container).await?;
     if a.detach {
-        let r = async {
-            let req = CreateTaskRequest {
-                container_id: id.clone(),
-                log_to_file: true,
-                ..Default::default()
-            };
-            client.tasks.create(client.ctx(), &req).await?;
-            client
-                .tasks
-                .start(
-                    client.ctx(),
-                    &StartRequest {
-                        container_id: id.clone(),
-                        ..Default::default()
-                    },
-                )
-                .await?;
-            Ok::<_, anyhow::Error>(())
-        }
-        .await;
+        let r = create_and_start(client, detached(&id)).await;
         if r.is_err() {
             delete_all(client, &id).await;
         }
@@ -307,17 +308,7 @@ pub async fn run(client: &Client, a: RunArgs) -> anyhow::Result<i32> {
             stderr: stderr.display().to_string(),
             ..Default::default()
         };
-        client.tasks.create(client.ctx(), &req).await?;
-        client
-            .tasks
-            .start(
-                client.ctx(),
-                &StartRequest {
-                    container_id: id.clone(),
-                    ..Default::default()
-                },
-            )
-            .await?;
+        create_and_start(client, req).await?;
         if let Some(p) = &stdin {
             let mut tx = tokio::net::unix::pipe::OpenOptions::new().open_sender(p)?;
             let (client, id) = (client.clone(), id.clone());
@@ -454,24 +445,7 @@ pub async fn containers(client: &Client, cmd: ContainersCmd) -> anyhow::Result<i
 
 pub async fn tasks(client: &Client, cmd: TasksCmd) -> anyhow::Result<i32> {
     match cmd {
-        TasksCmd::Start { id } => {
-            let req = CreateTaskRequest {
-                container_id: id.clone(),
-                log_to_file: true,
-                ..Default::default()
-            };
-            client.tasks.create(client.ctx(), &req).await?;
-            client
-                .tasks
-                .start(
-                    client.ctx(),
-                    &StartRequest {
-                        container_id: id,
-                        ..Default::default()
-                    },
-                )
-                .await?;
-        }
+        TasksCmd::Start { id } => create_and_start(client, detached(&id)).await?,
         TasksCmd::Ls { format } => {
             let r = client
                 .tasks

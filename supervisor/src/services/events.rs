@@ -16,6 +16,7 @@ use keel_protocol::api::events_ttrpc;
 use keel_protocol::filters::{Adaptor, Filter};
 use keel_protocol::types::event_field;
 use keel_protocol::{identifiers, Error};
+use protobuf::well_known_types::any::Any;
 use protobuf::well_known_types::empty::Empty;
 use tokio::sync::broadcast::error::RecvError;
 use ttrpc::asynchronous::{ServerStreamSender, TtrpcContext};
@@ -56,6 +57,14 @@ fn validate_topic(topic: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// Checks a forwarded envelope's namespace, topic and payload (keel's own Forward and
+/// the shims' share the rules); returns the payload.
+pub fn validate_envelope(namespace: &str, topic: &str, event: Option<Any>) -> Result<Any, Error> {
+    identifiers::validate("envelope.namespace", namespace)?;
+    validate_topic(topic)?;
+    event.ok_or_else(|| Error::InvalidArgument("envelope.event is required".into()))
+}
+
 #[async_trait::async_trait]
 impl events_ttrpc::Events for EventsService {
     async fn publish(&self, ctx: &TtrpcContext, req: PublishRequest) -> ttrpc::Result<Empty> {
@@ -77,13 +86,7 @@ impl events_ttrpc::Events for EventsService {
             .into_option()
             .ok_or_else(|| Error::InvalidArgument("envelope is required".into()))
             .rpc()?;
-        identifiers::validate("envelope.namespace", &env.namespace).rpc()?;
-        validate_topic(&env.topic).rpc()?;
-        let event = env
-            .event
-            .into_option()
-            .ok_or_else(|| Error::InvalidArgument("envelope.event is required".into()))
-            .rpc()?;
+        let event = validate_envelope(&env.namespace, &env.topic, env.event.into_option()).rpc()?;
         self.events.publish(&env.namespace, &env.topic, event);
         Ok(Empty::new())
     }

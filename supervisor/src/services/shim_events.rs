@@ -15,10 +15,11 @@ use keel_protocol::containerd::api::ForwardRequest;
 use keel_protocol::containerd::events::task::TaskExit;
 use keel_protocol::containerd::shim::events_ttrpc_async::Events;
 use keel_protocol::types::{system_time, unpack};
-use keel_protocol::{identifiers, Error};
+use keel_protocol::Error;
 use protobuf::well_known_types::empty::Empty;
 use ttrpc::asynchronous::TtrpcContext;
 
+use super::events::validate_envelope;
 use super::Rpc;
 use crate::server::Auth;
 
@@ -38,19 +39,7 @@ impl Events for ShimEventsService {
             .into_option()
             .ok_or_else(|| Error::InvalidArgument("envelope is required".into()))
             .rpc()?;
-        identifiers::validate("envelope.namespace", &env.namespace).rpc()?;
-        if !env.topic.starts_with('/') {
-            return Err(Error::InvalidArgument(format!(
-                "envelope.topic {:?} must start with '/'",
-                env.topic
-            ))
-            .into());
-        }
-        let event = env
-            .event
-            .into_option()
-            .ok_or_else(|| Error::InvalidArgument("envelope.event is required".into()))
-            .rpc()?;
+        let event = validate_envelope(&env.namespace, &env.topic, env.event.into_option()).rpc()?;
         tracing::debug!(namespace = %env.namespace, topic = %env.topic, type_url = %event.type_url, "shim event");
         match env.topic.as_str() {
             "/tasks/create" | "/tasks/start" | "/tasks/delete" => {}
