@@ -134,6 +134,50 @@ impl ShimCommand {
     }
 }
 
+/// A pidfd on a process that is not keeld's child (the shim double-forks): it becomes
+/// readable when the process exits, with no polling and no pid-reuse race.
+#[derive(Debug)]
+pub struct PidFd {
+    fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+}
+
+impl PidFd {
+    pub fn open(pid: u32) -> Result<Self> {
+        use std::os::fd::FromRawFd;
+        let raw = libc::pid_t::try_from(pid)
+            .map_err(|_| Error::InvalidArgument(format!("pid {pid} out of range")))?;
+        // SAFETY: pidfd_open takes a pid and flags, touches no memory of ours, and
+        // returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw, 0) };
+        if fd < 0 {
+            return Err(Error::Io(format!(
+                "pidfd_open({pid}): {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        let fd = i32::try_from(fd).map_err(|_| Error::Io("pidfd out of range".into()))?;
+        // SAFETY: `fd` was just returned by pidfd_open and nothing else owns it.
+        let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        // SAFETY: the OwnedFd moves into the AsyncFd, which owns it until dropped, so
+        // the descriptor stays open and refers to this pidfd for the AsyncFd's life.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| Error::Io(format!("register pidfd: {e}")))?;
+        Ok(Self { fd })
+    }
+
+    /// Resolves when the process has exited.
+    pub async fn exited(&self) -> Result<()> {
+        let _ready = self
+            .fd
+            .readable()
+            .await
+            .map_err(|e| Error::Io(format!("pidfd: {e}")))?;
+        Ok(())
+    }
+}
+
 /// The bundle's `log` FIFO, held open read-write (so the shim's open never blocks and
 /// never sees a missing reader) and drained into keel's log with the task's fields.
 #[derive(Debug)]
@@ -173,6 +217,21 @@ impl Drop for LogFifo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn pidfd_reports_a_process_exit() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("0.2")
+            .spawn()
+            .unwrap();
+        let pidfd = PidFd::open(child.id()).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(10), pidfd.exited())
+            .await
+            .unwrap()
+            .unwrap();
+        child.wait().unwrap();
+        assert!(PidFd::open(0).is_err() || PidFd::open(u32::MAX).is_err());
+    }
 
     #[test]
     fn runtime_names_resolve_like_containerd() {

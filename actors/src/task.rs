@@ -28,7 +28,7 @@ use protobuf::MessageField;
 use tokio::sync::oneshot;
 
 use crate::monitor::MonitorHandle;
-use crate::shim::{resolve_runtime, LogFifo, ShimCommand};
+use crate::shim::{resolve_runtime, LogFifo, PidFd, ShimCommand};
 use crate::state::TaskState;
 use crate::{Error, Result};
 
@@ -404,7 +404,12 @@ impl Tasks {
             .await
             .map_err(|e| with_shim(e.into()))?;
         record.pid = created.pid;
-        persist(record.clone()).await.map_err(with_shim)?;
+        // Shim pid and task pid can be read back from the shim (Connect, State), so
+        // this update need not wait for the disk.
+        let (meta, ns2, r2) = (self.env.meta.clone(), ns.clone(), record.clone());
+        blocking(move || meta.update_task_lazily(&ns2, &r2))
+            .await
+            .map_err(with_shim)?;
 
         let event = ev::TaskCreate {
             container_id: id.clone(),
@@ -463,6 +468,21 @@ impl Actor for TaskActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        // Liveness, first way: a pidfd on the shim becomes readable when it dies.
+        match PidFd::open(self.record.shim_pid) {
+            Ok(pidfd) => {
+                let addr = ctx.address();
+                actix::spawn(async move {
+                    if pidfd.exited().await.is_ok() {
+                        addr.do_send(ShimDied);
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(task_id = %self.id, error = %e, "no pidfd on the shim; relying on Wait")
+            }
+        }
+        // Second way, and the exit itself: a pending Wait.
         let shim = self.shim.clone();
         let id = self.id.clone();
         let shim_pid = self.record.shim_pid;
@@ -569,8 +589,10 @@ impl Handler<ShimDied> for TaskActor {
     type Result = AtomicResponse<Self, ()>;
 
     fn handle(&mut self, _: ShimDied, _: &mut Self::Context) -> Self::Result {
-        self.shim_alive = false;
-        if self.deleting {
+        // The pidfd and the failed Wait can both report it; handle it once. During a
+        // delete the shim is expected to go.
+        let first = std::mem::replace(&mut self.shim_alive, false);
+        if self.deleting || !first {
             return AtomicResponse::new(Box::pin(async {}.into_actor(self)));
         }
         let cmd = self.cmd.clone();
@@ -639,7 +661,10 @@ impl Handler<Start> for TaskActor {
                     let meta = act.env.meta.clone();
                     let (ns, record) = (act.ns.clone(), act.record.clone());
                     async move {
-                        if let Err(e) = blocking(move || meta.put_task(&ns, &record)).await {
+                        // Whether it started is also the shim's to tell (State).
+                        if let Err(e) =
+                            blocking(move || meta.update_task_lazily(&ns, &record)).await
+                        {
                             tracing::error!(error = %e, "persisting task start failed");
                         }
                         result

@@ -182,6 +182,18 @@ impl Meta {
         self.put(&self.tasks, key(&[ns, &t.id]), t)
     }
 
+    /// Updates a task record without waiting for it to reach the disk (sled writes it
+    /// within its flush interval). Only for facts that a restore can also read back
+    /// from the shim (its pid, whether it started), never for the record that makes a
+    /// task findable.
+    pub fn update_task_lazily(&self, ns: &str, t: &TaskRecord) -> Result<()> {
+        self.tasks.insert(
+            key(&[ns, &t.id]),
+            serde_json::to_vec(t).expect("record serialises"),
+        )?;
+        Ok(())
+    }
+
     /// Removes a task and its exit records.
     pub fn delete_task(&self, ns: &str, id: &str) -> Result<()> {
         self.tasks.remove(key(&[ns, id]))?;

@@ -222,6 +222,7 @@ fn memory_limit_exceeded_exits_137() {
 fn sigkill_of_the_shim_stops_the_task_with_137_and_cleans_up() {
     require_runtime();
     let k = Keeld::start();
+    let mut sub = Subscriber::start(&k, &["topic==/tasks/exit", "topic==/containers/delete"]);
     assert!(run(&k, &["-d", "rt-shim", "sleep", "600"]).status.success());
     let ls = k.ctl_ok(&["tasks", "ls", "--format", "json"]);
     let pid = serde_json::from_str::<serde_json::Value>(ls.trim()).unwrap()["pid"]
@@ -248,6 +249,21 @@ fn sigkill_of_the_shim_stops_the_task_with_137_and_cleans_up() {
 
     let w = k.ctl(&["tasks", "wait", "rt-shim"]);
     assert_eq!(w.status.code(), Some(137), "{}", describe(&w));
+    // Its exit is published exactly once, however many ways keel learned of it.
+    let mut exits = sub
+        .until(Duration::from_secs(10), |e| {
+            e["topic"] == "/tasks/exit" && e["event"]["containerId"] == "rt-shim"
+        })
+        .expect("exit event of rt-shim");
+    exits.extend(
+        sub.until(Duration::from_secs(2), |_| false)
+            .unwrap_or_default(),
+    );
+    let n = exits
+        .iter()
+        .filter(|e| e["topic"] == "/tasks/exit" && e["event"]["containerId"] == "rt-shim")
+        .count();
+    assert_eq!(n, 1, "{exits:#?}");
     let ls = k.ctl_ok(&["tasks", "ls", "--format", "json"]);
     assert!(ls.contains("\"STOPPED\""), "{ls}");
     // The container's process went with its shim (the shim's delete kills it).
