@@ -143,6 +143,15 @@ fn validate_rootfs(mounts: &[Mount]) -> Result<Vec<MountRecord>, Error> {
 }
 
 impl ContainersService {
+    /// The container `id` of namespace `ns`, or NotFound.
+    async fn load(&self, ns: &str, id: &str) -> ttrpc::Result<ContainerRecord> {
+        let (meta, ns2, id2) = (self.meta.clone(), ns.to_string(), id.to_string());
+        blocking(move || meta.container(&ns2, &id2))
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("container {id} not found")))
+            .rpc()
+    }
+
     fn publish_container(&self, ns: &str, topic: &str, c: &ContainerRecord) {
         let any = match topic {
             "/containers/create" => pack(&cev::ContainerCreate {
@@ -178,12 +187,7 @@ impl containers_ttrpc::Containers for ContainersService {
     ) -> ttrpc::Result<GetContainerResponse> {
         let ns = self.auth.request(ctx, "Containers.Get").rpc()?.namespace;
         identifiers::validate("id", &req.id).rpc()?;
-        let meta = self.meta.clone();
-        let id = req.id.clone();
-        let c = blocking(move || meta.container(&ns, &id)).await?;
-        let c = c
-            .ok_or_else(|| Error::NotFound(format!("container {} not found", req.id)))
-            .rpc()?;
+        let c = self.load(&ns, &req.id).await?;
         Ok(GetContainerResponse {
             container: MessageField::some(to_proto(&c)),
             ..Default::default()
@@ -269,11 +273,7 @@ impl containers_ttrpc::Containers for ContainersService {
             .ok_or_else(|| Error::InvalidArgument("container is required".into()))
             .rpc()?;
         identifiers::validate("container.id", &c.id).rpc()?;
-        let (meta, ns2, id) = (self.meta.clone(), ns.clone(), c.id.clone());
-        let mut rec = blocking(move || meta.container(&ns2, &id))
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("container {} not found", c.id)))
-            .rpc()?;
+        let mut rec = self.load(&ns, &c.id).await?;
         let paths = req
             .update_mask
             .into_option()
@@ -331,11 +331,7 @@ impl containers_ttrpc::Containers for ContainersService {
             ))
             .into());
         }
-        let (meta, ns2, id) = (self.meta.clone(), ns.clone(), req.id.clone());
-        let rec = blocking(move || meta.container(&ns2, &id)).await?;
-        let rec = rec
-            .ok_or_else(|| Error::NotFound(format!("container {} not found", req.id)))
-            .rpc()?;
+        let rec = self.load(&ns, &req.id).await?;
         let (meta, ns2, id) = (self.meta.clone(), ns.clone(), req.id.clone());
         blocking(move || meta.delete_container(&ns2, &id)).await?;
         self.publish_container(&ns, "/containers/delete", &rec);
