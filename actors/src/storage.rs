@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use actix::prelude::*;
+use keel_protocol::types::rfc3339;
 use keel_storage::content::FsckReport;
 use keel_storage::{ContentStore, Digest, Status};
 use tokio::sync::Semaphore;
@@ -131,7 +132,7 @@ impl Handler<OpenWriter> for StorageActor {
     fn handle(&mut self, m: OpenWriter, _: &mut Self::Context) -> Self::Result {
         let key = (m.namespace.clone(), m.reference.clone());
         if let Some(lock) = self.locks.get(&key) {
-            let since = humantime_utc(lock.since);
+            let since = rfc3339(lock.since);
             return Err(keel_storage::Error::Locked(format!(
                 "ref {} is locked since {since}",
                 m.reference
@@ -190,7 +191,7 @@ impl Handler<Abort> for StorageActor {
 
     fn handle(&mut self, m: Abort, _: &mut Self::Context) -> Self::Result {
         if let Some(lock) = self.locks.get(&(m.namespace.clone(), m.reference.clone())) {
-            let since = humantime_utc(lock.since);
+            let since = rfc3339(lock.since);
             return Err(keel_storage::Error::Locked(format!(
                 "ref {} is locked since {since}; its writer must finish first",
                 m.reference
@@ -225,37 +226,6 @@ impl Handler<Fsck> for StorageActor {
     fn handle(&mut self, _: Fsck, _: &mut Self::Context) -> Self::Result {
         Ok(self.store.fsck()?)
     }
-}
-
-/// RFC 3339 UTC rendering of a time, for lock messages.
-pub fn humantime_utc(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    let (y, mo, d) = civil_from_days(i64::try_from(days).unwrap_or(0));
-    format!(
-        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
-}
-
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = u32::try_from(doy - (153 * mp + 2) / 5 + 1).unwrap_or(1);
-    let m = u32::try_from(if mp < 10 { mp + 3 } else { mp - 9 }).unwrap_or(1);
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
 }
 
 /// keel's handle on the storage actor. Cheap to clone; every clone shares one bound on
@@ -472,11 +442,5 @@ mod tests {
         // After a commit the ref is free again.
         let (_l, st) = h.open_writer("default", "r", 0, None).await.unwrap();
         assert_eq!(st.offset, 0);
-    }
-
-    #[test]
-    fn lock_times_render_as_utc() {
-        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
-        assert_eq!(humantime_utc(t), "2023-11-14T22:13:20Z");
     }
 }

@@ -38,6 +38,37 @@ pub fn system_time(ts: &Timestamp) -> SystemTime {
     UNIX_EPOCH + Duration::new(secs, nanos)
 }
 
+/// RFC 3339 UTC rendering of a time, to the second: `2023-11-14T22:13:20Z`.
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (y, mo, d) = civil_from_days(i64::try_from(days).unwrap_or(0));
+    format!(
+        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = u32::try_from(doy - (153 * mp + 2) / 5 + 1).unwrap_or(1);
+    let m = u32::try_from(if mp < 10 { mp + 3 } else { mp - 9 }).unwrap_or(1);
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
 /// Packs a message into an `Any` whose type URL is the bare full name
 /// (`containerd.events.TaskExit`), as containerd and its shims write them.
 pub fn pack<M: MessageFull>(m: &M) -> Result<Any, Error> {
@@ -122,6 +153,13 @@ pub fn event_json(any: &Any) -> String {
 mod tests {
     use super::*;
     use containerd_shim_protos::events::task::TaskExit;
+
+    #[test]
+    fn times_render_as_rfc3339_utc() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(rfc3339(t), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+    }
 
     #[test]
     fn timestamps_round_trip() {

@@ -94,7 +94,7 @@ fn info_json(i: &Info) -> serde_json::Value {
 }
 
 fn rfc3339(ts: Option<&protobuf::well_known_types::timestamp::Timestamp>) -> String {
-    ts.map(|t| keel_actors::storage::humantime_utc(system_time(t)))
+    ts.map(|t| keel_protocol::types::rfc3339(system_time(t)))
         .unwrap_or_default()
 }
 

@@ -50,7 +50,7 @@ pub async fn run(client: &Client, a: EventsArgs) -> anyhow::Result<i32> {
 }
 
 fn rfc3339_nanos(t: std::time::SystemTime) -> String {
-    let base = keel_actors::storage::humantime_utc(t);
+    let base = keel_protocol::types::rfc3339(t);
     let nanos = t
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
