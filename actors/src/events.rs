@@ -1,60 +1,393 @@
-//! keel's in-process event exchange: every published event gets a sequence number and
-//! goes to a broadcast channel that subscribers (the Events service) read.
+//! keel's event exchange: sequence numbers, durability, retention and replay.
 //!
-//! Publishers never wait: the channel is bounded, and a subscriber that falls behind
-//! loses its place and is told so by `broadcast::error::RecvError::Lagged`.
+//! Publishing stages an event: it takes the next sequence number and is appended to
+//! the sled event log, all under one lock, so sequence order is publication order.
+//! An event is *delivered* (appended to the retained ring that subscribers read, and
+//! announced on a watch channel) strictly in sequence order, and an event whose topic
+//! is durable (`/tasks/*`, `/containers/*`) only after a flush has put it on disk. One
+//! flusher task does the flushing for everyone, so events staged together share one
+//! fsync; record changes written to the same database just before an event are made
+//! durable by that event's flush.
+//!
+//! Subscribers read the shared ring by sequence number; nothing is copied per
+//! subscriber, so a stalled subscriber costs no memory. The ring keeps the newest
+//! `retain` events, as does the log on disk.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
 
 use keel_protocol::api::events::Envelope;
+use keel_storage::events::{EventLog, RESERVE_BLOCK};
 use protobuf::well_known_types::any::Any;
-use protobuf::MessageField;
-use tokio::sync::broadcast;
+use protobuf::well_known_types::timestamp::Timestamp;
+use protobuf::{Message, MessageField};
+use tokio::sync::{watch, Notify};
 
-/// Events buffered for subscribers, at most.
-const EXCHANGE_CAPACITY: usize = 16_384;
+use crate::{Error, Result};
 
-/// Cheap to clone; clones publish into the same exchange.
-#[derive(Debug, Clone)]
-pub struct EventSink {
-    tx: broadcast::Sender<Arc<Envelope>>,
-    seq: Arc<AtomicU64>,
+/// Topic of the notice that starts a replay whose start is no longer retained.
+pub const GAP_TOPIC: &str = "/keel/events/gap";
+
+/// Retention and subscriber limits.
+#[derive(Debug, Clone, Copy)]
+pub struct EventOptions {
+    /// Events kept for replay, in memory and on disk.
+    pub retain: usize,
+    /// Events a live subscriber may fall behind before it is disconnected.
+    pub subscriber_buffer: usize,
 }
 
-impl Default for EventSink {
+impl Default for EventOptions {
     fn default() -> Self {
-        Self::new()
+        Self {
+            retain: 100_000,
+            subscriber_buffer: 16_384,
+        }
     }
+}
+
+/// Whether events of a topic must be on disk before anyone sees them.
+pub fn is_durable(topic: &str) -> bool {
+    topic.starts_with("/tasks/") || topic.starts_with("/containers/")
+}
+
+struct Staged {
+    env: Arc<Envelope>,
+    /// Deliverable without waiting for a flush.
+    ready: bool,
+}
+
+struct State {
+    next: u64,
+    reserved: u64,
+    /// Delivered events, oldest first, at most `retain`.
+    ring: VecDeque<Arc<Envelope>>,
+    /// Highest sequence number retention has dropped.
+    trimmed_upto: u64,
+    /// Staged, not yet delivered, in sequence order.
+    staged: VecDeque<Staged>,
+    /// Highest staged sequence number that needs a flush.
+    flush_wanted: u64,
+}
+
+struct Inner {
+    log: EventLog,
+    opts: EventOptions,
+    state: Mutex<State>,
+    /// Newest delivered sequence number.
+    delivered: watch::Sender<u64>,
+    flush: Arc<Notify>,
+    /// Subscribers disconnected for lagging or stalling.
+    lagged: AtomicU64,
+}
+
+/// Cheap to clone; clones share one exchange.
+#[derive(Clone)]
+pub struct EventSink {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for EventSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventSink")
+            .field("opts", &self.inner.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A subscriber asked for events that retention already dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Behind {
+    /// The oldest sequence number still retained (or the next one to come).
+    pub first_retained: u64,
 }
 
 impl EventSink {
-    pub fn new() -> Self {
-        let (tx, _) = broadcast::channel(EXCHANGE_CAPACITY);
-        Self {
-            tx,
-            seq: Arc::new(AtomicU64::new(0)),
+    /// Opens the exchange over the event log in `db`, reloading retained events, and
+    /// starts its flusher task (call from within a tokio runtime).
+    pub fn open(db: sled::Db, opts: EventOptions) -> Result<Self> {
+        let (log, loaded) = EventLog::open(db, opts.retain)?;
+        let mut ring = VecDeque::with_capacity(loaded.events.len());
+        for (seq, bytes) in loaded.events {
+            match Envelope::parse_from_bytes(&bytes) {
+                Ok(env) => ring.push_back(Arc::new(env)),
+                Err(e) => tracing::error!(seq, error = %e, "unreadable event in the log; skipped"),
+            }
         }
+        let last = ring.back().map_or(0, |e| e.sequence);
+        tracing::info!(
+            retained = ring.len(),
+            next_seq = loaded.next_seq,
+            "event log loaded"
+        );
+        let (delivered, _) = watch::channel(last);
+        let sink = Self {
+            inner: Arc::new(Inner {
+                log,
+                opts,
+                state: Mutex::new(State {
+                    next: loaded.next_seq,
+                    reserved: loaded.reserved,
+                    ring,
+                    trimmed_upto: loaded.trimmed_upto,
+                    staged: VecDeque::new(),
+                    flush_wanted: 0,
+                }),
+                delivered,
+                flush: Arc::new(Notify::new()),
+                lagged: AtomicU64::new(0),
+            }),
+        };
+        tokio::spawn(flusher(
+            Arc::downgrade(&sink.inner),
+            sink.inner.flush.clone(),
+        ));
+        Ok(sink)
     }
 
-    /// Publishes an event now; returns its sequence number.
-    pub fn publish(&self, namespace: &str, topic: &str, event: Any) -> u64 {
-        let sequence = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock aborts the process (panic = "abort").
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn options(&self) -> EventOptions {
+        self.inner.opts
+    }
+
+    /// Publishes an event: gives it the next sequence number and logs it. The returned
+    /// future resolves with that number once the event is delivered (for a durable
+    /// topic, once it is on disk); dropping it does not cancel the publication.
+    pub fn publish(
+        &self,
+        namespace: &str,
+        topic: &str,
+        event: Any,
+        timestamp: Option<Timestamp>,
+    ) -> Result<impl std::future::Future<Output = u64> + Send + 'static> {
+        let mut st = self.state();
+        let sequence = st.next;
+        let mut durable = is_durable(topic);
+        if sequence > st.reserved {
+            let upto = st.reserved + RESERVE_BLOCK;
+            self.inner.log.reserve(upto)?;
+            st.reserved = upto;
+            durable = true;
+        }
         let env = Envelope {
-            timestamp: MessageField::some(keel_protocol::types::now()),
+            timestamp: MessageField::some(timestamp.unwrap_or_else(keel_protocol::types::now)),
             namespace: namespace.to_string(),
             topic: topic.to_string(),
             event: MessageField::some(event),
             sequence,
             ..Default::default()
         };
-        tracing::debug!(namespace, topic, sequence, "event");
-        // No subscriber is not an error.
-        let _ = self.tx.send(Arc::new(env));
-        sequence
+        let bytes = env
+            .write_to_bytes()
+            .map_err(|e| Error::Io(format!("encode event: {e}")))?;
+        self.inner.log.append(sequence, &bytes)?;
+        st.next += 1;
+        st.staged.push_back(Staged {
+            env: Arc::new(env),
+            ready: !durable,
+        });
+        if durable {
+            st.flush_wanted = sequence;
+            self.inner.flush.notify_one();
+        } else {
+            self.deliver(&mut st);
+        }
+        drop(st);
+        tracing::debug!(namespace, topic, sequence, durable, "event");
+        let mut rx = self.inner.delivered.subscribe();
+        Ok(async move {
+            let _ = rx.wait_for(|d| *d >= sequence).await;
+            sequence
+        })
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Envelope>> {
-        self.tx.subscribe()
+    /// Moves deliverable staged events, in order, to the ring.
+    fn deliver(&self, st: &mut State) {
+        let mut newest = None;
+        while st.staged.front().is_some_and(|s| s.ready) {
+            let s = st.staged.pop_front().expect("front exists");
+            newest = Some(s.env.sequence);
+            st.ring.push_back(s.env);
+        }
+        while st.ring.len() > self.inner.opts.retain {
+            let old = st.ring.pop_front().expect("ring is not empty");
+            if let Err(e) = self.inner.log.trim(old.sequence) {
+                tracing::error!(error = %e, "trimming the event log");
+            }
+            st.trimmed_upto = old.sequence;
+        }
+        if let Some(seq) = newest {
+            self.inner.delivered.send_replace(seq);
+        }
+    }
+
+    /// The newest delivered sequence number.
+    pub fn head(&self) -> u64 {
+        *self.inner.delivered.borrow()
+    }
+
+    /// Wakes when a newer event is delivered.
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.inner.delivered.subscribe()
+    }
+
+    /// Up to `max` delivered events after sequence `after`, oldest first; `Behind` if
+    /// retention dropped some of them.
+    pub fn read_after(&self, after: u64, max: usize) -> Result<Vec<Arc<Envelope>>, Behind> {
+        let st = self.state();
+        if after < st.trimmed_upto {
+            return Err(Behind {
+                first_retained: st.ring.front().map_or(st.next, |e| e.sequence),
+            });
+        }
+        let from = st.ring.partition_point(|e| e.sequence <= after);
+        Ok(st.ring.range(from..).take(max).cloned().collect())
+    }
+
+    /// How many delivered events come after sequence `after`.
+    pub fn backlog_after(&self, after: u64) -> usize {
+        let st = self.state();
+        st.ring.len() - st.ring.partition_point(|e| e.sequence <= after)
+    }
+
+    /// Counts a subscriber disconnected for falling behind; returns the total.
+    pub fn count_lagged(&self) -> u64 {
+        self.inner.lagged.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Lets the flusher see that the exchange is gone.
+        self.flush.notify_one();
+    }
+}
+
+/// Flushes the log whenever durable events wait, then delivers them. Events staged
+/// while a flush runs share the next one. Ends when the exchange is dropped.
+async fn flusher(inner: Weak<Inner>, wake: Arc<Notify>) {
+    loop {
+        wake.notified().await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let sink = EventSink { inner };
+        let target = sink.state().flush_wanted;
+        loop {
+            let log = sink.inner.log.clone();
+            match tokio::task::spawn_blocking(move || log.flush()).await {
+                Ok(Ok(())) => break,
+                Ok(Err(e)) => tracing::error!(error = %e, "flushing the event log; retrying"),
+                Err(e) => tracing::error!(error = %e, "event log flush task; retrying"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let mut st = sink.state();
+        for s in st.staged.iter_mut() {
+            if s.env.sequence > target {
+                break;
+            }
+            s.ready = true;
+        }
+        sink.deliver(&mut st);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_protocol::types::json_any;
+
+    fn any() -> Any {
+        json_any("example.Test", vec![1])
+    }
+
+    fn open(dir: &std::path::Path, retain: usize) -> EventSink {
+        EventSink::open(
+            keel_storage::open_db(dir).unwrap(),
+            EventOptions {
+                retain,
+                subscriber_buffer: 8,
+            },
+        )
+        .unwrap()
+    }
+
+    fn seqs(events: &[Arc<Envelope>]) -> Vec<u64> {
+        events.iter().map(|e| e.sequence).collect()
+    }
+
+    #[tokio::test]
+    async fn delivery_is_in_sequence_order_and_durable_events_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let first;
+        {
+            let sink = open(dir.path(), 100);
+            let a = sink.publish("ns", "/tasks/create", any(), None).unwrap();
+            let b = sink.publish("ns", "/other/thing", any(), None).unwrap();
+            let c = sink.publish("ns", "/tasks/start", any(), None).unwrap();
+            let (a, b, c) = (a.await, b.await, c.await);
+            assert!(a < b && b < c);
+            first = a;
+            let got = sink.read_after(0, 10).unwrap();
+            assert_eq!(seqs(&got), vec![a, b, c]);
+            assert_eq!(sink.head(), c);
+            assert_eq!(sink.backlog_after(a), 2);
+        }
+        let sink = open(dir.path(), 100);
+        let got = sink.read_after(0, 10).unwrap();
+        assert!(got.len() >= 2, "the durable events are back");
+        assert_eq!(got[0].sequence, first);
+        assert_eq!(got[0].topic, "/tasks/create");
+        let next = sink
+            .publish("ns", "/tasks/exit", any(), None)
+            .unwrap()
+            .await;
+        assert!(
+            next > got.last().unwrap().sequence,
+            "numbers keep increasing"
+        );
+    }
+
+    #[tokio::test]
+    async fn retention_drops_the_oldest_and_reports_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = open(dir.path(), 3);
+        let mut last = 0;
+        for _ in 0..5 {
+            last = sink.publish("ns", "/x", any(), None).unwrap().await;
+        }
+        let kept = sink.read_after(last - 3, 10).unwrap();
+        assert_eq!(seqs(&kept), vec![last - 2, last - 1, last]);
+        assert_eq!(
+            sink.read_after(last - 4, 10),
+            Err(Behind {
+                first_retained: last - 2
+            })
+        );
+        assert_eq!(sink.read_after(last, 10).unwrap().len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_non_durable_event_waits_behind_a_durable_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = open(dir.path(), 10);
+        let mut watch = sink.watch();
+        let d = sink
+            .publish("ns", "/containers/create", any(), None)
+            .unwrap();
+        let n = sink.publish("ns", "/x", any(), None).unwrap();
+        // Whatever has been delivered so far is a prefix in sequence order.
+        let seen = seqs(&sink.read_after(0, 10).unwrap());
+        assert!(seen.is_empty() || seen.len() == 2, "{seen:?}");
+        let (d, n) = (d.await, n.await);
+        watch.wait_for(|h| *h >= n).await.unwrap();
+        assert_eq!(seqs(&sink.read_after(0, 10).unwrap()), vec![d, n]);
     }
 }

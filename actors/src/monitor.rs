@@ -7,6 +7,8 @@
 //! exit is handled atomically, so a task's events leave in the order its actor sent
 //! them: create, start, exit, delete.
 
+use std::future::Future;
+
 use actix::prelude::*;
 use keel_protocol::containerd::events::task as ev;
 use keel_protocol::types::{pack, timestamp};
@@ -14,6 +16,7 @@ use keel_storage::meta::{from_nanos, ExitRecord};
 use keel_storage::Meta;
 use protobuf::well_known_types::any::Any;
 use protobuf::MessageField;
+use tokio::sync::oneshot;
 
 use crate::events::EventSink;
 use crate::{Error, Result};
@@ -27,20 +30,31 @@ impl Actor for MonitorActor {
     type Context = Context<Self>;
 }
 
-/// Publish a task event now.
+/// Publish a task event; `done` hears its sequence number once it is delivered.
 #[derive(Message)]
 #[rtype(result = "()")]
 struct Publish {
     namespace: String,
     topic: String,
     event: Any,
+    done: oneshot::Sender<Result<u64>>,
 }
 
 impl Handler<Publish> for MonitorActor {
     type Result = ();
 
     fn handle(&mut self, m: Publish, _: &mut Self::Context) {
-        self.events.publish(&m.namespace, &m.topic, m.event);
+        match self.events.publish(&m.namespace, &m.topic, m.event, None) {
+            Ok(delivered) => {
+                tokio::spawn(async move {
+                    let _ = m.done.send(Ok(delivered.await));
+                });
+            }
+            Err(e) => {
+                tracing::error!(topic = %m.topic, error = %e, "publishing an event failed");
+                let _ = m.done.send(Err(e));
+            }
+        }
     }
 }
 
@@ -53,41 +67,39 @@ struct Exit {
 }
 
 impl Handler<Exit> for MonitorActor {
-    type Result = AtomicResponse<Self, Result<bool>>;
+    type Result = ResponseFuture<Result<bool>>;
 
     fn handle(&mut self, m: Exit, _: &mut Self::Context) -> Self::Result {
-        let meta = self.meta.clone();
-        let (ns, rec) = (m.namespace.clone(), m.record.clone());
-        // sled's flush blocks: keep it off the arbiter thread.
-        let record = async move {
-            tokio::task::spawn_blocking(move || meta.record_exit(&ns, &rec))
-                .await
-                .map_err(|e| Error::Io(format!("blocking task: {e}")))?
-                .map_err(Error::from)
+        // The compare-and-swap does not wait for the disk; the exit event's flush,
+        // which follows it in the same database, makes both durable before either
+        // is seen.
+        let fresh = match self.meta.record_exit(&m.namespace, &m.record) {
+            Ok(fresh) => fresh,
+            Err(e) => return Box::pin(async move { Err(e.into()) }),
         };
-        AtomicResponse::new(Box::pin(record.into_actor(self).map(
-            move |fresh, act, _| {
-                if let Ok(true) = fresh {
-                    let r = &m.record;
-                    let event = ev::TaskExit {
-                        container_id: r.container_id.clone(),
-                        id: if r.exec_id.is_empty() {
-                            r.container_id.clone()
-                        } else {
-                            r.exec_id.clone()
-                        },
-                        pid: r.pid,
-                        exit_status: r.exit_status,
-                        exited_at: MessageField::some(timestamp(from_nanos(r.exited_ns))),
-                        ..Default::default()
-                    };
-                    if let Ok(any) = pack(&event) {
-                        act.events.publish(&m.namespace, "/tasks/exit", any);
-                    }
-                }
-                fresh
+        if !fresh {
+            return Box::pin(async { Ok(false) });
+        }
+        let r = &m.record;
+        let event = ev::TaskExit {
+            container_id: r.container_id.clone(),
+            id: if r.exec_id.is_empty() {
+                r.container_id.clone()
+            } else {
+                r.exec_id.clone()
             },
-        )))
+            pid: r.pid,
+            exit_status: r.exit_status,
+            exited_at: MessageField::some(timestamp(from_nanos(r.exited_ns))),
+            ..Default::default()
+        };
+        let published = pack(&event)
+            .map_err(Error::from)
+            .and_then(|any| self.events.publish(&m.namespace, "/tasks/exit", any, None));
+        Box::pin(async move {
+            published?.await;
+            Ok(true)
+        })
     }
 }
 
@@ -111,13 +123,23 @@ impl MonitorHandle {
         }
     }
 
-    /// Queues a task event for publication, after everything queued before it.
-    pub fn publish(&self, namespace: &str, topic: &str, event: Any) {
+    /// Publishes a task event after everything queued before it. The event's place in
+    /// the sequence is fixed now; the returned future, which may be dropped, resolves
+    /// with its sequence number once it is delivered (on disk, for task events).
+    pub fn publish(
+        &self,
+        namespace: &str,
+        topic: &str,
+        event: Any,
+    ) -> impl Future<Output = Result<u64>> + Send + 'static {
+        let (done, rx) = oneshot::channel();
         self.addr.do_send(Publish {
             namespace: namespace.to_string(),
             topic: topic.to_string(),
             event,
+            done,
         });
+        async move { rx.await.map_err(|_| Error::ActorGone("monitor"))? }
     }
 
     /// Records an exit durably, then publishes it unless it was already recorded.

@@ -28,6 +28,7 @@ use protobuf::MessageField;
 use tokio::sync::oneshot;
 
 use crate::monitor::MonitorHandle;
+use crate::restore::{self, Found};
 use crate::shim::{resolve_runtime, LogFifo, PidFd, ShimCommand};
 use crate::state::TaskState;
 use crate::{Error, Result};
@@ -36,6 +37,14 @@ use crate::{Error, Result};
 const SHIM_RPC_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a forced delete waits for the killed task to exit.
 const FORCE_KILL_WAIT: Duration = Duration::from_secs(10);
+/// containerd's default runtime.
+const DEFAULT_RUNTIME: &str = "io.containerd.runc.v2";
+/// Shims probed at once while restoring.
+const PARALLEL_PROBES: usize = 16;
+/// Longest pause between probes of a shim that does not answer.
+const MAX_PROBE_BACKOFF: Duration = Duration::from_secs(10);
+/// How often every task's shim is checked for a death nobody reported.
+const RECONCILE_EVERY: Duration = Duration::from_secs(10);
 
 /// What every task needs from keeld.
 #[derive(Debug)]
@@ -142,7 +151,7 @@ fn mounts(rootfs: &[MountRecord]) -> Vec<api::Mount> {
 /// Removes a bundle without ever following into a still-mounted rootfs: files are
 /// unlinked one by one and `rootfs` is only `rmdir`ed, which fails if it is a mount
 /// point or not empty.
-fn remove_bundle(bundle: &Path) -> Result<()> {
+pub(crate) fn remove_bundle(bundle: &Path) -> Result<()> {
     let rootfs = bundle.join("rootfs");
     if rootfs.exists() {
         let _ = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH);
@@ -166,16 +175,33 @@ fn remove_bundle(bundle: &Path) -> Result<()> {
     std::fs::remove_dir(bundle).map_err(|e| Error::Io(format!("remove {}: {e}", bundle.display())))
 }
 
-/// Removes the namespace's cgroup parent (`/keel/<ns>`) on every v1 controller once it
-/// is empty; runc removes the task's own cgroup.
-fn remove_cgroups(ns: &str, id: &str) {
+/// Removes a task's cgroup (`/keel/<ns>/<id>`) on every v1 controller, if runc left
+/// it; with `parent`, also the namespace's `/keel/<ns>` once it is empty. Only
+/// [`CgroupParents::remove`] passes `parent`: runc creates the parent of a new task's
+/// cgroup, which must not vanish under it.
+pub(crate) fn remove_cgroups(ns: &str, id: &str, parent: bool) {
     let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") else {
         return;
     };
     for ctrl in entries.flatten() {
         let base = ctrl.path().join("keel").join(ns);
         let _ = std::fs::remove_dir(base.join(id));
-        let _ = std::fs::remove_dir(&base);
+        if parent {
+            let _ = std::fs::remove_dir(&base);
+        }
+    }
+}
+
+/// Keeps `/keel/<ns>` from being removed while a shim's Create (where runc makes the
+/// task's cgroup under it) is under way: creates hold it shared, removal exclusive.
+#[derive(Debug, Clone, Default)]
+struct CgroupParents(Arc<tokio::sync::RwLock<()>>);
+
+impl CgroupParents {
+    /// Removes a task's cgroup and, once empty, its namespace's parent.
+    async fn remove(&self, ns: &str, id: &str) {
+        let _exclusive = self.0.write().await;
+        remove_cgroups(ns, id, true);
     }
 }
 
@@ -194,6 +220,9 @@ pub struct Tasks {
     env: Arc<TaskEnv>,
     arbiter: ArbiterHandle,
     live: Arc<Mutex<HashMap<(String, String), TaskHandle>>>,
+    /// Bounds how many shims are probed at once during a restore.
+    probes: Arc<tokio::sync::Semaphore>,
+    cgroups: CgroupParents,
 }
 
 impl std::fmt::Debug for Tasks {
@@ -209,6 +238,8 @@ impl Tasks {
             env: Arc::new(env),
             arbiter,
             live: Arc::default(),
+            probes: Arc::new(tokio::sync::Semaphore::new(PARALLEL_PROBES)),
+            cgroups: CgroupParents::default(),
         }
     }
 
@@ -243,6 +274,123 @@ impl Tasks {
             .remove(&(ns.to_string(), id.to_string()));
     }
 
+    /// Restores after a restart: every task record becomes a task actor at once,
+    /// `unknown` (or `stopped`, when its exit was recorded) until its shim answers a
+    /// probe, which happens in the background. Bundles with no task record (a crash
+    /// during create) are cleaned up, and the periodic reconciler starts. Returns how
+    /// many tasks were restored.
+    pub async fn restore_all(&self) -> Result<usize> {
+        let meta = self.env.meta.clone();
+        let found = blocking(move || {
+            let mut v = Vec::new();
+            for ns in meta.namespaces()? {
+                for t in meta.tasks(&ns)? {
+                    let exit = meta.exit(&ns, &t.id, "")?;
+                    let runtime = meta.container(&ns, &t.id)?.map(|c| c.runtime);
+                    v.push((ns.clone(), t, exit, runtime));
+                }
+            }
+            Ok(v)
+        })
+        .await?;
+        let restored = found.len();
+        for (ns, record, exit, runtime) in found {
+            let id = record.id.clone();
+            let cmd = self.shim_command(&ns, &id, runtime.as_deref());
+            // The shim logs into the bundle's FIFO: drain it again at once.
+            let log = if cmd.bundle.exists() {
+                LogFifo::open(&cmd.bundle, &ns, &id)
+                    .map_err(|e| tracing::warn!(task_id = %id, error = %e, "log FIFO not reopened"))
+                    .ok()
+            } else {
+                None
+            };
+            let actor = TaskActor {
+                ns: ns.clone(),
+                id: id.clone(),
+                state: if exit.is_some() {
+                    TaskState::Stopped
+                } else {
+                    TaskState::Unknown
+                },
+                shim: None,
+                shim_alive: true,
+                deleting: false,
+                cmd,
+                record,
+                env: self.env.clone(),
+                tasks: self.clone(),
+                exit,
+                waiters: Vec::new(),
+                _log: log,
+                probe_backoff: Duration::ZERO,
+            };
+            let addr = TaskActor::start_in_arbiter(&self.arbiter, |_| actor);
+            self.live
+                .lock()
+                .expect("task registry")
+                .insert((ns, id.clone()), TaskHandle { id, addr });
+        }
+
+        // Orphans: bundles and shims of this keeld with no task record.
+        let mut candidates: std::collections::BTreeSet<(String, String)> =
+            restore::bundles(&self.env.state_dir).into_iter().collect();
+        candidates.extend(
+            restore::shim_processes(&self.env.keel_socket)
+                .into_iter()
+                .map(|p| (p.namespace, p.id)),
+        );
+        for (ns, id) in candidates {
+            let known = self
+                .live
+                .lock()
+                .expect("task registry")
+                .contains_key(&(ns.clone(), id.clone()));
+            let valid = keel_protocol::identifiers::validate("namespace", &ns).is_ok()
+                && keel_protocol::identifiers::validate("id", &id).is_ok();
+            if known || !valid {
+                continue;
+            }
+            tracing::warn!(namespace = %ns, task_id = %id, "bundle or shim without a task record (keeld stopped during create); cleaning up");
+            let cmd = self.shim_command(&ns, &id, None);
+            tokio::spawn(async move { restore::cleanup_orphan(&cmd).await });
+        }
+
+        let tasks = self.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(RECONCILE_EVERY);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                let all: Vec<TaskHandle> = tasks
+                    .live
+                    .lock()
+                    .expect("task registry")
+                    .values()
+                    .cloned()
+                    .collect();
+                for h in all {
+                    h.addr.do_send(Check);
+                }
+            }
+        });
+        Ok(restored)
+    }
+
+    /// The shim command for a task, with its container's runtime when known.
+    fn shim_command(&self, ns: &str, id: &str, runtime: Option<&str>) -> ShimCommand {
+        let binary = resolve_runtime(runtime.unwrap_or(DEFAULT_RUNTIME))
+            .or_else(|_| resolve_runtime(DEFAULT_RUNTIME))
+            .unwrap_or_else(|_| PathBuf::from("containerd-shim-runc-v2"));
+        ShimCommand {
+            binary,
+            namespace: ns.to_string(),
+            id: id.to_string(),
+            keel_socket: self.env.keel_socket.clone(),
+            bundle: self.env.bundle(ns, id),
+        }
+    }
+
     /// Creates the task: bundle, shim, Create. On failure nothing is left behind.
     pub async fn create(&self, req: CreateTask) -> Result<TaskHandle> {
         let ns = req.namespace.clone();
@@ -263,15 +411,10 @@ impl Tasks {
                 "task {id} already exists in namespace {ns}"
             )));
         }
-        let binary = resolve_runtime(&req.container.runtime)?;
-        let bundle = self.env.bundle(&ns, &id);
-        let cmd = ShimCommand {
-            binary,
-            namespace: ns.clone(),
-            id: id.clone(),
-            keel_socket: self.env.keel_socket.clone(),
-            bundle: bundle.clone(),
-        };
+        // An unknown runtime is the caller's error.
+        resolve_runtime(&req.container.runtime)?;
+        let cmd = self.shim_command(&ns, &id, Some(&req.container.runtime));
+        let bundle = cmd.bundle.clone();
         match self.create_inner(&req, &cmd).await {
             Ok(handle) => {
                 self.live
@@ -303,9 +446,10 @@ impl Tasks {
                         .await;
                 }
                 let _ = remove_bundle(&bundle);
-                remove_cgroups(&ns, &id);
+                self.cgroups.remove(&ns, &id).await;
                 let meta = self.env.meta.clone();
-                let _ = blocking(move || meta.delete_task(&ns, &id)).await;
+                let _ =
+                    blocking(move || meta.delete_task(&ns, &id).and_then(|()| meta.flush())).await;
                 Err(e)
             }
         }
@@ -399,10 +543,12 @@ impl Tasks {
             options: MessageField::some(any),
             ..Default::default()
         };
-        let created = shim
-            .create(&create, rpc_timeout())
-            .await
-            .map_err(|e| with_shim(e.into()))?;
+        let created = {
+            let _parent_stays = self.cgroups.0.read().await;
+            shim.create(&create, rpc_timeout())
+                .await
+                .map_err(|e| with_shim(e.into()))?
+        };
         record.pid = created.pid;
         // Shim pid and task pid can be read back from the shim (Connect, State), so
         // this update need not wait for the disk.
@@ -417,17 +563,25 @@ impl Tasks {
             pid: created.pid,
             ..Default::default()
         };
-        self.env.monitor.publish(
-            ns,
-            "/tasks/create",
-            pack(&event).map_err(|e| with_shim(e.into()))?,
-        );
+        // Reported created only once its event is on disk.
+        if let Err(e) = self
+            .env
+            .monitor
+            .publish(
+                ns,
+                "/tasks/create",
+                pack(&event).map_err(|e| with_shim(e.into()))?,
+            )
+            .await
+        {
+            tracing::error!(namespace = %ns, task_id = %id, error = %e, "publishing /tasks/create failed");
+        }
 
         let actor = TaskActor {
             ns: ns.clone(),
             id: id.clone(),
             state: TaskState::Created,
-            shim: shim.clone(),
+            shim: Some(shim.clone()),
             shim_alive: true,
             deleting: false,
             cmd: cmd.clone(),
@@ -436,7 +590,8 @@ impl Tasks {
             tasks: self.clone(),
             exit: None,
             waiters: Vec::new(),
-            _log: log,
+            _log: Some(log),
+            probe_backoff: Duration::ZERO,
         };
         let addr = TaskActor::start_in_arbiter(&self.arbiter, |_| actor);
         Ok(TaskHandle {
@@ -451,7 +606,8 @@ struct TaskActor {
     ns: String,
     id: String,
     state: TaskState,
-    shim: ShimClient,
+    /// The connection to the shim; `None` until a restore reaches it.
+    shim: Option<ShimClient>,
     shim_alive: bool,
     /// Set once Delete has begun: exits and shim death are expected from then on.
     deleting: bool,
@@ -461,13 +617,30 @@ struct TaskActor {
     tasks: Tasks,
     exit: Option<ExitRecord>,
     waiters: Vec<oneshot::Sender<ExitRecord>>,
-    _log: LogFifo,
+    _log: Option<LogFifo>,
+    /// Pause before the next probe of a shim that did not answer.
+    probe_backoff: Duration,
 }
 
 impl Actor for TaskActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        if self.shim.is_some() {
+            self.watch(ctx);
+        } else {
+            // Restored: find out from the shim what became of the task.
+            ctx.notify(Probe);
+        }
+    }
+}
+
+impl TaskActor {
+    /// Watches the shim: a pidfd on its process, and a pending Wait for the exit.
+    fn watch(&mut self, ctx: &mut Context<Self>) {
+        let Some(shim) = self.shim.clone() else {
+            return;
+        };
         // Liveness, first way: a pidfd on the shim becomes readable when it dies.
         match PidFd::open(self.record.shim_pid) {
             Ok(pidfd) => {
@@ -483,7 +656,6 @@ impl Actor for TaskActor {
             }
         }
         // Second way, and the exit itself: a pending Wait.
-        let shim = self.shim.clone();
         let id = self.id.clone();
         let shim_pid = self.record.shim_pid;
         let addr = ctx.address();
@@ -517,6 +689,19 @@ impl Actor for TaskActor {
                 }
             }
         });
+    }
+
+    /// The live shim connection, or FailedPrecondition naming the task's state.
+    fn live_shim(&self) -> Result<ShimClient> {
+        self.shim
+            .clone()
+            .filter(|_| self.shim_alive)
+            .ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "task {} has no live shim (it is {})",
+                    self.id, self.state
+                ))
+            })
     }
 }
 
@@ -621,6 +806,145 @@ impl Handler<ShimDied> for TaskActor {
     }
 }
 
+/// Ask the shim what became of a restored task; repeated, with a growing pause,
+/// while the shim does not answer.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Probe;
+
+impl Handler<Probe> for TaskActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Probe, ctx: &mut Self::Context) {
+        let probes = self.tasks.probes.clone();
+        let (address, ns, id) = (
+            self.record.shim_address.clone(),
+            self.ns.clone(),
+            self.id.clone(),
+        );
+        let addr = ctx.address();
+        actix::spawn(async move {
+            // At most PARALLEL_PROBES at once; each is bounded by its deadlines.
+            let Ok(_slot) = probes.acquire().await else {
+                return;
+            };
+            addr.do_send(Probed(restore::probe(&address, &ns, &id).await));
+        });
+    }
+}
+
+/// What a probe found.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Probed(Found);
+
+impl Handler<Probed> for TaskActor {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, Probed(found): Probed, ctx: &mut Self::Context) -> Self::Result {
+        let (ns, id) = (self.ns.clone(), self.id.clone());
+        let nothing = |act: &mut Self| AtomicResponse::new(Box::pin(async {}.into_actor(act)));
+        match found {
+            Found::Unreachable(why) => {
+                self.probe_backoff =
+                    (self.probe_backoff * 2).clamp(Duration::from_millis(500), MAX_PROBE_BACKOFF);
+                tracing::warn!(namespace = %ns, task_id = %id, why, retry_in = ?self.probe_backoff, "shim does not answer; the task stays unknown");
+                ctx.notify_later(Probe, self.probe_backoff);
+                nothing(self)
+            }
+            Found::Dead => {
+                tracing::warn!(namespace = %ns, task_id = %id, "shim died while keeld was down; cleaning up");
+                ctx.notify(ShimDied);
+                nothing(self)
+            }
+            Found::NoTask => {
+                tracing::warn!(namespace = %ns, task_id = %id, "shim has no such task (keeld stopped during create); removing it");
+                let (cmd, meta) = (self.cmd.clone(), self.env.meta.clone());
+                self.deleting = true;
+                AtomicResponse::new(Box::pin(
+                    async move {
+                        // As for an orphan: the shim was never given a container.
+                        restore::cleanup_orphan(&cmd).await;
+                        let (n2, i2) = (ns.clone(), id.clone());
+                        if let Err(e) =
+                            blocking(move || meta.delete_task(&n2, &i2).and_then(|()| meta.flush()))
+                                .await
+                        {
+                            tracing::error!(task_id = %id, error = %e, "removing the task record");
+                        }
+                    }
+                    .into_actor(self)
+                    .map(|(), act, ctx| {
+                        act.tasks.forget(&act.ns, &act.id);
+                        ctx.stop();
+                    }),
+                ))
+            }
+            Found::Alive {
+                shim,
+                shim_pid,
+                pid,
+                status,
+                exit,
+            } => {
+                self.shim = Some(shim);
+                self.record.shim_pid = shim_pid;
+                if pid != 0 {
+                    self.record.pid = pid;
+                }
+                let state = match status {
+                    api::Status::CREATED => TaskState::Created,
+                    api::Status::RUNNING => TaskState::Running,
+                    api::Status::PAUSED => TaskState::Paused,
+                    api::Status::PAUSING => TaskState::Pausing,
+                    api::Status::STOPPED => TaskState::Stopped,
+                    api::Status::UNKNOWN => TaskState::Unknown,
+                };
+                if state != TaskState::Created {
+                    self.record.started = true;
+                }
+                if self.exit.is_none() {
+                    self.state = state;
+                }
+                if let Err(e) = self.env.meta.update_task_lazily(&ns, &self.record) {
+                    tracing::warn!(task_id = %id, error = %e, "updating the task record");
+                }
+                tracing::info!(namespace = %ns, task_id = %id, state = %self.state, pid, "task restored");
+                self.watch(ctx);
+                match exit {
+                    // An exit while keeld was down; recorded and published once.
+                    Some((status, at)) if self.exit.is_none() => {
+                        AtomicResponse::new(self.exited(status, at))
+                    }
+                    _ => nothing(self),
+                }
+            }
+        }
+    }
+}
+
+/// The periodic reconciler's check: a shim that died without anyone noticing.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Check;
+
+impl Handler<Check> for TaskActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Check, ctx: &mut Self::Context) {
+        let pid = self.record.shim_pid;
+        if self.shim.is_some()
+            && self.shim_alive
+            && !self.deleting
+            && pid != 0
+            && !process_alive(pid)
+        {
+            tracing::warn!(namespace = %self.ns, task_id = %self.id, shim_pid = pid, "reconciler: shim is gone");
+            ctx.notify(ShimDied);
+        }
+    }
+}
+
 #[derive(Message)]
 #[rtype(result = "Result<u32>")]
 struct Start;
@@ -632,7 +956,10 @@ impl Handler<Start> for TaskActor {
         if let Err(e) = self.state.can_start(&self.id) {
             return AtomicResponse::new(Box::pin(async move { Err(e) }.into_actor(self)));
         }
-        let shim = self.shim.clone();
+        let shim = match self.live_shim() {
+            Ok(s) => s,
+            Err(e) => return AtomicResponse::new(Box::pin(async move { Err(e) }.into_actor(self))),
+        };
         let req = api::StartRequest {
             id: self.id.clone(),
             ..Default::default()
@@ -641,31 +968,37 @@ impl Handler<Start> for TaskActor {
             async move { shim.start(&req, rpc_timeout()).await }
                 .into_actor(self)
                 .then(|r, act, _| {
+                    let mut published = None;
                     let result = match r {
                         Ok(resp) => {
                             act.state = TaskState::Running;
                             act.record.started = true;
                             act.record.pid = resp.pid;
+                            // Whether it started is also the shim's to tell (State), so
+                            // this update need not be flushed; the start event's flush,
+                            // which follows, takes it along.
+                            if let Err(e) = act.env.meta.update_task_lazily(&act.ns, &act.record) {
+                                tracing::error!(error = %e, "persisting task start failed");
+                            }
                             let event = ev::TaskStart {
                                 container_id: act.id.clone(),
                                 pid: resp.pid,
                                 ..Default::default()
                             };
                             if let Ok(any) = pack(&event) {
-                                act.env.monitor.publish(&act.ns, "/tasks/start", any);
+                                published =
+                                    Some(act.env.monitor.publish(&act.ns, "/tasks/start", any));
                             }
                             Ok(resp.pid)
                         }
                         Err(e) => Err(Error::from(e)),
                     };
-                    let meta = act.env.meta.clone();
-                    let (ns, record) = (act.ns.clone(), act.record.clone());
                     async move {
-                        // Whether it started is also the shim's to tell (State).
-                        if let Err(e) =
-                            blocking(move || meta.update_task_lazily(&ns, &record)).await
-                        {
-                            tracing::error!(error = %e, "persisting task start failed");
+                        if let Some(Err(e)) = match published {
+                            Some(p) => Some(p.await),
+                            None => None,
+                        } {
+                            tracing::error!(error = %e, "publishing /tasks/start failed");
                         }
                         result
                     }
@@ -689,7 +1022,10 @@ impl Handler<Kill> for TaskActor {
         if let Err(e) = self.state.can_kill(&self.id) {
             return Box::pin(async move { Err(e) });
         }
-        let shim = self.shim.clone();
+        let shim = match self.live_shim() {
+            Ok(s) => s,
+            Err(e) => return Box::pin(async move { Err(e) }),
+        };
         let req = api::KillRequest {
             id: self.id.clone(),
             signal: m.signal,
@@ -713,7 +1049,10 @@ impl Handler<CloseStdin> for TaskActor {
     type Result = ResponseFuture<Result<()>>;
 
     fn handle(&mut self, _: CloseStdin, _: &mut Self::Context) -> Self::Result {
-        let shim = self.shim.clone();
+        let shim = match self.live_shim() {
+            Ok(s) => s,
+            Err(e) => return Box::pin(async move { Err(e) }),
+        };
         let req = api::CloseIORequest {
             id: self.id.clone(),
             stdin: true,
@@ -770,16 +1109,15 @@ impl Handler<Pids> for TaskActor {
     type Result = ResponseFuture<Result<Vec<u32>>>;
 
     fn handle(&mut self, _: Pids, _: &mut Self::Context) -> Self::Result {
-        let shim = self.shim.clone();
-        let alive = self.shim_alive;
+        let shim = self.live_shim().ok();
         let req = api::PidsRequest {
             id: self.id.clone(),
             ..Default::default()
         };
         Box::pin(async move {
-            if !alive {
+            let Some(shim) = shim else {
                 return Ok(Vec::new());
-            }
+            };
             let r = shim.pids(&req, rpc_timeout()).await?;
             Ok(r.processes.iter().map(|p| p.pid).collect())
         })
@@ -800,13 +1138,33 @@ impl Handler<Delete> for TaskActor {
             return AtomicResponse::new(Box::pin(async move { Err(e) }.into_actor(self)));
         }
         self.deleting = true;
-        let (shim, alive, id) = (self.shim.clone(), self.shim_alive, self.id.clone());
+        let (shim, id) = (self.live_shim().ok(), self.id.clone());
+        // Restored, and its shim never answered (only a forced delete gets here).
+        let unreached = self.shim.is_none() && self.shim_alive;
+        let (cmd, shim_pid) = (self.cmd.clone(), self.record.shim_pid);
+        let address = self.record.shim_address.clone();
         let running = self.exit.is_none() && self.state != TaskState::Created;
         AtomicResponse::new(Box::pin(
             async move {
-                if !alive {
-                    return None;
-                }
+                let Some(shim) = shim else {
+                    if !unreached {
+                        return None;
+                    }
+                    // End the unresponsive shim and clean up as for a dead one.
+                    if shim_pid != 0 && process_alive(shim_pid) {
+                        if let Ok(pid) = i32::try_from(shim_pid) {
+                            let _ = nix::sys::signal::kill(
+                                nix::unistd::Pid::from_raw(pid),
+                                nix::sys::signal::Signal::SIGKILL,
+                            );
+                        }
+                    }
+                    let deleted = cmd.delete().await;
+                    if let Some(path) = address.strip_prefix("unix://") {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    return deleted.ok();
+                };
                 if running {
                     let kill = api::KillRequest {
                         id: id.clone(),
@@ -864,9 +1222,10 @@ impl Handler<Delete> for TaskActor {
                     );
                     let log_path = act.record.log_path.clone();
                     let address = act.record.shim_address.clone();
+                    let cgroups = act.tasks.cgroups.clone();
                     async move {
                         remove_bundle(&bundle)?;
-                        remove_cgroups(&ns, &id);
+                        cgroups.remove(&ns, &id).await;
                         if let Some(p) = log_path {
                             let _ = std::fs::remove_file(p);
                         }
@@ -876,29 +1235,50 @@ impl Handler<Delete> for TaskActor {
                         blocking(move || meta.delete_task(&ns, &id)).await
                     }
                     .into_actor(act)
-                    .map(|r, act, ctx| {
-                        r?;
-                        let exit = act.exit.clone().unwrap_or(ExitRecord {
-                            container_id: act.id.clone(),
-                            exec_id: String::new(),
-                            pid: act.record.pid,
-                            exit_status: 0,
-                            exited_ns: nanos(SystemTime::now()),
+                    .then(|r, act, _| {
+                        let published = r.map(|()| {
+                            let exit = act.exit.clone().unwrap_or(ExitRecord {
+                                container_id: act.id.clone(),
+                                exec_id: String::new(),
+                                pid: act.record.pid,
+                                exit_status: 0,
+                                exited_ns: nanos(SystemTime::now()),
+                            });
+                            let event = ev::TaskDelete {
+                                container_id: act.id.clone(),
+                                id: act.id.clone(),
+                                pid: exit.pid,
+                                exit_status: exit.exit_status,
+                                exited_at: MessageField::some(timestamp(from_nanos(
+                                    exit.exited_ns,
+                                ))),
+                                ..Default::default()
+                            };
+                            let published = pack(&event)
+                                .ok()
+                                .map(|any| act.env.monitor.publish(&act.ns, "/tasks/delete", any));
+                            act.tasks.forget(&act.ns, &act.id);
+                            (exit, published)
                         });
-                        let event = ev::TaskDelete {
-                            container_id: act.id.clone(),
-                            id: act.id.clone(),
-                            pid: exit.pid,
-                            exit_status: exit.exit_status,
-                            exited_at: MessageField::some(timestamp(from_nanos(exit.exited_ns))),
-                            ..Default::default()
-                        };
-                        if let Ok(any) = pack(&event) {
-                            act.env.monitor.publish(&act.ns, "/tasks/delete", any);
+                        // Acknowledged once the delete event, and with it the removal
+                        // of the task's records, is on disk.
+                        async move {
+                            let (exit, published) = published?;
+                            if let Some(Err(e)) = match published {
+                                Some(p) => Some(p.await),
+                                None => None,
+                            } {
+                                tracing::error!(error = %e, "publishing /tasks/delete failed");
+                            }
+                            Ok(exit)
                         }
-                        act.tasks.forget(&act.ns, &act.id);
-                        ctx.stop();
-                        Ok(exit)
+                        .into_actor(act)
+                        .map(|r, _, ctx| {
+                            if r.is_ok() {
+                                ctx.stop();
+                            }
+                            r
+                        })
                     })
                 })
             }),

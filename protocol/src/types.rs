@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use protobuf::well_known_types::any::Any;
 use protobuf::well_known_types::timestamp::Timestamp;
-use protobuf::MessageFull;
+use protobuf::{Message, MessageFull};
 
 use crate::Error;
 
@@ -103,11 +103,15 @@ pub fn json_any(type_url: &str, json: Vec<u8>) -> Any {
     any
 }
 
-/// Decodes an event payload of one of containerd's event types (task, container,
-/// content, image, namespace, snapshot) by its type URL; `None` for other types.
-pub fn decode_event(any: &Any) -> Option<Box<dyn protobuf::MessageDyn>> {
+/// Type URL of a free-form JSON object payload (`keelctl events publish`).
+pub const STRUCT_TYPE_URL: &str = "google.protobuf.Struct";
+
+/// The descriptor of an event payload type keel can decode: containerd's event types
+/// (task, container, content, image, namespace, snapshot), keel's own event messages
+/// and `google.protobuf.Struct`.
+pub fn event_type(type_url: &str) -> Option<protobuf::reflect::MessageDescriptor> {
     use containerd_shim_protos::events as e;
-    let name = any.type_url.rsplit('/').next()?;
+    let name = type_url.rsplit('/').next()?;
     let files = [
         e::task::file_descriptor(),
         e::container::file_descriptor(),
@@ -115,15 +119,48 @@ pub fn decode_event(any: &Any) -> Option<Box<dyn protobuf::MessageDyn>> {
         e::image::file_descriptor(),
         e::namespace::file_descriptor(),
         e::snapshot::file_descriptor(),
+        crate::api::events::file_descriptor(),
+        protobuf::well_known_types::struct_::file_descriptor(),
     ];
     // protobuf wants the dotted full name (it panics on any other form).
     let dotted = format!(".{}", name.trim_start_matches('.'));
-    let md = files.iter().find_map(|f| f.message_by_full_name(&dotted))?;
-    md.parse_from_bytes(&any.value).ok()
+    files.iter().find_map(|f| f.message_by_full_name(&dotted))
 }
 
-/// One field of a decoded event payload, as text (`container_id`, `exit_status`…).
+/// Decodes an event payload of a type [`event_type`] knows; `None` for other types.
+pub fn decode_event(any: &Any) -> Option<Box<dyn protobuf::MessageDyn>> {
+    event_type(&any.type_url)?.parse_from_bytes(&any.value).ok()
+}
+
+/// Builds an event payload of type `type_name` from its JSON form (protobuf's JSON
+/// mapping: `{"containerId": "x"}` for containerd types, any object for Struct).
+pub fn event_from_json(type_name: &str, json: &str) -> Result<Any, Error> {
+    let md = event_type(type_name)
+        .ok_or_else(|| Error::InvalidArgument(format!("unknown event type {type_name:?}")))?;
+    let msg = protobuf_json_mapping::parse_dyn_from_str(&md, json)
+        .map_err(|e| Error::InvalidArgument(format!("payload is not a valid {type_name}: {e}")))?;
+    let mut any = Any::new();
+    any.type_url = md.full_name().to_string();
+    any.value = msg
+        .write_to_bytes_dyn()
+        .map_err(|e| Error::Internal(format!("encode: {e}")))?;
+    Ok(any)
+}
+
+/// One field of a decoded event payload, as text (`container_id`, `exit_status`…;
+/// a top-level key of a Struct payload).
 pub fn event_field(any: &Any, field: &str) -> Option<String> {
+    if any.type_url.rsplit('/').next() == Some(STRUCT_TYPE_URL) {
+        use protobuf::well_known_types::struct_::{value::Kind, Struct};
+        let s = Struct::parse_from_bytes(&any.value).ok()?;
+        return match s.fields.get(field)?.kind.as_ref()? {
+            Kind::StringValue(v) => Some(v.clone()),
+            Kind::NumberValue(n) => Some(n.to_string()),
+            Kind::BoolValue(b) => Some(b.to_string()),
+            Kind::NullValue(_) => Some("null".into()),
+            _ => None,
+        };
+    }
     let msg = decode_event(any)?;
     let fd = msg.descriptor_dyn().field_by_name(field)?;
     if fd.is_repeated() || fd.is_map() {
@@ -203,6 +240,20 @@ mod tests {
             json.contains("\"containerId\": \"web\"") || json.contains("\"containerId\":\"web\""),
             "{json}"
         );
+
+        let s = event_from_json(STRUCT_TYPE_URL, r#"{"n": 3, "who": "x"}"#).unwrap();
+        assert_eq!(event_field(&s, "n").as_deref(), Some("3"));
+        assert_eq!(event_field(&s, "who").as_deref(), Some("x"));
+        let e = event_from_json("containerd.events.TaskExit", r#"{"containerId": "c"}"#).unwrap();
+        assert_eq!(event_field(&e, "container_id").as_deref(), Some("c"));
+        assert!(matches!(
+            event_from_json("nope.Type", "{}"),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            event_from_json(STRUCT_TYPE_URL, "[1"),
+            Err(Error::InvalidArgument(_))
+        ));
 
         let mut wrong = any;
         wrong.type_url = "containerd.events.TaskStart".into();

@@ -8,11 +8,13 @@
 pub mod content;
 pub mod digest;
 pub mod error;
+pub mod events;
 pub mod meta;
 
 pub use content::{ContentOptions, ContentStore, Info, Status, Writer};
 pub use digest::Digest;
 pub use error::{Error, Result};
+pub use events::EventLog;
 pub use meta::Meta;
 
 use std::path::Path;

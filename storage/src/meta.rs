@@ -1,8 +1,12 @@
 //! Metadata of containers, tasks and exits in sled, per namespace.
 //!
 //! Keys are `namespace NUL id` (plus `NUL exec-id` for exits), so a namespace's
-//! records are one prefix scan. Every mutation is flushed before it returns: a caller
-//! that acknowledges after a call here has made the change durable.
+//! records are one prefix scan.
+//!
+//! Mutations other than [`Meta::put_task`] do not flush: each is followed by a durable
+//! event (`/containers/*`, `/tasks/*`) whose flush, in the same database, makes both
+//! the change and its event durable before either is acknowledged. A caller that
+//! publishes no event calls [`Meta::flush`].
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -94,7 +98,8 @@ impl Meta {
         })
     }
 
-    fn flush(&self) -> Result<()> {
+    /// Writes every change so far to disk (fsync).
+    pub fn flush(&self) -> Result<()> {
         self.db.flush()?;
         Ok(())
     }
@@ -119,7 +124,7 @@ impl Meta {
 
     fn put<T: Serialize>(&self, tree: &sled::Tree, k: Vec<u8>, v: &T) -> Result<()> {
         tree.insert(k, serde_json::to_vec(v).expect("record serialises"))?;
-        self.flush()
+        Ok(())
     }
 
     /// Namespaces that hold containers or tasks.
@@ -152,7 +157,7 @@ impl Meta {
             .containers
             .compare_and_swap(k, None as Option<&[u8]>, Some(v))?
         {
-            Ok(()) => self.flush(),
+            Ok(()) => Ok(()),
             Err(_) => Err(Error::AlreadyExists(format!(
                 "container {} already exists in namespace {ns}",
                 c.id
@@ -165,9 +170,7 @@ impl Meta {
     }
 
     pub fn delete_container(&self, ns: &str, id: &str) -> Result<bool> {
-        let removed = self.containers.remove(key(&[ns, id]))?.is_some();
-        self.flush()?;
-        Ok(removed)
+        Ok(self.containers.remove(key(&[ns, id]))?.is_some())
     }
 
     pub fn task(&self, ns: &str, id: &str) -> Result<Option<TaskRecord>> {
@@ -178,20 +181,18 @@ impl Meta {
         Self::list(&self.tasks, ns, "task")
     }
 
+    /// Stores a task record and flushes: the record that makes a task findable after
+    /// a crash is on disk before its shim is asked to create anything.
     pub fn put_task(&self, ns: &str, t: &TaskRecord) -> Result<()> {
-        self.put(&self.tasks, key(&[ns, &t.id]), t)
+        self.put(&self.tasks, key(&[ns, &t.id]), t)?;
+        self.flush()
     }
 
-    /// Updates a task record without waiting for it to reach the disk (sled writes it
-    /// within its flush interval). Only for facts that a restore can also read back
-    /// from the shim (its pid, whether it started), never for the record that makes a
-    /// task findable.
+    /// Updates a task record without waiting for it to reach the disk (the next flush
+    /// takes it). Only for facts that a restore can also read back from the shim (its
+    /// pid, whether it started), never for the record that makes a task findable.
     pub fn update_task_lazily(&self, ns: &str, t: &TaskRecord) -> Result<()> {
-        self.tasks.insert(
-            key(&[ns, &t.id]),
-            serde_json::to_vec(t).expect("record serialises"),
-        )?;
-        Ok(())
+        self.put(&self.tasks, key(&[ns, &t.id]), t)
     }
 
     /// Removes a task and its exit records.
@@ -201,7 +202,7 @@ impl Meta {
         for k in self.exits.scan_prefix(&prefix).keys() {
             self.exits.remove(k?)?;
         }
-        self.flush()
+        Ok(())
     }
 
     /// Records an exit unless one is already recorded for that process; returns
@@ -209,14 +210,10 @@ impl Meta {
     pub fn record_exit(&self, ns: &str, e: &ExitRecord) -> Result<bool> {
         let v = serde_json::to_vec(e).expect("record serialises");
         let k = key(&[ns, &e.container_id, &e.exec_id]);
-        let fresh = self
+        Ok(self
             .exits
             .compare_and_swap(k, None as Option<&[u8]>, Some(v))?
-            .is_ok();
-        if fresh {
-            self.flush()?;
-        }
-        Ok(fresh)
+            .is_ok())
     }
 
     pub fn exit(&self, ns: &str, container_id: &str, exec_id: &str) -> Result<Option<ExitRecord>> {

@@ -33,6 +33,17 @@ pub struct FileConfig {
     pub allowed_uids: Vec<u32>,
     #[serde(default)]
     pub content: ContentSection,
+    #[serde(default)]
+    pub events: EventsSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsSection {
+    /// Events kept for replay (`Subscribe` with `since`), in memory and on disk.
+    pub retain: Option<usize>,
+    /// Events a live subscriber may fall behind before it is disconnected.
+    pub subscriber_buffer: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -75,6 +86,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub allowed_uids: Vec<u32>,
     pub ingest_max_age: Duration,
+    pub events: keel_actors::events::EventOptions,
 }
 
 impl Config {
@@ -110,7 +122,19 @@ impl Config {
             ingest_max_age: Duration::from_secs(
                 file.content.ingest_max_age_secs.unwrap_or(7 * 24 * 3600),
             ),
+            events: {
+                let d = keel_actors::events::EventOptions::default();
+                keel_actors::events::EventOptions {
+                    retain: file.events.retain.unwrap_or(d.retain),
+                    subscriber_buffer: file.events.subscriber_buffer.unwrap_or(d.subscriber_buffer),
+                }
+            },
         };
+        anyhow::ensure!(cfg.events.retain > 0, "events.retain must be at least 1");
+        anyhow::ensure!(
+            cfg.events.subscriber_buffer > 0,
+            "events.subscriber_buffer must be at least 1"
+        );
         for (name, p) in [
             ("root", &cfg.root),
             ("state", &cfg.state),
@@ -141,7 +165,7 @@ mod tests {
     fn defaults_file_and_flags_layer() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("keel.toml");
-        std::fs::write(&f, "root = \"/srv/keel\"\nstate = \"/run/k2\"\nallowed_uids = [1000]\nlog_format = \"json\"\n[content]\ningest_max_age_secs = 60\n").unwrap();
+        std::fs::write(&f, "root = \"/srv/keel\"\nstate = \"/run/k2\"\nallowed_uids = [1000]\nlog_format = \"json\"\n[content]\ningest_max_age_secs = 60\n[events]\nretain = 500\n").unwrap();
         let flags = Flags::parse_from([
             "keeld",
             "--config",
@@ -156,6 +180,11 @@ mod tests {
         assert_eq!(c.allowed_uids, vec![1000]);
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.ingest_max_age, Duration::from_secs(60));
+        assert_eq!(c.events.retain, 500);
+        assert_eq!(
+            c.events.subscriber_buffer, 16_384,
+            "default where the file is silent"
+        );
     }
 
     #[test]

@@ -115,7 +115,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     let storage = StorageHandle::start(store);
     let meta = keel_storage::Meta::open(db.clone())?;
-    let events = EventSink::new();
+    let events = EventSink::open(db.clone(), cfg.events)?;
     let monitor = MonitorHandle::start(meta.clone(), events.clone());
     let tasks = Tasks::new(
         TaskEnv {
@@ -126,6 +126,11 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         },
         actix::Arbiter::current(),
     );
+
+    // Every persisted task is listed (unknown until its shim answers) before the
+    // API serves; the shims are probed in the background.
+    let restored = tasks.restore_all().await?;
+    tracing::info!(tasks = restored, "restoring tasks");
 
     let auth = Arc::new(Auth::new(&cfg.allowed_uids));
     let version = Arc::new(VersionService { auth: auth.clone() });

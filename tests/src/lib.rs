@@ -81,11 +81,12 @@ impl Keeld {
         let socket = dir.path().join("run").join("keel.sock");
         let config = dir.path().join("keel.toml");
         let mut f = std::fs::File::create(&config).expect("config");
-        // Let a non-root developer's uid in too; CI runs as root.
-        writeln!(f, "{extra}").unwrap();
+        // Let a non-root developer's uid in too; CI runs as root. Top-level keys
+        // come before the tables `extra` may open.
         if !extra.contains("allowed_uids") {
             writeln!(f, "allowed_uids = [{}]", nix::unistd::getuid()).unwrap();
         }
+        writeln!(f, "{extra}").unwrap();
         let mut k = Keeld {
             dir,
             root,
@@ -202,6 +203,19 @@ impl Keeld {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The socket containerd-shim-runc-v2 makes for task `id` of this keeld's
+    /// namespace: a hash of keeld's socket path, the namespace and the id.
+    pub fn shim_socket(&self, id: &str) -> PathBuf {
+        self.shim_socket_in(&self.namespace, id)
+    }
+
+    /// [`Keeld::shim_socket`] for another namespace.
+    pub fn shim_socket_in(&self, ns: &str, id: &str) -> PathBuf {
+        use sha2::Digest;
+        let h = sha2::Sha256::digest(format!("{}/{ns}/{id}", self.socket.display()).as_bytes());
+        Path::new("/run/containerd/s").join(hex::encode(h))
     }
 
     /// keelctl against this daemon.
@@ -408,4 +422,120 @@ pub fn require_runtime() {
             .unwrap_or(false);
         assert!(found, "{bin} is not on PATH: run deploy/install-deps.sh");
     }
+}
+
+/// A `keelctl events --format json …` process whose events arrive on a channel.
+#[derive(Debug)]
+pub struct Subscriber {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<serde_json::Value>,
+}
+
+impl Subscriber {
+    /// Starts `keelctl events --format json ARGS…` (filters, `--since`) against `k`.
+    pub fn spawn(k: &Keeld, args: &[&str]) -> Self {
+        let mut all = vec!["events", "--format", "json"];
+        all.extend_from_slice(args);
+        let mut child = k
+            .ctl_cmd(&all)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn keelctl events");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let v = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("not a JSON event line ({e}): {line}"));
+                if tx.send(v).is_err() {
+                    return;
+                }
+            }
+        });
+        Self { child, lines }
+    }
+
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"))
+    }
+
+    /// Collects events until `done` matches one (returned last), or the timeout.
+    pub fn until(
+        &mut self,
+        timeout: Duration,
+        mut done: impl FnMut(&serde_json::Value) -> bool,
+    ) -> Option<Vec<serde_json::Value>> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(e) => {
+                    let stop = done(&e);
+                    seen.push(e);
+                    if stop {
+                        return Some(seen);
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    /// Collects `n` events, or fewer if `timeout` passes first.
+    pub fn take(&mut self, n: usize, timeout: Duration) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::with_capacity(n);
+        while seen.len() < n {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            match self.lines.recv_timeout(left) {
+                Ok(e) => seen.push(e),
+                Err(_) => break,
+            }
+        }
+        seen
+    }
+
+    /// Waits for the process to end on its own; returns the events it printed that
+    /// were not taken yet, its exit status and its stderr.
+    pub fn finish(mut self, timeout: Duration) -> (Vec<serde_json::Value>, ExitStatus, String) {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                break st;
+            }
+            assert!(Instant::now() < deadline, "subscriber did not end");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut err);
+        }
+        let mut rest = Vec::new();
+        while let Ok(e) = self.lines.recv_timeout(Duration::from_secs(2)) {
+            rest.push(e);
+        }
+        (rest, status, err)
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sequence numbers of JSON event lines.
+pub fn seqs(events: &[serde_json::Value]) -> Vec<u64> {
+    events
+        .iter()
+        .map(|e| e["seq"].as_u64().expect("seq"))
+        .collect()
 }

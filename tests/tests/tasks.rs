@@ -4,20 +4,13 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use keel_tests::{busybox_rootfs, describe, require_runtime, Keeld};
-use sha2::Digest;
+use keel_tests::{busybox_rootfs, describe, require_runtime, Keeld, Subscriber};
 
 fn run(k: &Keeld, args: &[&str]) -> std::process::Output {
     let rootfs = busybox_rootfs();
     let mut a = vec!["run", "--rootfs", rootfs.to_str().unwrap()];
     a.extend_from_slice(args);
     k.ctl(&a)
-}
-
-/// The shim socket containerd-shim-runc-v2 makes for a task of this keeld.
-fn shim_socket(k: &Keeld, ns: &str, id: &str) -> std::path::PathBuf {
-    let h = sha2::Sha256::digest(format!("{}/{ns}/{id}", k.socket.display()).as_bytes());
-    std::path::Path::new("/run/containerd/s").join(hex::encode(h))
 }
 
 /// Asserts nothing of task `id` is left: shim, socket, mount, bundle, runc state, cgroup.
@@ -38,7 +31,7 @@ fn assert_no_leaks(k: &Keeld, ns: &str, id: &str) {
         String::from_utf8_lossy(&shims.stdout)
     );
     assert!(
-        !shim_socket(k, ns, id).exists(),
+        !k.shim_socket_in(ns, id).exists(),
         "shim socket of {id} left behind"
     );
     let bundle = k.state.join("tasks").join(ns).join(id);
@@ -222,7 +215,7 @@ fn memory_limit_exceeded_exits_137() {
 fn sigkill_of_the_shim_stops_the_task_with_137_and_cleans_up() {
     require_runtime();
     let k = Keeld::start();
-    let mut sub = Subscriber::start(&k, &["topic==/tasks/exit", "topic==/containers/delete"]);
+    let mut sub = subscribe(&k, &["topic==/tasks/exit", "topic==/containers/delete"]);
     assert!(run(&k, &["-d", "rt-shim", "sleep", "600"]).status.success());
     let ls = k.ctl_ok(&["tasks", "ls", "--format", "json"]);
     let pid = serde_json::from_str::<serde_json::Value>(ls.trim()).unwrap()["pid"]
@@ -280,7 +273,7 @@ fn sigkill_of_the_shim_stops_the_task_with_137_and_cleans_up() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(
-        !shim_socket(&k, &k.namespace, "rt-shim").exists(),
+        !k.shim_socket("rt-shim").exists(),
         "dead shim's socket removed"
     );
     k.ctl_ok(&["tasks", "rm", "rt-shim"]);
@@ -396,95 +389,35 @@ fn bad_input_gets_clear_errors_and_keeld_keeps_serving() {
     }
 }
 
-/// A `keelctl events --format json` subscriber whose lines arrive on a channel.
-struct Subscriber {
-    child: std::process::Child,
-    lines: std::sync::mpsc::Receiver<serde_json::Value>,
-}
-
-impl Subscriber {
-    /// Subscribes, and returns once the subscription provably receives events (a
-    /// sentinel container's create event came through).
-    fn start(k: &Keeld, filters: &[&str]) -> Self {
-        let mut args = vec!["events", "--format", "json"];
-        args.extend_from_slice(filters);
-        let mut child = k
-            .ctl_cmd(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                if tx
-                    .send(serde_json::from_str(&line).expect("json event line"))
-                    .is_err()
-                {
-                    return;
-                }
-            }
-        });
-        let mut s = Self { child, lines };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut n = 0;
-        loop {
-            n += 1;
-            let id = format!("sentinel-{n}");
-            k.ctl_ok(&[
-                "containers",
-                "create",
-                "--rootfs",
-                busybox_rootfs().to_str().unwrap(),
-                &id,
-                "true",
-            ]);
-            k.ctl_ok(&["containers", "rm", &id]);
-            if s.until(Duration::from_millis(500), |e| {
-                e["topic"] == "/containers/delete" && e["event"]["id"] == id.as_str()
-            })
-            .is_some()
-            {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "subscriber never received events"
-            );
+/// Subscribes, and returns once the subscription provably receives events (a
+/// sentinel container's create and delete came through).
+fn subscribe(k: &Keeld, filters: &[&str]) -> Subscriber {
+    let mut s = Subscriber::spawn(k, filters);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let id = format!("sentinel-{n}");
+        k.ctl_ok(&[
+            "containers",
+            "create",
+            "--rootfs",
+            busybox_rootfs().to_str().unwrap(),
+            &id,
+            "true",
+        ]);
+        k.ctl_ok(&["containers", "rm", &id]);
+        if s.until(Duration::from_millis(500), |e| {
+            e["topic"] == "/containers/delete" && e["event"]["id"] == id.as_str()
+        })
+        .is_some()
+        {
+            return s;
         }
-    }
-
-    /// Collects events until `done` matches one (returned), or the timeout.
-    fn until(
-        &mut self,
-        timeout: Duration,
-        mut done: impl FnMut(&serde_json::Value) -> bool,
-    ) -> Option<Vec<serde_json::Value>> {
-        let deadline = Instant::now() + timeout;
-        let mut seen = Vec::new();
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(e) => {
-                    let stop = done(&e);
-                    seen.push(e);
-                    if stop {
-                        return Some(seen);
-                    }
-                }
-                Err(_) => return None,
-            }
-        }
-        None
-    }
-}
-
-impl Drop for Subscriber {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        assert!(
+            Instant::now() < deadline,
+            "subscriber never received events"
+        );
     }
 }
 
@@ -504,7 +437,7 @@ fn each_task_event_arrives_once_and_in_order() {
     require_runtime();
     let k = Keeld::start();
     let ns_filter = format!("namespace=={}", k.namespace);
-    let mut sub = Subscriber::start(&k, &[&ns_filter]);
+    let mut sub = subscribe(&k, &[&ns_filter]);
     for id in ["ev-a", "ev-b", "ev-c"] {
         let out = run(&k, &["--rm", id, "sh", "-c", "echo hi"]);
         assert!(out.status.success(), "{}", describe(&out));
@@ -538,7 +471,7 @@ fn each_task_event_arrives_once_and_in_order() {
 fn memory_limit_gives_an_oom_event_and_exit_137() {
     require_runtime();
     let k = Keeld::start();
-    let mut sub = Subscriber::start(
+    let mut sub = subscribe(
         &k,
         &[
             "topic==/tasks/oom",

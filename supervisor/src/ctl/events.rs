@@ -1,24 +1,57 @@
-//! `keelctl events`: one line per event, like `ctr events`.
+//! `keelctl events`: one line per event, like `ctr events`, with replay from a
+//! sequence number; `keelctl events publish` for scripts and tests.
 
-use clap::Args;
-use keel_protocol::api::events::SubscribeRequest;
-use keel_protocol::types::{event_json, system_time};
+use std::io::Read;
+
+use clap::{Args, Subcommand};
+use keel_protocol::api::events::{PublishRequest, SubscribeRequest};
+use keel_protocol::types::{event_from_json, event_json, system_time, STRUCT_TYPE_URL};
 use keel_protocol::{Client, Error};
+use protobuf::MessageField;
 
 use super::output::Format;
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct EventsArgs {
-    /// `table`: `TIMESTAMP NAMESPACE TOPIC PAYLOAD`; `json`: one object per line.
+    #[command(subcommand)]
+    pub cmd: Option<EventsCmd>,
+    /// Replay retained events after this sequence number, then follow live ones.
+    #[arg(long)]
+    pub since: Option<u64>,
+    /// `table`: `TIMESTAMP NAMESPACE TOPIC PAYLOAD`; `json`: one object per line
+    /// with `seq`, `timestamp`, `namespace`, `topic` and `event`.
     #[arg(long, value_enum, default_value_t)]
     pub format: Format,
     /// containerd filters, e.g. `topic~=/tasks/.+,namespace==default` (OR-ed).
     pub filters: Vec<String>,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum EventsCmd {
+    /// Publish events into --namespace: each JSON value on stdin is one event's
+    /// payload, published in order.
+    Publish(PublishArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// Topic, e.g. `/app/deployed`.
+    #[arg(long)]
+    pub topic: String,
+    /// Payload type: `google.protobuf.Struct` (any JSON object) or a containerd
+    /// event type such as `containerd.events.TaskExit`.
+    #[arg(long = "type", default_value = STRUCT_TYPE_URL)]
+    pub type_name: String,
+}
+
 pub async fn run(client: &Client, a: EventsArgs) -> anyhow::Result<i32> {
+    if let Some(EventsCmd::Publish(p)) = a.cmd {
+        return publish(client, p).await;
+    }
     let req = SubscribeRequest {
         filters: a.filters,
+        since: a.since,
         ..Default::default()
     };
     let mut rx = client.events.subscribe(client.ctx(), &req).await?;
@@ -46,6 +79,29 @@ pub async fn run(client: &Client, a: EventsArgs) -> anyhow::Result<i32> {
             ),
         }
     }
+    Ok(0)
+}
+
+async fn publish(client: &Client, p: PublishArgs) -> anyhow::Result<i32> {
+    let mut input = String::new();
+    std::io::stdin().read_to_string(&mut input)?;
+    let mut published = 0usize;
+    for value in serde_json::Deserializer::from_str(&input).into_iter::<serde_json::Value>() {
+        let value = value.map_err(|e| {
+            anyhow::anyhow!(
+                "stdin is not a sequence of JSON values (after {published} events): {e}"
+            )
+        })?;
+        let req = PublishRequest {
+            topic: p.topic.clone(),
+            event: MessageField::some(event_from_json(&p.type_name, &value.to_string())?),
+            ..Default::default()
+        };
+        // One at a time: ttrpc may reorder requests in flight together.
+        client.events.publish(client.ctx(), &req).await?;
+        published += 1;
+    }
+    anyhow::ensure!(published > 0, "no event on stdin");
     Ok(0)
 }
 

@@ -152,7 +152,14 @@ impl ContainersService {
             .rpc()
     }
 
-    fn publish_container(&self, ns: &str, topic: &str, c: &ContainerRecord) {
+    /// Publishes a container event and waits for it to be on disk, which also makes
+    /// the record change just written durable.
+    async fn publish_container(
+        &self,
+        ns: &str,
+        topic: &str,
+        c: &ContainerRecord,
+    ) -> ttrpc::Result<()> {
         let any = match topic {
             "/containers/create" => pack(&cev::ContainerCreate {
                 id: c.id.clone(),
@@ -172,9 +179,15 @@ impl ContainersService {
                 ..Default::default()
             }),
         };
-        if let Ok(any) = any {
-            self.events.publish(ns, topic, any);
-        }
+        let delivered = any
+            .and_then(|any| {
+                self.events
+                    .publish(ns, topic, any, None)
+                    .map_err(Error::from)
+            })
+            .rpc()?;
+        delivered.await;
+        Ok(())
     }
 }
 
@@ -254,7 +267,8 @@ impl containers_ttrpc::Containers for ContainersService {
         };
         let (meta, ns2, r2) = (self.meta.clone(), ns.clone(), rec.clone());
         blocking(move || meta.create_container(&ns2, &r2)).await?;
-        self.publish_container(&ns, "/containers/create", &rec);
+        self.publish_container(&ns, "/containers/create", &rec)
+            .await?;
         Ok(CreateContainerResponse {
             container: MessageField::some(to_proto(&rec)),
             ..Default::default()
@@ -310,7 +324,8 @@ impl containers_ttrpc::Containers for ContainersService {
         rec.updated_ns = nanos(SystemTime::now());
         let (meta, ns2, r2) = (self.meta.clone(), ns.clone(), rec.clone());
         blocking(move || meta.update_container(&ns2, &r2)).await?;
-        self.publish_container(&ns, "/containers/update", &rec);
+        self.publish_container(&ns, "/containers/update", &rec)
+            .await?;
         Ok(UpdateContainerResponse {
             container: MessageField::some(to_proto(&rec)),
             ..Default::default()
@@ -334,7 +349,8 @@ impl containers_ttrpc::Containers for ContainersService {
         let rec = self.load(&ns, &req.id).await?;
         let (meta, ns2, id) = (self.meta.clone(), ns.clone(), req.id.clone());
         blocking(move || meta.delete_container(&ns2, &id)).await?;
-        self.publish_container(&ns, "/containers/delete", &rec);
+        self.publish_container(&ns, "/containers/delete", &rec)
+            .await?;
         Ok(Empty::new())
     }
 }

@@ -56,7 +56,12 @@ impl Events for ShimEventsService {
                 }
             }
             _ => {
-                self.monitor.publish(&env.namespace, &env.topic, event);
+                // Answered once the event is delivered: the shim re-sends until then.
+                self.monitor
+                    .publish(&env.namespace, &env.topic, event)
+                    .await
+                    .map_err(keel_protocol::Error::from)
+                    .rpc()?;
             }
         }
         Ok(Empty::new())

@@ -1,0 +1,397 @@
+//! keeld killed with -9 and restarted: every task comes back with its true state,
+//! exits that happened meanwhile are published exactly once, nothing leaks. Real
+//! runc containers through the real shim.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use keel_tests::{busybox_rootfs, describe, require_runtime, seqs, Keeld, Subscriber};
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+
+/// `keelctl tasks ls --format json`, by id.
+fn tasks(k: &Keeld) -> BTreeMap<String, Value> {
+    k.ctl_ok(&["tasks", "ls", "--format", "json"])
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).expect("json task line");
+            (v["id"].as_str().unwrap().to_string(), v)
+        })
+        .collect()
+}
+
+fn status(t: &Value) -> &str {
+    t["status"].as_str().unwrap_or_default()
+}
+
+/// Waits until no task is UNKNOWN; returns the listing.
+fn settled(k: &Keeld, within: Duration) -> BTreeMap<String, Value> {
+    let deadline = Instant::now() + within;
+    loop {
+        let t = tasks(k);
+        if t.values().all(|t| status(t) != "UNKNOWN") {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "tasks stay unknown: {t:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn run_detached(k: &Keeld, id: &str) {
+    let rootfs = busybox_rootfs();
+    k.ctl_ok(&[
+        "run",
+        "-d",
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        id,
+        "sleep",
+        "100000",
+    ]);
+}
+
+/// Every /tasks/exit in the log, by container id.
+fn exits(k: &Keeld, since: u64) -> BTreeMap<String, Vec<Value>> {
+    // The log's end: publish a marker and read up to it.
+    let marker = format!("end-{}", rand::random::<u32>());
+    k.ctl_ok(&[
+        "containers",
+        "create",
+        "--rootfs",
+        busybox_rootfs().to_str().unwrap(),
+        &marker,
+        "true",
+    ]);
+    k.ctl_ok(&["containers", "rm", &marker]);
+    let mut sub = Subscriber::spawn(k, &["--since", &since.to_string()]);
+    let all = sub
+        .until(Duration::from_secs(30), |e| {
+            e["topic"] == "/containers/delete" && e["event"]["id"] == marker.as_str()
+        })
+        .expect("the log up to the marker");
+    let s = seqs(&all);
+    assert!(s.windows(2).all(|w| w[0] < w[1]), "log order");
+    let mut out: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for e in all.into_iter().filter(|e| e["topic"] == "/tasks/exit") {
+        out.entry(e["event"]["containerId"].as_str().unwrap().to_string())
+            .or_default()
+            .push(e);
+    }
+    out
+}
+
+/// Shim processes serving this keeld.
+fn shims(k: &Keeld) -> Vec<String> {
+    let out = std::process::Command::new("pgrep")
+        .args([
+            "-af",
+            &format!("containerd-shim-runc-v2 -namespace {} ", k.namespace),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&k.socket.display().to_string()))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Mounts under this keeld's state directory.
+fn mounts(k: &Keeld) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(k.state.to_str().unwrap()))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Bundles under this keeld's state directory.
+fn bundles(k: &Keeld) -> BTreeSet<String> {
+    std::fs::read_dir(k.state.join("tasks").join(&k.namespace))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The newest sequence number so far.
+fn head(k: &Keeld) -> u64 {
+    let marker = format!("head-{}", rand::random::<u32>());
+    k.ctl_ok(&[
+        "containers",
+        "create",
+        "--rootfs",
+        busybox_rootfs().to_str().unwrap(),
+        &marker,
+        "true",
+    ]);
+    k.ctl_ok(&["containers", "rm", &marker]);
+    let mut sub = Subscriber::spawn(k, &["--since", "0"]);
+    let got = sub
+        .until(Duration::from_secs(30), |e| {
+            e["topic"] == "/containers/delete" && e["event"]["id"] == marker.as_str()
+        })
+        .expect("marker");
+    *seqs(&got).last().unwrap()
+}
+
+/// Removes every task and container, then asserts nothing of tasks `ids` is left:
+/// no shim, mount, bundle or shim socket.
+fn remove_all_and_check_leaks(k: &Keeld, ids: &[String]) {
+    for id in tasks(k).keys() {
+        k.ctl_ok(&["tasks", "rm", "-f", id]);
+    }
+    for line in k.ctl_ok(&["containers", "ls", "--format", "json"]).lines() {
+        let c: Value = serde_json::from_str(line).expect("json container line");
+        k.ctl_ok(&["containers", "rm", c["id"].as_str().unwrap()]);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (s, m, b) = (shims(k), mounts(k), bundles(k));
+        let sockets: Vec<_> = ids
+            .iter()
+            .map(|id| k.shim_socket(id))
+            .filter(|p| p.exists())
+            .collect();
+        if s.is_empty() && m.is_empty() && b.is_empty() && sockets.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left behind: shims {s:#?} mounts {m:#?} bundles {b:?} sockets {sockets:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn pid_of(t: &Value) -> i32 {
+    i32::try_from(t["pid"].as_u64().expect("pid")).unwrap()
+}
+
+#[test]
+fn exits_during_a_30s_outage_are_published_once_and_running_tasks_come_back() {
+    require_runtime();
+    let mut k = Keeld::start();
+    let ids: Vec<String> = (0..100).map(|i| format!("r{i:03}")).collect();
+    for id in &ids {
+        run_detached(&k, id);
+    }
+    let before = tasks(&k);
+    assert!(before.values().all(|t| status(t) == "RUNNING"));
+    let since = head(&k);
+
+    k.kill9();
+    let victims: Vec<&String> = ids.iter().step_by(10).collect();
+    for id in &victims {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid_of(&before[id.as_str()])),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    }
+    // Longer than the shims keep re-sending their exit events (~15 s).
+    std::thread::sleep(Duration::from_secs(30));
+    k.spawn();
+
+    let after = settled(&k, Duration::from_secs(30));
+    assert_eq!(after.len(), 100, "every task is listed");
+    for id in &ids {
+        let t = &after[id.as_str()];
+        if victims.contains(&id) {
+            assert_eq!(status(t), "STOPPED", "{id}: {t}");
+            assert_eq!(t["exit_status"], 137, "{id}: {t}");
+        } else {
+            assert_eq!(status(t), "RUNNING", "{id}: {t}");
+            assert_eq!(t["pid"], before[id.as_str()]["pid"], "{id}: same process");
+        }
+    }
+    let exits = exits(&k, since);
+    for id in &ids {
+        let n = exits.get(id.as_str()).map_or(0, Vec::len);
+        let want = usize::from(victims.contains(&id));
+        assert_eq!(
+            n,
+            want,
+            "/tasks/exit events of {id}: {:?}",
+            exits.get(id.as_str())
+        );
+    }
+    remove_all_and_check_leaks(&k, &ids);
+}
+
+#[test]
+fn a_stopped_shim_leaves_its_task_unknown_without_delaying_the_others() {
+    require_runtime();
+    let mut k = Keeld::start();
+    for id in ["s1", "s2", "s3"] {
+        run_detached(&k, id);
+    }
+    let shim = shims(&k)
+        .into_iter()
+        .find(|l| l.contains(" -id s2 "))
+        .expect("shim of s2");
+    let shim_pid =
+        nix::unistd::Pid::from_raw(shim.split_whitespace().next().unwrap().parse().unwrap());
+    k.kill9();
+    nix::sys::signal::kill(shim_pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let started = Instant::now();
+    k.spawn();
+    // The others are reconciled while s2's shim does not answer; the API answers.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let listed = loop {
+        let t = tasks(&k);
+        if status(&t["s1"]) == "RUNNING" && status(&t["s3"]) == "RUNNING" {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "s1 and s3 not restored: {t:#?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!(
+        "s1 and s3 restored {:?} after the restart",
+        started.elapsed()
+    );
+    assert_eq!(status(&listed["s2"]), "UNKNOWN", "{listed:#?}");
+    k.ctl_err(&["tasks", "kill", "s2"], "unknown");
+    // Still unknown a few probes later, never a guess.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(status(&tasks(&k)["s2"]), "UNKNOWN");
+
+    nix::sys::signal::kill(shim_pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status(&tasks(&k)["s2"]) != "RUNNING" {
+        assert!(Instant::now() < deadline, "s2 not restored after SIGCONT");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    remove_all_and_check_leaks(&k, &["s1".into(), "s2".into(), "s3".into()]);
+}
+
+#[test]
+fn kill_9_at_random_points_under_churn_leaves_every_task_consistent() {
+    require_runtime();
+    let mut k = Keeld::start();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(u64::from(std::process::id()));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    for round in 0..20 {
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                let (k, stop, next) = (&k, &stop, &next);
+                s.spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let id = format!("c{n:04}");
+                        let rootfs = busybox_rootfs();
+                        // Failures are expected: keeld dies under these calls.
+                        let _ = k.ctl(&[
+                            "run",
+                            "-d",
+                            "--rootfs",
+                            rootfs.to_str().unwrap(),
+                            &id,
+                            "sleep",
+                            "100000",
+                        ]);
+                        if n % 3 != 0 {
+                            let _ = k.ctl(&["tasks", "rm", "-f", &id]);
+                            let _ = k.ctl(&["containers", "rm", &id]);
+                        }
+                    }
+                });
+            }
+            std::thread::sleep(Duration::from_millis(rng.gen_range(50..800)));
+            let pid = i32::try_from(k.pid().expect("keeld runs")).unwrap();
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .unwrap();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+        // Reaps the killed daemon.
+        k.kill9();
+        k.spawn();
+        // Sometimes die again while restoring.
+        if round % 4 == 3 {
+            std::thread::sleep(Duration::from_millis(rng.gen_range(0..100)));
+            k.kill9();
+            k.spawn();
+        }
+    }
+
+    let listed = settled(&k, Duration::from_secs(60));
+    // Orphan cleanup runs in the background after the restart.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (b, s) = (bundles(&k), shims(&k));
+        let known: BTreeSet<String> = listed.keys().cloned().collect();
+        let stray_shims: Vec<&String> = s
+            .iter()
+            .filter(|l| !known.iter().any(|id| l.contains(&format!(" -id {id} "))))
+            .collect();
+        if b.is_subset(&known) && stray_shims.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let unknown: Vec<&String> = b.difference(&known).collect();
+            let log = k.log();
+            let about: Vec<&str> = log
+                .lines()
+                .filter(|l| {
+                    unknown.iter().any(|id| l.contains(id.as_str()))
+                        || stray_shims.iter().any(|s| {
+                            s.split(" -id ")
+                                .nth(1)
+                                .and_then(|r| r.split(' ').next())
+                                .is_some_and(|id| l.contains(id))
+                        })
+                })
+                .collect();
+            panic!(
+                "bundles {unknown:?} or shims {stray_shims:#?} without a task; keeld said:\n{}",
+                about.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for (id, t) in &listed {
+        match status(t) {
+            "RUNNING" => {
+                let pid = pid_of(t);
+                assert!(
+                    std::path::Path::new(&format!("/proc/{pid}")).exists(),
+                    "{id} is RUNNING with a dead pid {pid}"
+                );
+            }
+            "CREATED" | "STOPPED" => {}
+            other => panic!("{id} is {other}"),
+        }
+    }
+    // Every started task that is not running any more has exactly one exit event;
+    // no task has more than one.
+    let exits = exits(&k, 0);
+    for (id, e) in &exits {
+        assert_eq!(e.len(), 1, "{id} exited {} times: {e:#?}", e.len());
+    }
+    for (id, t) in &listed {
+        if status(t) == "STOPPED" {
+            assert!(
+                exits.contains_key(id),
+                "{id} is STOPPED without an exit event"
+            );
+        }
+    }
+    eprintln!(
+        "{} tasks left: {:?}",
+        listed.len(),
+        listed.values().map(status).collect::<Vec<_>>()
+    );
+    let all: Vec<String> = (0..next.load(std::sync::atomic::Ordering::Relaxed))
+        .map(|n| format!("c{n:04}"))
+        .collect();
+    remove_all_and_check_leaks(&k, &all);
+    let out = k.ctl(&["tasks", "ls"]);
+    assert!(out.status.success(), "{}", describe(&out));
+}
