@@ -19,6 +19,9 @@ pub enum Error {
     Shim(String),
     #[error("{0}")]
     Io(String),
+    /// Too many requests are waiting for the actor.
+    #[error("{0}")]
+    Busy(String),
     /// The actor is gone (keeld is shutting down) or its mailbox is closed.
     #[error("{0} is not running")]
     ActorGone(&'static str),
@@ -37,6 +40,7 @@ impl From<Error> for keel_protocol::Error {
             Error::AlreadyExists(m) => P::AlreadyExists(m),
             Error::FailedPrecondition(m) => P::FailedPrecondition(m),
             e @ (Error::Shim(_) | Error::Io(_)) => P::Internal(e.to_string()),
+            Error::Busy(m) => P::Unavailable(m),
             Error::ActorGone(what) => P::Unavailable(format!("{what} is not running")),
         }
     }

@@ -37,6 +37,8 @@ use crate::{Error, Result};
 const SHIM_RPC_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a forced delete waits for the killed task to exit.
 const FORCE_KILL_WAIT: Duration = Duration::from_secs(10);
+/// Requests one task may have waiting before more are refused.
+const TASK_REQUESTS_IN_FLIGHT: usize = 64;
 /// containerd's default runtime.
 const DEFAULT_RUNTIME: &str = "io.containerd.runc.v2";
 /// Shims probed at once while restoring.
@@ -329,7 +331,7 @@ impl Tasks {
             self.live
                 .lock()
                 .expect("task registry")
-                .insert((ns, id.clone()), TaskHandle { id, addr });
+                .insert((ns, id.clone()), TaskHandle::new(id, addr));
         }
 
         // Orphans: bundles and shims of this keeld with no task record.
@@ -594,10 +596,7 @@ impl Tasks {
             probe_backoff: Duration::ZERO,
         };
         let addr = TaskActor::start_in_arbiter(&self.arbiter, |_| actor);
-        Ok(TaskHandle {
-            id: id.clone(),
-            addr,
-        })
+        Ok(TaskHandle::new(id.clone(), addr))
     }
 }
 
@@ -1291,6 +1290,9 @@ impl Handler<Delete> for TaskActor {
 pub struct TaskHandle {
     pub id: String,
     addr: Addr<TaskActor>,
+    /// Requests in flight to the actor, bounded here: actix's own mailbox bound does
+    /// not hold for every way of sending.
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for TaskHandle {
@@ -1300,7 +1302,34 @@ impl std::fmt::Debug for TaskHandle {
 }
 
 impl TaskHandle {
+    fn new(id: String, addr: Addr<TaskActor>) -> Self {
+        Self {
+            id,
+            addr,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(TASK_REQUESTS_IN_FLIGHT)),
+        }
+    }
+
+    /// Sends a request and waits for its answer; Unavailable when the task already
+    /// has [`TASK_REQUESTS_IN_FLIGHT`] requests waiting.
     async fn call<M>(&self, m: M) -> Result<M::Result>
+    where
+        M: Message + Send + 'static,
+        M::Result: Send,
+        TaskActor: Handler<M>,
+    {
+        let _slot = self.in_flight.try_acquire().map_err(|_| {
+            Error::Busy(format!(
+                "task {} has {TASK_REQUESTS_IN_FLIGHT} requests waiting; try again",
+                self.id
+            ))
+        })?;
+        self.send(m).await
+    }
+
+    /// Sends without taking a slot: for Wait, which only registers a waiter and may
+    /// stay pending for the task's lifetime.
+    async fn send<M>(&self, m: M) -> Result<M::Result>
     where
         M: Message + Send + 'static,
         M::Result: Send,
@@ -1337,7 +1366,7 @@ impl TaskHandle {
     }
 
     pub async fn wait(&self) -> Result<ExitRecord> {
-        self.call(Wait).await?
+        self.send(Wait).await?
     }
 
     pub async fn pids(&self) -> Result<Vec<u32>> {

@@ -518,3 +518,56 @@ fn an_invalid_filter_is_rejected_at_subscribe_time() {
     k.ctl_err(&["events", "topic~=["], "invalid regular expression");
     k.assert_serving();
 }
+
+#[test]
+fn delete_is_idempotent_and_a_failed_one_can_be_retried() {
+    require_runtime();
+    let k = Keeld::start();
+    let out = run(&k, &["-d", "del-1", "sleep", "600"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    k.ctl_err(&["tasks", "rm", "del-1"], "delete with force");
+    // Still whole after the refused delete.
+    let ls = k.ctl_ok(&["tasks", "ls"]);
+    assert!(ls.contains("RUNNING"), "{ls}");
+    k.ctl_ok(&["tasks", "rm", "-f", "del-1"]);
+    k.ctl_err(&["tasks", "rm", "-f", "del-1"], "not found");
+    k.ctl_ok(&["containers", "rm", "del-1"]);
+    k.ctl_err(&["containers", "rm", "del-1"], "not found");
+    assert_no_leaks(&k, &k.namespace, "del-1");
+
+    // A delete cut short by a crash: its shim already shut down, the task record
+    // still there. After the restart the task is STOPPED and a retried delete
+    // finishes the job.
+    let mut k = k;
+    let out = run(&k, &["-d", "del-2", "sleep", "600"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let shim = std::process::Command::new("pgrep")
+        .args([
+            "-f",
+            &format!(
+                "containerd-shim-runc-v2 -namespace {} -id del-2 ",
+                k.namespace
+            ),
+        ])
+        .output()
+        .unwrap();
+    let shim_pid: i32 = String::from_utf8_lossy(&shim.stdout)
+        .trim()
+        .parse()
+        .expect("shim pid");
+    k.kill9();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    k.spawn();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !k.ctl_ok(&["tasks", "ls"]).contains("STOPPED") {
+        assert!(Instant::now() < deadline, "del-2 not reported stopped");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    k.ctl_ok(&["tasks", "rm", "del-2"]);
+    k.ctl_ok(&["containers", "rm", "del-2"]);
+    assert_no_leaks(&k, &k.namespace, "del-2");
+}

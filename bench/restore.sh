@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Restart cost with 200 running tasks: keeld is killed with SIGKILL and started
+# again, ROUNDS times; restore_bench (tests/examples/restore_bench.rs) times, from
+# the new process's start, the API answering Version and `Tasks.List` being fully
+# correct (all 200 RUNNING with their real pids).
+#
+# usage: sudo bench/restore.sh [ROUNDS] [TASKS]    (default 10 rounds, 200 tasks)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. deploy/env.sh
+ROUNDS=${1:-10}
+TASKS=${2:-200}
+DIR=${KEEL_BENCH_DIR:-/var/tmp/keel-bench-restore}
+cargo build --release --locked --bins >&2
+cargo build --release --locked -p keel-tests --example restore_bench >&2
+rm -rf "$DIR"
+mkdir -p "$DIR"
+KEELD_CMD=(target/release/keeld --root "$DIR/root" --state "$DIR/state" --address "$DIR/keel.sock")
+K="target/release/keelctl --address $DIR/keel.sock --namespace bench"
+start_keeld() {
+    "${KEELD_CMD[@]}" 2>>"$DIR/keeld.log" &
+    KEELD=$!
+    for _ in $(seq 200); do $K version >/dev/null 2>&1 && return; sleep 0.05; done
+    echo "keeld did not start" >&2; exit 1
+}
+cleanup() {
+    pkill -f "keeld --root $DIR/root" 2>/dev/null || true
+    sleep 0.5
+    "${KEELD_CMD[@]}" 2>>"$DIR/keeld.log" &
+    for _ in $(seq 200); do $K version >/dev/null 2>&1 && break; sleep 0.05; done
+    for id in $($K tasks ls --format json 2>/dev/null | sed -n 's/.*"id":"\([^"]*\)".*/\1/p'); do
+        $K tasks rm -f "$id" >/dev/null 2>&1 || true
+    done
+    pkill -f "keeld --root $DIR/root" 2>/dev/null || true
+    wait 2>/dev/null || true
+    umount -R "$DIR"/* 2>/dev/null || true
+    rm -rf "$DIR"
+}
+trap cleanup EXIT
+
+R="$DIR/rootfs"
+mkdir -p "$R"/{bin,proc,dev,sys,tmp,etc}
+cp /bin/busybox "$R/bin/"
+ln -sf busybox "$R/bin/sh"; ln -sf busybox "$R/bin/sleep"
+
+start_keeld
+for i in $(seq "$TASKS"); do $K run -d --rootfs "$R" "idle$i" sleep 100000 >/dev/null; done
+kill -9 "$KEELD"; wait "$KEELD" 2>/dev/null || true
+target/release/examples/restore_bench "${KEELD_CMD[@]}" -- "$DIR/keel.sock" bench "$ROUNDS" | tee "$DIR/rounds.json"
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+api=$(sed -n 's/.*"api_ms":\([0-9.]*\).*/\1/p' "$DIR/rounds.json" | median)
+ok=$(sed -n 's/.*"correct_ms":\([0-9.]*\).*/\1/p' "$DIR/rounds.json" | median)
+echo "median over $ROUNDS restarts with $TASKS tasks: API answering ${api} ms, tasks ls fully correct ${ok} ms"
