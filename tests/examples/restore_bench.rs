@@ -15,10 +15,18 @@ use keel_protocol::api::tasks::{ListTasksRequest, Status};
 use keel_protocol::Client;
 
 async fn listing(client: &Client) -> anyhow::Result<BTreeMap<String, (Status, u32)>> {
-    let r = client.tasks.list(client.ctx(), &ListTasksRequest::default()).await?;
+    let r = client
+        .tasks
+        .list(client.ctx(), &ListTasksRequest::default())
+        .await?;
     Ok(r.tasks
         .iter()
-        .map(|t| (t.container_id.clone(), (t.status.enum_value_or_default(), t.pid)))
+        .map(|t| {
+            (
+                t.container_id.clone(),
+                (t.status.enum_value_or_default(), t.pid),
+            )
+        })
         .collect())
 }
 
@@ -34,12 +42,14 @@ fn spawn(cmd: &[String]) -> anyhow::Result<Child> {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let split = args
-        .iter()
-        .position(|a| a == "--")
-        .ok_or_else(|| anyhow::anyhow!("usage: restore_bench KEELD… -- ADDRESS NAMESPACE ROUNDS"))?;
+    let split = args.iter().position(|a| a == "--").ok_or_else(|| {
+        anyhow::anyhow!("usage: restore_bench KEELD… -- ADDRESS NAMESPACE ROUNDS")
+    })?;
     let (keeld, rest) = (&args[..split], &args[split + 1..]);
-    anyhow::ensure!(rest.len() == 3, "usage: restore_bench KEELD… -- ADDRESS NAMESPACE ROUNDS");
+    anyhow::ensure!(
+        rest.len() == 3,
+        "usage: restore_bench KEELD… -- ADDRESS NAMESPACE ROUNDS"
+    );
     let (address, namespace) = (&rest[0], &rest[1]);
     let rounds: usize = rest[2].parse()?;
 
