@@ -27,6 +27,9 @@ use tokio::sync::{watch, Notify};
 
 use crate::{Error, Result};
 
+/// Events removed from the log on disk at once.
+const TRIM_BATCH: usize = 1024;
+
 /// Topic of the notice that starts a replay whose start is no longer retained.
 pub const GAP_TOPIC: &str = "/keel/events/gap";
 
@@ -70,6 +73,8 @@ struct State {
     staged: VecDeque<Staged>,
     /// Highest staged sequence number that needs a flush.
     flush_wanted: u64,
+    /// Dropped from the ring, still to be removed from the log.
+    to_trim: Vec<u64>,
 }
 
 struct Inner {
@@ -134,6 +139,7 @@ impl EventSink {
                     trimmed_upto: loaded.trimmed_upto,
                     staged: VecDeque::new(),
                     flush_wanted: 0,
+                    to_trim: Vec::new(),
                 }),
                 delivered,
                 flush: Arc::new(Notify::new()),
@@ -217,10 +223,15 @@ impl EventSink {
         }
         while st.ring.len() > self.inner.opts.retain {
             let old = st.ring.pop_front().expect("ring is not empty");
-            if let Err(e) = self.inner.log.trim(old.sequence) {
+            st.trimmed_upto = old.sequence;
+            st.to_trim.push(old.sequence);
+        }
+        // Removed from disk in batches (reopening the log trims it exactly anyway).
+        if st.to_trim.len() >= TRIM_BATCH {
+            let old = std::mem::take(&mut st.to_trim);
+            if let Err(e) = self.inner.log.trim(&old) {
                 tracing::error!(error = %e, "trimming the event log");
             }
-            st.trimmed_upto = old.sequence;
         }
         if let Some(seq) = newest {
             self.inner.delivered.send_replace(seq);
@@ -360,7 +371,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sink = open(dir.path(), 3);
         let mut last = 0;
-        for _ in 0..5 {
+        // Enough for one batch to leave the log on disk too.
+        let total = 3 + TRIM_BATCH as u64 + 1;
+        for _ in 0..total {
             last = sink.publish("ns", "/x", any(), None).unwrap().await;
         }
         let kept = sink.read_after(last - 3, 10).unwrap();
@@ -372,6 +385,11 @@ mod tests {
             })
         );
         assert_eq!(sink.read_after(last, 10).unwrap().len(), 0);
+        drop(sink);
+        // Reopened: exactly the retained ones.
+        let sink = open(dir.path(), 3);
+        assert_eq!(seqs(&sink.read_after(last - 3, 10).unwrap()), vec![last - 2, last - 1, last]);
+        assert!(sink.read_after(last - 4, 10).is_err());
     }
 
     #[tokio::test]

@@ -102,10 +102,17 @@ impl EventLog {
         Ok(())
     }
 
-    /// Drops an event that retention no longer keeps.
-    pub fn trim(&self, seq: u64) -> Result<()> {
-        self.events.remove(seq.to_be_bytes())?;
-        self.marks.insert(TRIMMED, &seq.to_be_bytes())?;
+    /// Drops events that retention no longer keeps (one batch), the newest last.
+    pub fn trim(&self, seqs: &[u64]) -> Result<()> {
+        let Some(newest) = seqs.last() else {
+            return Ok(());
+        };
+        let mut batch = sled::Batch::default();
+        for s in seqs {
+            batch.remove(&s.to_be_bytes());
+        }
+        self.events.apply_batch(batch)?;
+        self.marks.insert(TRIMMED, &newest.to_be_bytes())?;
         Ok(())
     }
 
