@@ -5,7 +5,7 @@
 //! An event is *delivered* (appended to the retained ring that subscribers read, and
 //! announced on a watch channel) strictly in sequence order, and an event whose topic
 //! is durable (`/tasks/*`, `/containers/*`) only after a flush has put it on disk. One
-//! flusher task does the flushing for everyone, so events staged together share one
+//! flusher thread does the flushing for everyone, so events staged together share one
 //! fsync; record changes written to the same database just before an event are made
 //! durable by that event's flush.
 //!
@@ -23,7 +23,7 @@ use keel_storage::events::{EventLog, RESERVE_BLOCK};
 use protobuf::well_known_types::any::Any;
 use protobuf::well_known_types::timestamp::Timestamp;
 use protobuf::{Message, MessageField};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
 use crate::{Error, Result};
 
@@ -83,7 +83,8 @@ struct Inner {
     state: Mutex<State>,
     /// Newest delivered sequence number.
     delivered: watch::Sender<u64>,
-    flush: Arc<Notify>,
+    /// Wakes the flusher thread; holds at most one wake-up.
+    flush: std::sync::mpsc::SyncSender<()>,
     /// Subscribers disconnected for lagging or stalling.
     lagged: AtomicU64,
 }
@@ -111,7 +112,7 @@ pub struct Behind {
 
 impl EventSink {
     /// Opens the exchange over the event log in `db`, reloading retained events, and
-    /// starts its flusher task (call from within a tokio runtime).
+    /// starts its flusher thread.
     pub fn open(db: sled::Db, opts: EventOptions) -> Result<Self> {
         let (log, loaded) = EventLog::open(db, opts.retain)?;
         let mut ring = VecDeque::with_capacity(loaded.events.len());
@@ -128,6 +129,7 @@ impl EventSink {
             "event log loaded"
         );
         let (delivered, _) = watch::channel(last);
+        let (flush, wake) = std::sync::mpsc::sync_channel(1);
         let sink = Self {
             inner: Arc::new(Inner {
                 log,
@@ -142,14 +144,15 @@ impl EventSink {
                     to_trim: Vec::new(),
                 }),
                 delivered,
-                flush: Arc::new(Notify::new()),
+                flush,
                 lagged: AtomicU64::new(0),
             }),
         };
-        tokio::spawn(flusher(
-            Arc::downgrade(&sink.inner),
-            sink.inner.flush.clone(),
-        ));
+        let weak = Arc::downgrade(&sink.inner);
+        std::thread::Builder::new()
+            .name("keel-event-flush".into())
+            .spawn(move || flusher(&weak, &wake))
+            .map_err(|e| Error::Io(format!("start the event flusher: {e}")))?;
         Ok(sink)
     }
 
@@ -200,7 +203,8 @@ impl EventSink {
         });
         if durable {
             st.flush_wanted = sequence;
-            self.inner.flush.notify_one();
+            // Full means a wake-up is already pending; it will see this event too.
+            let _ = self.inner.flush.try_send(());
         } else {
             self.deliver(&mut st);
         }
@@ -273,31 +277,20 @@ impl EventSink {
     }
 }
 
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // Lets the flusher see that the exchange is gone.
-        self.flush.notify_one();
-    }
-}
-
-/// Flushes the log whenever durable events wait, then delivers them. Events staged
-/// while a flush runs share the next one. Ends when the exchange is dropped.
-async fn flusher(inner: Weak<Inner>, wake: Arc<Notify>) {
-    loop {
-        wake.notified().await;
+/// The flusher thread: flushes the log whenever durable events wait, then delivers
+/// them. Events staged while a flush runs share the next one. One thread does every
+/// flush, so no other thread ever blocks on the disk for an event. Ends when the
+/// exchange is dropped.
+fn flusher(inner: &Weak<Inner>, wake: &std::sync::mpsc::Receiver<()>) {
+    while wake.recv().is_ok() {
         let Some(inner) = inner.upgrade() else {
             return;
         };
         let sink = EventSink { inner };
         let target = sink.state().flush_wanted;
-        loop {
-            let log = sink.inner.log.clone();
-            match tokio::task::spawn_blocking(move || log.flush()).await {
-                Ok(Ok(())) => break,
-                Ok(Err(e)) => tracing::error!(error = %e, "flushing the event log; retrying"),
-                Err(e) => tracing::error!(error = %e, "event log flush task; retrying"),
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+        while let Err(e) = sink.inner.log.flush() {
+            tracing::error!(error = %e, "flushing the event log; retrying");
+            std::thread::sleep(Duration::from_secs(1));
         }
         let mut st = sink.state();
         for s in st.staged.iter_mut() {
