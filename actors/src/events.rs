@@ -27,7 +27,7 @@ use tokio::sync::watch;
 
 use crate::{Error, Result};
 
-/// Events removed from the log on disk at once.
+/// Events dropped from the ring between trims of the log on disk.
 const TRIM_BATCH: usize = 1024;
 
 /// Topic of the notice that starts a replay whose start is no longer retained.
@@ -73,8 +73,8 @@ struct State {
     staged: VecDeque<Staged>,
     /// Highest staged sequence number that needs a flush.
     flush_wanted: u64,
-    /// Dropped from the ring, still to be removed from the log.
-    to_trim: Vec<u64>,
+    /// Dropped from the ring since the log was last trimmed.
+    untrimmed: usize,
 }
 
 struct Inner {
@@ -111,10 +111,16 @@ pub struct Behind {
 }
 
 impl EventSink {
-    /// Opens the exchange over the event log in `db`, reloading retained events, and
-    /// starts its flusher thread.
-    pub fn open(db: sled::Db, opts: EventOptions) -> Result<Self> {
-        let (log, loaded) = EventLog::open(db, opts.retain)?;
+    /// Opens the exchange over the event log in `dir` (its marks in `db`, which its
+    /// flushes also flush), reloading retained events, and starts its flusher thread.
+    pub fn open(dir: &std::path::Path, db: sled::Db, opts: EventOptions) -> Result<Self> {
+        let sequence_of = |b: &[u8]| {
+            Envelope::parse_from_bytes(b)
+                .ok()
+                .map(|e| e.sequence)
+                .filter(|s| *s > 0)
+        };
+        let (log, loaded) = EventLog::open(dir, db, opts.retain, &sequence_of)?;
         let mut ring = VecDeque::with_capacity(loaded.events.len());
         for (seq, bytes) in loaded.events {
             match Envelope::parse_from_bytes(&bytes) {
@@ -141,7 +147,7 @@ impl EventSink {
                     trimmed_upto: loaded.trimmed_upto,
                     staged: VecDeque::new(),
                     flush_wanted: 0,
-                    to_trim: Vec::new(),
+                    untrimmed: 0,
                 }),
                 delivered,
                 flush,
@@ -228,12 +234,12 @@ impl EventSink {
         while st.ring.len() > self.inner.opts.retain {
             let old = st.ring.pop_front().expect("ring is not empty");
             st.trimmed_upto = old.sequence;
-            st.to_trim.push(old.sequence);
+            st.untrimmed += 1;
         }
-        // Removed from disk in batches (reopening the log trims it exactly anyway).
-        if st.to_trim.len() >= TRIM_BATCH {
-            let old = std::mem::take(&mut st.to_trim);
-            if let Err(e) = self.inner.log.trim(&old) {
+        // The log on disk follows now and then (reopening it trims it exactly).
+        if st.untrimmed >= TRIM_BATCH {
+            st.untrimmed = 0;
+            if let Err(e) = self.inner.log.trim(st.trimmed_upto) {
                 tracing::error!(error = %e, "trimming the event log");
             }
         }
@@ -314,6 +320,7 @@ mod tests {
 
     fn open(dir: &std::path::Path, retain: usize) -> EventSink {
         EventSink::open(
+            &dir.join("events"),
             keel_storage::open_db(dir).unwrap(),
             EventOptions {
                 retain,
@@ -381,7 +388,10 @@ mod tests {
         drop(sink);
         // Reopened: exactly the retained ones.
         let sink = open(dir.path(), 3);
-        assert_eq!(seqs(&sink.read_after(last - 3, 10).unwrap()), vec![last - 2, last - 1, last]);
+        assert_eq!(
+            seqs(&sink.read_after(last - 3, 10).unwrap()),
+            vec![last - 2, last - 1, last]
+        );
         assert!(sink.read_after(last - 4, 10).is_err());
     }
 

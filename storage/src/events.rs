@@ -1,19 +1,36 @@
-//! The event log in sled: every published event under its sequence number (big-endian
-//! key, encoded envelope as value), trimmed to the retention limit, plus the two
-//! numbers that keep sequence numbers strictly increasing across restarts.
+//! The event log: append-only segment files under `<root>/events/`, one
+//! length-prefixed encoded envelope per event, plus two marks in sled that keep
+//! sequence numbers strictly increasing across restarts.
 //!
-//! Nothing here flushes on its own. The exchange flushes before it delivers an event
-//! whose topic is durable; other events reach the disk within sled's flush interval.
+//! A segment holds [`SEGMENT_EVENTS`] events and is named after its first sequence
+//! number; retention removes whole segments once every event in them is dropped.
+//! Nothing here syncs on its own: [`EventLog::flush`] writes buffered events out,
+//! fdatasyncs the current segment and flushes sled (where the record changes that
+//! events describe live), and the exchange calls it before it delivers an event
+//! whose topic is durable.
 //!
 //! Sequence numbers are handed out in blocks: before any number above `reserved` is
-//! used, a larger `reserved` is written and flushed. After a crash, numbering resumes
-//! above the last reservation, so a number is never given to two events even if the
-//! events that used it were not yet on disk.
+//! used, a larger `reserved` is written and flushed. After a crash numbering
+//! resumes above the last reservation, so a number is never given to two events even
+//! if the events that used it never reached the disk.
+//!
+//! A crash can leave a torn record at the end of the newest segment; it is cut off
+//! at open. Events are recognised by their sequence numbers, which must increase.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use crate::{Error, Result};
 
 /// How many sequence numbers one reservation covers.
 pub const RESERVE_BLOCK: u64 = 1 << 16;
+/// Events per segment file.
+pub const SEGMENT_EVENTS: u64 = 4096;
+/// Largest encoded event accepted back from disk.
+const MAX_EVENT: usize = 16 << 20;
 
 const RESERVED: &[u8] = b"reserved";
 const TRIMMED: &[u8] = b"trimmed";
@@ -31,12 +48,34 @@ pub struct Loaded {
     pub reserved: u64,
 }
 
+struct Segment {
+    first: u64,
+    path: PathBuf,
+}
+
+struct Writer {
+    /// Oldest first; the last one is being written.
+    segments: VecDeque<Segment>,
+    out: Option<BufWriter<File>>,
+    in_current: u64,
+    /// Appended since the last flush.
+    dirty: bool,
+}
+
 /// The persistent half of keel's event exchange.
-#[derive(Debug, Clone)]
 pub struct EventLog {
+    dir: PathBuf,
     db: sled::Db,
-    events: sled::Tree,
     marks: sled::Tree,
+    writer: Mutex<Writer>,
+}
+
+impl std::fmt::Debug for EventLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventLog")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
 }
 
 fn read_u64(v: Option<sled::IVec>) -> Result<u64> {
@@ -48,46 +87,167 @@ fn read_u64(v: Option<sled::IVec>) -> Result<u64> {
     }
 }
 
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.to_path_buf();
+    move |source| Error::Io { op, path, source }
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("fsync", dir))
+}
+
+/// A segment as read back.
+struct SegmentRead {
+    /// (sequence, encoded event), in order.
+    records: Vec<(u64, Vec<u8>)>,
+    /// Length of the valid prefix.
+    valid: u64,
+    /// Whether anything follows the valid prefix.
+    torn: bool,
+}
+
+/// Reads a segment's records, stopping at the first one that is torn or out of
+/// order. `sequence_of` extracts an encoded envelope's sequence number.
+fn read_segment(
+    path: &Path,
+    after: u64,
+    sequence_of: &dyn Fn(&[u8]) -> Option<u64>,
+) -> Result<SegmentRead> {
+    let mut data = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut data))
+        .map_err(io("read", path))?;
+    let mut out = Vec::new();
+    let (mut pos, mut last) = (0usize, after);
+    while pos + 4 <= data.len() {
+        let len = u32::from_le_bytes(data[pos..pos + 4].try_into().expect("4 bytes")) as usize;
+        let end = pos + 4 + len;
+        if len == 0 || len > MAX_EVENT || end > data.len() {
+            break;
+        }
+        let bytes = &data[pos + 4..end];
+        match sequence_of(bytes) {
+            Some(seq) if seq > last => {
+                out.push((seq, bytes.to_vec()));
+                last = seq;
+                pos = end;
+            }
+            _ => break,
+        }
+    }
+    Ok(SegmentRead {
+        records: out,
+        valid: pos as u64,
+        torn: pos < data.len(),
+    })
+}
+
 impl EventLog {
-    /// Opens the log, keeps the newest `retain` events and drops older ones, and
-    /// reserves a first block of sequence numbers (flushed before returning).
-    pub fn open(db: sled::Db, retain: usize) -> Result<(Self, Loaded)> {
-        let log = Self {
-            events: db.open_tree("events")?,
-            marks: db.open_tree("event_marks")?,
-            db,
-        };
-        let mut trimmed_upto = read_u64(log.marks.get(TRIMMED)?)?;
-        let mut newest: Vec<(u64, Vec<u8>)> = Vec::with_capacity(retain.min(1 << 20));
-        for item in log.events.iter().rev() {
-            let (k, v) = item?;
-            let seq = read_u64(Some(k))?;
-            if newest.len() < retain {
-                newest.push((seq, v.to_vec()));
-            } else {
-                log.events.remove(seq.to_be_bytes())?;
-                trimmed_upto = trimmed_upto.max(seq);
+    /// Opens the log in `dir`, keeps the newest `retain` events, cuts off a torn
+    /// tail, and reserves a first block of sequence numbers (flushed before
+    /// returning). `sequence_of` reads an encoded event's sequence number.
+    pub fn open(
+        dir: &Path,
+        db: sled::Db,
+        retain: usize,
+        sequence_of: &dyn Fn(&[u8]) -> Option<u64>,
+    ) -> Result<(Self, Loaded)> {
+        std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+        let marks = db.open_tree("event_marks")?;
+        let mut trimmed_upto = read_u64(marks.get(TRIMMED)?)?;
+        let mut segments: Vec<Segment> = std::fs::read_dir(dir)
+            .map_err(io("read", dir))?
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_str()?.to_string();
+                let first = name.strip_suffix(".log")?.parse().ok()?;
+                Some(Segment {
+                    first,
+                    path: e.path(),
+                })
+            })
+            .collect();
+        segments.sort_by_key(|s| s.first);
+
+        let mut events: VecDeque<(u64, Vec<u8>)> = VecDeque::new();
+        let (mut last, mut in_current) = (0, 0);
+        let count = segments.len();
+        for (i, seg) in segments.iter().enumerate() {
+            let SegmentRead {
+                records,
+                valid,
+                torn,
+            } = read_segment(&seg.path, last, sequence_of)?;
+            if torn {
+                tracing::warn!(segment = %seg.path.display(), valid_bytes = valid, "event log: cut off a torn or invalid tail");
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&seg.path)
+                    .map_err(io("open", &seg.path))?;
+                f.set_len(valid).map_err(io("truncate", &seg.path))?;
+                f.sync_all().map_err(io("fsync", &seg.path))?;
+                if i + 1 < count {
+                    tracing::error!(segment = %seg.path.display(), "event log: a segment other than the newest was damaged");
+                }
+            }
+            if let Some((s, _)) = records.last() {
+                last = *s;
+            }
+            in_current = records.len() as u64;
+            events.extend(records);
+            while events.len() > retain {
+                let (s, _) = events.pop_front().expect("not empty");
+                trimmed_upto = trimmed_upto.max(s);
             }
         }
-        newest.reverse();
-        log.marks.insert(TRIMMED, &trimmed_upto.to_be_bytes())?;
-        let last = newest.last().map_or(0, |(s, _)| *s);
-        let next_seq = last
-            .max(read_u64(log.marks.get(RESERVED)?)?)
-            .max(trimmed_upto)
-            + 1;
+        // Whole segments older than what is kept go.
+        let first_kept = events.front().map_or(last + 1, |(s, _)| *s);
+        let mut segments: VecDeque<Segment> = segments.into();
+        while segments.len() > 1 && segments[1].first <= first_kept {
+            let old = segments.pop_front().expect("len > 1");
+            std::fs::remove_file(&old.path).map_err(io("remove", &old.path))?;
+        }
+        let out = match segments.back() {
+            Some(seg) => Some(BufWriter::new(
+                OpenOptions::new()
+                    .append(true)
+                    .open(&seg.path)
+                    .map_err(io("open", &seg.path))?,
+            )),
+            None => None,
+        };
+        marks.insert(TRIMMED, &trimmed_upto.to_be_bytes())?;
+        let next_seq = last.max(read_u64(marks.get(RESERVED)?)?).max(trimmed_upto) + 1;
         let reserved = next_seq - 1 + RESERVE_BLOCK;
+        let log = Self {
+            dir: dir.to_path_buf(),
+            db,
+            marks,
+            writer: Mutex::new(Writer {
+                segments,
+                out,
+                in_current,
+                dirty: false,
+            }),
+        };
         log.reserve(reserved)?;
-        log.flush()?;
+        log.db.flush()?;
+        sync_dir(dir)?;
         Ok((
             log,
             Loaded {
-                events: newest,
+                events: events.into(),
                 next_seq,
                 trimmed_upto,
                 reserved,
             },
         ))
+    }
+
+    fn writer(&self) -> std::sync::MutexGuard<'_, Writer> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records a new reservation mark (durable at the next flush).
@@ -96,34 +256,69 @@ impl EventLog {
         Ok(())
     }
 
-    /// Appends one encoded event.
+    /// Appends one encoded event (buffered; on disk after the next flush).
     pub fn append(&self, seq: u64, envelope: &[u8]) -> Result<()> {
-        self.events.insert(seq.to_be_bytes(), envelope)?;
-        Ok(())
-    }
-
-    /// Drops events that retention no longer keeps (one batch), the newest last.
-    pub fn trim(&self, seqs: &[u64]) -> Result<()> {
-        let Some(newest) = seqs.last() else {
-            return Ok(());
-        };
-        let mut batch = sled::Batch::default();
-        for s in seqs {
-            batch.remove(&s.to_be_bytes());
+        let mut w = self.writer();
+        if w.out.is_none() || w.in_current >= SEGMENT_EVENTS {
+            // The finished segment is made durable before the new one is started.
+            if let Some(mut out) = w.out.take() {
+                out.flush().map_err(io("write", &self.dir))?;
+                out.get_ref().sync_data().map_err(io("fsync", &self.dir))?;
+            }
+            let path = self.dir.join(format!("{seq:020}.log"));
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(io("create", &path))?;
+            sync_dir(&self.dir)?;
+            w.segments.push_back(Segment { first: seq, path });
+            w.out = Some(BufWriter::with_capacity(64 << 10, file));
+            w.in_current = 0;
         }
-        self.events.apply_batch(batch)?;
-        self.marks.insert(TRIMMED, &newest.to_be_bytes())?;
+        let len = u32::try_from(envelope.len())
+            .map_err(|_| Error::InvalidArgument("event larger than 4 GiB".into()))?;
+        let out = w.out.as_mut().expect("a segment is open");
+        out.write_all(&len.to_le_bytes())
+            .and_then(|()| out.write_all(envelope))
+            .map_err(io("write", &self.dir))?;
+        w.in_current += 1;
+        w.dirty = true;
         Ok(())
     }
 
-    /// Forgets an event that was appended but never delivered.
-    pub fn discard(&self, seq: u64) -> Result<()> {
-        self.events.remove(seq.to_be_bytes())?;
+    /// Retention dropped every event up to `upto`: removes the segments that hold
+    /// nothing newer, and records the mark.
+    pub fn trim(&self, upto: u64) -> Result<()> {
+        let mut w = self.writer();
+        while w.segments.len() > 1 && w.segments[1].first <= upto + 1 {
+            let old = w.segments.pop_front().expect("len > 1");
+            std::fs::remove_file(&old.path).map_err(io("remove", &old.path))?;
+        }
+        drop(w);
+        self.marks.insert(TRIMMED, &upto.to_be_bytes())?;
         Ok(())
     }
 
-    /// Writes everything so far to disk (fsync).
+    /// Writes everything appended so far to disk and fdatasyncs it, then flushes
+    /// sled (the marks, and record changes made before the events that describe
+    /// them).
     pub fn flush(&self) -> Result<()> {
+        let file = {
+            let mut w = self.writer();
+            let dirty = std::mem::take(&mut w.dirty);
+            match w.out.as_mut() {
+                Some(out) if dirty => {
+                    out.flush().map_err(io("write", &self.dir))?;
+                    Some(out.get_ref().try_clone().map_err(io("dup", &self.dir))?)
+                }
+                _ => None,
+            }
+        };
+        // Outside the lock: appends go on while the disk syncs.
+        if let Some(f) = file {
+            f.sync_data().map_err(io("fsync", &self.dir))?;
+        }
         self.db.flush()?;
         Ok(())
     }
@@ -133,22 +328,38 @@ impl EventLog {
 mod tests {
     use super::*;
 
+    /// Test events: 8-byte big-endian sequence number, then anything.
+    fn seq_of(b: &[u8]) -> Option<u64> {
+        Some(u64::from_be_bytes(b.get(..8)?.try_into().ok()?)).filter(|s| *s > 0)
+    }
+
+    fn event(seq: u64) -> Vec<u8> {
+        let mut v = seq.to_be_bytes().to_vec();
+        v.extend_from_slice(format!("event {seq}").as_bytes());
+        v
+    }
+
+    fn open(dir: &Path, retain: usize) -> (EventLog, Loaded) {
+        let db = crate::open_db(&dir.join("root")).unwrap();
+        EventLog::open(&dir.join("events"), db, retain, &seq_of).unwrap()
+    }
+
     #[test]
     fn numbering_resumes_above_the_reservation_and_retention_trims() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let (log, l) = EventLog::open(crate::open_db(dir.path()).unwrap(), 3).unwrap();
+            let (log, l) = open(dir.path(), 3);
             assert_eq!(l.next_seq, 1);
             assert_eq!(l.reserved, RESERVE_BLOCK);
             for s in 1..=5 {
-                log.append(s, format!("e{s}").as_bytes()).unwrap();
+                log.append(s, &event(s)).unwrap();
             }
             log.flush().unwrap();
         }
-        let (_, l) = EventLog::open(crate::open_db(dir.path()).unwrap(), 3).unwrap();
+        let (_, l) = open(dir.path(), 3);
         let seqs: Vec<u64> = l.events.iter().map(|(s, _)| *s).collect();
         assert_eq!(seqs, vec![3, 4, 5], "only the newest three are kept");
-        assert_eq!(l.events[0].1, b"e3");
+        assert_eq!(l.events[0].1, event(3));
         assert_eq!(l.trimmed_upto, 2);
         assert_eq!(
             l.next_seq,
@@ -156,5 +367,62 @@ mod tests {
             "numbers handed out before the crash may have been used: skip them"
         );
         assert_eq!(l.reserved, 2 * RESERVE_BLOCK);
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_off_and_appending_goes_on_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (log, _) = open(dir.path(), 100);
+            for s in 1..=3 {
+                log.append(s, &event(s)).unwrap();
+            }
+            log.flush().unwrap();
+        }
+        let seg = dir.path().join("events").join(format!("{:020}.log", 1));
+        // Half a record, then zeroes, as a crash in the middle of a write leaves.
+        let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+        f.write_all(&20u32.to_le_bytes()).unwrap();
+        f.write_all(&[0u8; 7]).unwrap();
+        drop(f);
+        let (log, l) = open(dir.path(), 100);
+        assert_eq!(l.events.len(), 3);
+        let next = l.next_seq;
+        log.append(next, &event(next)).unwrap();
+        log.flush().unwrap();
+        drop(log);
+        let (_, l) = open(dir.path(), 100);
+        let seqs: Vec<u64> = l.events.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, vec![1, 2, 3, next]);
+    }
+
+    #[test]
+    fn whole_segments_go_once_retention_passes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = open(dir.path(), 10);
+        let total = SEGMENT_EVENTS * 2 + 5;
+        for s in 1..=total {
+            log.append(s, &event(s)).unwrap();
+        }
+        log.flush().unwrap();
+        let files = || {
+            std::fs::read_dir(dir.path().join("events"))
+                .unwrap()
+                .count()
+        };
+        assert_eq!(files(), 3);
+        log.trim(SEGMENT_EVENTS).unwrap();
+        assert_eq!(files(), 2, "the first segment held nothing newer");
+        log.trim(SEGMENT_EVENTS * 2 - 1).unwrap();
+        assert_eq!(files(), 2, "the second still holds one kept event");
+        drop(log);
+        let (_, l) = open(dir.path(), 10);
+        assert_eq!(l.events.len(), 10);
+        assert_eq!(l.events[9].0, total);
+        assert_eq!(
+            files(),
+            2,
+            "reopening drops the segment older than what is kept"
+        );
     }
 }

@@ -115,7 +115,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     let storage = StorageHandle::start(store);
     let meta = keel_storage::Meta::open(db.clone())?;
-    let events = EventSink::open(db.clone(), cfg.events)?;
+    let events = EventSink::open(&cfg.root.join("events"), db.clone(), cfg.events)?;
     let monitor = MonitorHandle::start(meta.clone(), events.clone());
     let tasks = Tasks::new(
         TaskEnv {

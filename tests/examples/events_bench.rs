@@ -13,9 +13,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use keel_protocol::api::events::{PublishRequest, SubscribeRequest};
 use keel_protocol::types::{event_from_json, STRUCT_TYPE_URL};
+use keel_protocol::Client;
 use protobuf::well_known_types::struct_::Struct;
 use protobuf::Message;
-use keel_protocol::Client;
 use protobuf::MessageField;
 
 const TOPIC: &str = "/bench/tick";
