@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . deploy/env.sh
+. bench/common.sh
 ROUNDS=${1:-10}
 TASKS=${2:-200}
 DIR=${KEEL_BENCH_DIR:-/var/tmp/keel-bench-restore}
@@ -28,20 +29,15 @@ cleanup() {
     sleep 0.5
     "${KEELD_CMD[@]}" 2>>"$DIR/keeld.log" &
     for _ in $(seq 200); do $K version >/dev/null 2>&1 && break; sleep 0.05; done
-    for id in $($K tasks ls --format json 2>/dev/null | sed -n 's/.*"id":"\([^"]*\)".*/\1/p'); do
-        $K tasks rm -f "$id" >/dev/null 2>&1 || true
-    done
+    remove_tasks $K
     pkill -f "keeld --root $DIR/root" 2>/dev/null || true
     wait 2>/dev/null || true
-    umount -R "$DIR"/* 2>/dev/null || true
-    rm -rf "$DIR"
+    remove_dir "$DIR"
 }
 trap cleanup EXIT
 
 R="$DIR/rootfs"
-mkdir -p "$R"/{bin,proc,dev,sys,tmp,etc}
-cp /bin/busybox "$R/bin/"
-ln -sf busybox "$R/bin/sh"; ln -sf busybox "$R/bin/sleep"
+busybox_rootfs "$R"
 
 start_keeld
 for i in $(seq "$TASKS"); do $K run -d --rootfs "$R" "idle$i" sleep 100000 >/dev/null; done

@@ -10,27 +10,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . deploy/env.sh
+. bench/common.sh
 RUNS=${1:-30}
 DIR=${KEEL_BENCH_DIR:-/var/tmp/keel-bench-tasks}
 cargo build --release --locked --bins >&2
 rm -rf "$DIR"
 mkdir -p "$DIR"
 cleanup() {
-    for id in $(target/release/keelctl --address "$DIR/keel.sock" tasks ls --format json 2>/dev/null | sed -n 's/.*"id":"\([^"]*\)".*/\1/p'); do
-        target/release/keelctl --address "$DIR/keel.sock" tasks rm -f "$id" >/dev/null 2>&1 || true
-    done
+    remove_tasks target/release/keelctl --address "$DIR/keel.sock"
     kill "${KEELD:-}" "${CTD:-}" 2>/dev/null || true
     wait 2>/dev/null || true
-    umount -R "$DIR"/* 2>/dev/null || true
-    rm -rf "$DIR"
+    remove_dir "$DIR"
 }
 trap cleanup EXIT
 
-# A busybox rootfs.
 R="$DIR/rootfs"
-mkdir -p "$R"/{bin,proc,dev,sys,tmp,etc}
-cp /bin/busybox "$R/bin/"
-ln -sf busybox "$R/bin/sh"; ln -sf busybox "$R/bin/sleep"
+busybox_rootfs "$R"
 
 target/release/keeld --root "$DIR/keel-root" --state "$DIR/keel-state" --address "$DIR/keel.sock" 2>"$DIR/keeld.log" &
 KEELD=$!

@@ -50,10 +50,10 @@ fn run_detached(k: &Keeld, id: &str) {
     ]);
 }
 
-/// Every /tasks/exit in the log, by container id.
-fn exits(k: &Keeld, since: u64) -> BTreeMap<String, Vec<Value>> {
-    // The log's end: publish a marker and read up to it.
-    let marker = format!("end-{}", rand::random::<u32>());
+/// The event log after sequence `since`, up to a marker published now (a container
+/// created and removed), in order.
+fn log_to_marker(k: &Keeld, since: u64) -> Vec<Value> {
+    let marker = format!("marker-{}", rand::random::<u32>());
     k.ctl_ok(&[
         "containers",
         "create",
@@ -71,8 +71,16 @@ fn exits(k: &Keeld, since: u64) -> BTreeMap<String, Vec<Value>> {
         .expect("the log up to the marker");
     let s = seqs(&all);
     assert!(s.windows(2).all(|w| w[0] < w[1]), "log order");
+    all
+}
+
+/// Every /tasks/exit in the log, by container id.
+fn exits(k: &Keeld, since: u64) -> BTreeMap<String, Vec<Value>> {
     let mut out: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-    for e in all.into_iter().filter(|e| e["topic"] == "/tasks/exit") {
+    for e in log_to_marker(k, since)
+        .into_iter()
+        .filter(|e| e["topic"] == "/tasks/exit")
+    {
         out.entry(e["event"]["containerId"].as_str().unwrap().to_string())
             .or_default()
             .push(e);
@@ -119,23 +127,7 @@ fn bundles(k: &Keeld) -> BTreeSet<String> {
 
 /// The newest sequence number so far.
 fn head(k: &Keeld) -> u64 {
-    let marker = format!("head-{}", rand::random::<u32>());
-    k.ctl_ok(&[
-        "containers",
-        "create",
-        "--rootfs",
-        busybox_rootfs().to_str().unwrap(),
-        &marker,
-        "true",
-    ]);
-    k.ctl_ok(&["containers", "rm", &marker]);
-    let mut sub = Subscriber::spawn(k, &["--since", "0"]);
-    let got = sub
-        .until(Duration::from_secs(30), |e| {
-            e["topic"] == "/containers/delete" && e["event"]["id"] == marker.as_str()
-        })
-        .expect("marker");
-    *seqs(&got).last().unwrap()
+    *seqs(&log_to_marker(k, 0)).last().unwrap()
 }
 
 /// Removes every task and container, then asserts nothing of tasks `ids` is left:

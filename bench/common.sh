@@ -1,0 +1,23 @@
+# Shared by the bench scripts; sourced, not run.
+
+# busybox_rootfs DIR: a busybox rootfs (sh, sleep) at DIR.
+busybox_rootfs() {
+    mkdir -p "$1"/{bin,proc,dev,sys,tmp,etc}
+    cp /bin/busybox "$1/bin/"
+    ln -sf busybox "$1/bin/sh"
+    ln -sf busybox "$1/bin/sleep"
+}
+
+# remove_tasks KEELCTL…: force-removes every task the given keelctl lists.
+remove_tasks() {
+    local id
+    for id in $("$@" tasks ls --format json 2>/dev/null | sed -n 's/.*"id":"\([^"]*\)".*/\1/p'); do
+        "$@" tasks rm -f "$id" >/dev/null 2>&1 || true
+    done
+}
+
+# remove_dir DIR: unmounts whatever is left below DIR and removes it.
+remove_dir() {
+    umount -R "$1"/* 2>/dev/null || true
+    rm -rf "$1"
+}
