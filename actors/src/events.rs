@@ -89,6 +89,9 @@ struct Inner {
     lagged: AtomicU64,
 }
 
+/// Resolves with an event's sequence number once the event is delivered.
+pub type Delivered = std::pin::Pin<Box<dyn std::future::Future<Output = u64> + Send>>;
+
 /// Cheap to clone; clones share one exchange.
 #[derive(Clone)]
 pub struct EventSink {
@@ -180,9 +183,28 @@ impl EventSink {
         topic: &str,
         event: Any,
         timestamp: Option<Timestamp>,
-    ) -> Result<impl std::future::Future<Output = u64> + Send + 'static> {
+    ) -> Result<Delivered> {
+        self.publish_if(namespace, topic, event, timestamp, |_| Ok(true))
+            .map(|published| published.expect("published unconditionally"))
+    }
+
+    /// Like [`EventSink::publish`], but first calls `first` with the sequence number
+    /// the event would get, under the exchange's lock (so nothing is published in
+    /// between), and publishes only if it answers true. `first` is how a record that
+    /// names its event is written before the event exists.
+    pub fn publish_if(
+        &self,
+        namespace: &str,
+        topic: &str,
+        event: Any,
+        timestamp: Option<Timestamp>,
+        first: impl FnOnce(u64) -> Result<bool>,
+    ) -> Result<Option<Delivered>> {
         let mut st = self.state();
         let sequence = st.next;
+        if !first(sequence)? {
+            return Ok(None);
+        }
         let mut durable = is_durable(topic);
         if sequence > st.reserved {
             let upto = st.reserved + RESERVE_BLOCK;
@@ -217,10 +239,10 @@ impl EventSink {
         drop(st);
         tracing::debug!(namespace, topic, sequence, durable, "event");
         let mut rx = self.inner.delivered.subscribe();
-        Ok(async move {
+        Ok(Some(Box::pin(async move {
             let _ = rx.wait_for(|d| *d >= sequence).await;
             sequence
-        })
+        })))
     }
 
     /// Moves deliverable staged events, in order, to the ring.
@@ -269,6 +291,13 @@ impl EventSink {
         }
         let from = st.ring.partition_point(|e| e.sequence <= after);
         Ok(st.ring.range(from..).take(max).cloned().collect())
+    }
+
+    /// Every retained event, oldest first, and the highest sequence number retention
+    /// dropped: an event numbered above it is retained unless it never reached the log.
+    pub fn retained(&self) -> (u64, Vec<Arc<Envelope>>) {
+        let st = self.state();
+        (st.trimmed_upto, st.ring.iter().cloned().collect())
     }
 
     /// How many delivered events come after sequence `after`.

@@ -729,14 +729,19 @@ impl TaskActor {
             pid: self.record.pid,
             exit_status: status,
             exited_ns: nanos(at),
+            seq: 0,
         };
         let monitor = self.env.monitor.clone();
         let (ns, r2) = (self.ns.clone(), rec.clone());
         Box::pin(async move { monitor.exit(&ns, r2).await }.into_actor(self).map(
-            move |fresh, act, _| {
-                if let Err(e) = fresh {
-                    tracing::error!(task_id = %act.id, error = %e, "recording exit failed");
-                }
+            move |standing, act, _| {
+                let rec = match standing {
+                    Ok(standing) => standing,
+                    Err(e) => {
+                        tracing::error!(task_id = %act.id, error = %e, "recording exit failed");
+                        rec
+                    }
+                };
                 tracing::info!(namespace = %act.ns, task_id = %act.id, exit_status = rec.exit_status, "task exited");
                 act.state = TaskState::Stopped;
                 for w in act.waiters.drain(..) {
@@ -1242,6 +1247,7 @@ impl Handler<Delete> for TaskActor {
                                 pid: act.record.pid,
                                 exit_status: 0,
                                 exited_ns: nanos(SystemTime::now()),
+                                seq: 0,
                             });
                             let event = ev::TaskDelete {
                                 container_id: act.id.clone(),

@@ -65,6 +65,9 @@ pub struct ExitRecord {
     pub pid: u32,
     pub exit_status: u32,
     pub exited_ns: u64,
+    /// Sequence number of the `/tasks/exit` event that published it (0 if unknown).
+    #[serde(default)]
+    pub seq: u64,
 }
 
 pub fn nanos(t: SystemTime) -> u64 {
@@ -219,6 +222,25 @@ impl Meta {
     pub fn exit(&self, ns: &str, container_id: &str, exec_id: &str) -> Result<Option<ExitRecord>> {
         Self::get(&self.exits, &key(&[ns, container_id, exec_id]), "exit")
     }
+
+    /// Stores an exit record, replacing any recorded for that process.
+    pub fn put_exit(&self, ns: &str, e: &ExitRecord) -> Result<()> {
+        self.put(&self.exits, key(&[ns, &e.container_id, &e.exec_id]), e)
+    }
+
+    /// Every recorded exit, with its namespace.
+    pub fn all_exits(&self) -> Result<Vec<(String, ExitRecord)>> {
+        self.exits
+            .iter()
+            .map(|item| {
+                let (k, v) = item?;
+                let ns = k.split(|b| *b == 0).next().unwrap_or_default();
+                let e =
+                    serde_json::from_slice(&v).map_err(|e| Error::Corrupt(format!("exit: {e}")))?;
+                Ok((String::from_utf8_lossy(ns).to_string(), e))
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -272,6 +294,7 @@ mod tests {
             pid: 9,
             exit_status: 137,
             exited_ns: 5,
+            seq: 3,
         };
         assert!(m.record_exit("ns", &e).unwrap());
         let again = ExitRecord {
@@ -283,6 +306,16 @@ mod tests {
             "second report of the same exit is a duplicate"
         );
         assert_eq!(m.exit("ns", "t", "").unwrap().unwrap().exit_status, 137);
+        assert_eq!(m.all_exits().unwrap(), vec![("ns".to_string(), e.clone())]);
+        m.put_exit(
+            "ns",
+            &ExitRecord {
+                seq: 4,
+                ..e.clone()
+            },
+        )
+        .unwrap();
+        assert_eq!(m.exit("ns", "t", "").unwrap().unwrap().seq, 4);
         m.delete_task("ns", "t").unwrap();
         assert!(m.exit("ns", "t", "").unwrap().is_none());
     }

@@ -127,6 +127,13 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         actix::Arbiter::current(),
     );
 
+    // A crash can leave an exit's record and its event out of step; settle that
+    // before any restored task reports its exit.
+    let reconciled = keel_actors::monitor::reconcile_exits(&meta, &events).await?;
+    if reconciled != Default::default() {
+        tracing::warn!(?reconciled, "exit records and exit events reconciled");
+    }
+
     // Every persisted task is listed (unknown until its shim answers) before the
     // API serves; the shims are probed in the background.
     let restored = tasks.restore_all().await?;

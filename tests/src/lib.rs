@@ -395,18 +395,26 @@ pub fn busybox_rootfs() -> PathBuf {
                 busybox.exists(),
                 "/bin/busybox is missing: run deploy/install-deps.sh (busybox-static)"
             );
-            let dir = scratch_dir().join(format!("rootfs-{}", std::process::id()));
-            for d in ["bin", "proc", "dev", "sys", "tmp", "etc", "root"] {
-                std::fs::create_dir_all(dir.join(d)).unwrap();
+            // Built aside and renamed into place, so runs share one and never see
+            // a half-built one.
+            let dir = scratch_dir().join("rootfs");
+            if dir.join("bin/busybox").exists() {
+                return dir;
             }
-            std::fs::copy(busybox, dir.join("bin/busybox")).unwrap();
+            let tmp = scratch_dir().join(format!("rootfs.tmp-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&tmp);
+            for d in ["bin", "proc", "dev", "sys", "tmp", "etc", "root"] {
+                std::fs::create_dir_all(tmp.join(d)).unwrap();
+            }
+            std::fs::copy(busybox, tmp.join("bin/busybox")).unwrap();
             for applet in [
                 "sh", "echo", "sleep", "true", "cat", "ls", "head", "dd", "yes",
             ] {
-                let link = dir.join("bin").join(applet);
-                if !link.exists() {
-                    std::os::unix::fs::symlink("busybox", link).unwrap();
-                }
+                std::os::unix::fs::symlink("busybox", tmp.join("bin").join(applet)).unwrap();
+            }
+            if std::fs::rename(&tmp, &dir).is_err() {
+                // Another run put one in place first.
+                std::fs::remove_dir_all(&tmp).unwrap();
             }
             dir
         })

@@ -218,17 +218,21 @@ fn exits_during_a_30s_outage_are_published_once_and_running_tasks_come_back() {
 fn a_stopped_shim_leaves_its_task_unknown_without_delaying_the_others() {
     require_runtime();
     let mut k = Keeld::start();
-    for id in ["s1", "s2", "s3"] {
+    for id in ["s1", "s2", "s3", "s4"] {
         run_detached(&k, id);
     }
-    let shim = shims(&k)
-        .into_iter()
-        .find(|l| l.contains(" -id s2 "))
-        .expect("shim of s2");
-    let shim_pid =
-        nix::unistd::Pid::from_raw(shim.split_whitespace().next().unwrap().parse().unwrap());
+    let shim_of = |id: &str| {
+        let line = shims(&k)
+            .into_iter()
+            .find(|l| l.contains(&format!(" -id {id} ")))
+            .expect("shim");
+        nix::unistd::Pid::from_raw(line.split_whitespace().next().unwrap().parse().unwrap())
+    };
+    let (shim_pid, hung) = (shim_of("s2"), shim_of("s4"));
     k.kill9();
-    nix::sys::signal::kill(shim_pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    for p in [shim_pid, hung] {
+        nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    }
     let started = Instant::now();
     k.spawn();
     // The others are reconciled while s2's shim does not answer; the API answers.
@@ -246,7 +250,19 @@ fn a_stopped_shim_leaves_its_task_unknown_without_delaying_the_others() {
         started.elapsed()
     );
     assert_eq!(status(&listed["s2"]), "UNKNOWN", "{listed:#?}");
+    assert_eq!(status(&listed["s4"]), "UNKNOWN", "{listed:#?}");
     k.ctl_err(&["tasks", "kill", "s2"], "unknown");
+    k.ctl_err(&["tasks", "rm", "s2"], "delete with force");
+    // A task whose shim never answers can still be removed by force: its shim is
+    // killed and cleaned up like a dead one's.
+    k.ctl_ok(&["tasks", "rm", "-f", "s4"]);
+    assert!(!tasks(&k).contains_key("s4"));
+    assert!(
+        !std::path::Path::new(&format!("/proc/{hung}")).exists()
+            || std::fs::read_to_string(format!("/proc/{hung}/stat"))
+                .is_ok_and(|s| s.contains(") Z")),
+        "the hung shim was ended"
+    );
     // Still unknown a few probes later, never a guess.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(status(&tasks(&k)["s2"]), "UNKNOWN");
@@ -257,7 +273,7 @@ fn a_stopped_shim_leaves_its_task_unknown_without_delaying_the_others() {
         assert!(Instant::now() < deadline, "s2 not restored after SIGCONT");
         std::thread::sleep(Duration::from_millis(200));
     }
-    remove_all_and_check_leaks(&k, &["s1".into(), "s2".into(), "s3".into()]);
+    remove_all_and_check_leaks(&k, &["s1".into(), "s2".into(), "s3".into(), "s4".into()]);
 }
 
 #[test]
