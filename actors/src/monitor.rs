@@ -287,7 +287,19 @@ mod tests {
     use keel_storage::meta::TaskRecord;
 
     fn open(dir: &std::path::Path) -> (Meta, EventSink) {
-        let db = keel_storage::open_db(dir).unwrap();
+        // A reopen waits for the exchange's flusher thread to let go of the last one.
+        let mut tries = 0;
+        let db = loop {
+            match keel_storage::open_db(dir) {
+                Ok(db) => break db,
+                Err(e) if tries < 100 => {
+                    tries += 1;
+                    eprintln!("reopen: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
         let meta = Meta::open(db.clone()).unwrap();
         let events = EventSink::open(&dir.join("events"), db, EventOptions::default()).unwrap();
         (meta, events)

@@ -82,6 +82,16 @@ impl TaskState {
         }
     }
 
+    /// Limits can change, and statistics be read, while the task has processes.
+    pub fn can_update(self, id: &str) -> Result<()> {
+        match self {
+            TaskState::Created | TaskState::Running | TaskState::Pausing | TaskState::Paused => {
+                Ok(())
+            }
+            s => Err(s.refuse(id, "update")),
+        }
+    }
+
     pub fn can_exec(self, id: &str) -> Result<()> {
         match self {
             TaskState::Running => Ok(()),
@@ -125,6 +135,11 @@ mod tests {
             ("pause", |s| s.can_pause("t").is_ok(), &[Running]),
             ("resume", |s| s.can_resume("t").is_ok(), &[Paused]),
             ("exec", |s| s.can_exec("t").is_ok(), &[Running]),
+            (
+                "update",
+                |s| s.can_update("t").is_ok(),
+                &[Created, Running, Pausing, Paused],
+            ),
             (
                 "checkpoint",
                 |s| s.can_checkpoint("t").is_ok(),

@@ -1045,6 +1045,193 @@ impl Handler<Kill> for TaskActor {
     }
 }
 
+/// Publishes a task event after a shim call succeeded; resolves with `result` once the
+/// event is delivered (a failed publication is logged, never turned into a failure of
+/// the call, which already happened).
+fn announce<T: Send + 'static>(
+    monitor: &MonitorHandle,
+    ns: &str,
+    topic: &'static str,
+    event: Result<protobuf::well_known_types::any::Any>,
+    result: T,
+) -> impl std::future::Future<Output = T> + Send + 'static {
+    let published = event.map(|any| monitor.publish(ns, topic, any));
+    async move {
+        let r = match published {
+            Ok(p) => p.await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = r {
+            tracing::error!(topic, error = %e, "publishing a task event failed");
+        }
+        result
+    }
+}
+
+/// Pause (freeze) or resume (thaw) the task's processes.
+#[derive(Message)]
+#[rtype(result = "Result<()>")]
+struct Freeze {
+    pause: bool,
+}
+
+impl Handler<Freeze> for TaskActor {
+    type Result = AtomicResponse<Self, Result<()>>;
+
+    fn handle(&mut self, m: Freeze, _: &mut Self::Context) -> Self::Result {
+        let allowed = if m.pause {
+            self.state.can_pause(&self.id)
+        } else {
+            self.state.can_resume(&self.id)
+        };
+        let shim = match allowed.and_then(|()| self.live_shim()) {
+            Ok(s) => s,
+            Err(e) => return AtomicResponse::new(Box::pin(async move { Err(e) }.into_actor(self))),
+        };
+        let before = self.state;
+        if m.pause {
+            self.state = TaskState::Pausing;
+        }
+        let id = self.id.clone();
+        AtomicResponse::new(Box::pin(
+            async move {
+                if m.pause {
+                    let req = api::PauseRequest {
+                        id,
+                        ..Default::default()
+                    };
+                    shim.pause(&req, rpc_timeout()).await
+                } else {
+                    let req = api::ResumeRequest {
+                        id,
+                        ..Default::default()
+                    };
+                    shim.resume(&req, rpc_timeout()).await
+                }
+            }
+            .into_actor(self)
+            .then(move |r, act, _| {
+                // An exit that arrived meanwhile wins over either outcome.
+                let settled = act.state == TaskState::Stopped;
+                match r {
+                    Err(e) => {
+                        if !settled {
+                            act.state = before;
+                        }
+                        Box::pin(async move { Err(Error::from(e)) }.into_actor(act))
+                            as ResponseActFuture<Self, Result<()>>
+                    }
+                    Ok(_) => {
+                        if !settled {
+                            act.state = if m.pause {
+                                TaskState::Paused
+                            } else {
+                                TaskState::Running
+                            };
+                        }
+                        let (topic, event) = if m.pause {
+                            let e = ev::TaskPaused {
+                                container_id: act.id.clone(),
+                                ..Default::default()
+                            };
+                            ("/tasks/paused", pack(&e))
+                        } else {
+                            let e = ev::TaskResumed {
+                                container_id: act.id.clone(),
+                                ..Default::default()
+                            };
+                            ("/tasks/resumed", pack(&e))
+                        };
+                        let done = announce(
+                            &act.env.monitor,
+                            &act.ns,
+                            topic,
+                            event.map_err(Error::from),
+                            Ok(()),
+                        );
+                        Box::pin(done.into_actor(act))
+                    }
+                }
+            }),
+        ))
+    }
+}
+
+/// Change the task's resource limits (OCI `LinuxResources` as JSON) and annotations.
+#[derive(Message)]
+#[rtype(result = "Result<()>")]
+struct Update {
+    resources: Option<Vec<u8>>,
+    annotations: HashMap<String, String>,
+}
+
+impl Handler<Update> for TaskActor {
+    type Result = ResponseFuture<Result<()>>;
+
+    fn handle(&mut self, m: Update, _: &mut Self::Context) -> Self::Result {
+        let shim = match self
+            .state
+            .can_update(&self.id)
+            .and_then(|()| self.live_shim())
+        {
+            Ok(s) => s,
+            Err(e) => return Box::pin(async move { Err(e) }),
+        };
+        let req = api::UpdateTaskRequest {
+            id: self.id.clone(),
+            resources: m
+                .resources
+                .map(|json| {
+                    keel_protocol::types::json_any(
+                        keel_protocol::types::LINUX_RESOURCES_TYPE_URL,
+                        json,
+                    )
+                })
+                .into(),
+            annotations: m.annotations,
+            ..Default::default()
+        };
+        Box::pin(async move {
+            shim.update(&req, rpc_timeout())
+                .await
+                .map(|_| ())
+                .map_err(Error::from)
+        })
+    }
+}
+
+/// The task's cgroup statistics, as the shim reports them (an `Any` holding
+/// containerd's cgroups `Metrics`, v1 or v2).
+#[derive(Message)]
+#[rtype(result = "Result<protobuf::well_known_types::any::Any>")]
+struct Stats;
+
+impl Handler<Stats> for TaskActor {
+    type Result = ResponseFuture<Result<protobuf::well_known_types::any::Any>>;
+
+    fn handle(&mut self, _: Stats, _: &mut Self::Context) -> Self::Result {
+        let shim = match self
+            .state
+            .can_update(&self.id)
+            .and_then(|()| self.live_shim())
+        {
+            Ok(s) => s,
+            Err(e) => return Box::pin(async move { Err(e) }),
+        };
+        let req = api::StatsRequest {
+            id: self.id.clone(),
+            ..Default::default()
+        };
+        let id = self.id.clone();
+        Box::pin(async move {
+            let r = shim.stats(&req, rpc_timeout()).await?;
+            r.stats
+                .into_option()
+                .ok_or_else(|| Error::Shim(format!("the shim of task {id} sent no stats")))
+        })
+    }
+}
+
 #[derive(Message)]
 #[rtype(result = "Result<()>")]
 struct CloseStdin;
@@ -1377,6 +1564,34 @@ impl TaskHandle {
 
     pub async fn pids(&self) -> Result<Vec<u32>> {
         self.call(Pids).await?
+    }
+
+    /// Freezes every process of the task; publishes `/tasks/paused`.
+    pub async fn pause(&self) -> Result<()> {
+        self.call(Freeze { pause: true }).await?
+    }
+
+    /// Thaws a paused task; publishes `/tasks/resumed`.
+    pub async fn resume(&self) -> Result<()> {
+        self.call(Freeze { pause: false }).await?
+    }
+
+    /// Changes resource limits (`resources`: OCI `LinuxResources` JSON) and annotations.
+    pub async fn update(
+        &self,
+        resources: Option<Vec<u8>>,
+        annotations: HashMap<String, String>,
+    ) -> Result<()> {
+        self.call(Update {
+            resources,
+            annotations,
+        })
+        .await?
+    }
+
+    /// The task's cgroup statistics as the shim encodes them.
+    pub async fn stats(&self) -> Result<protobuf::well_known_types::any::Any> {
+        self.call(Stats).await?
     }
 
     pub async fn delete(&self, force: bool) -> Result<ExitRecord> {

@@ -11,6 +11,11 @@ use crate::Error;
 
 /// Type URL of an OCI runtime spec carried as JSON, as containerd writes it.
 pub const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
+
+/// Type URL under which containerd sends OCI `LinuxResources` (as JSON) to Update.
+pub const LINUX_RESOURCES_TYPE_URL: &str =
+    "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources";
+
 /// Type URL of an OCI process spec carried as JSON.
 pub const PROCESS_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Process";
 /// Type URL of OCI LinuxResources carried as JSON.

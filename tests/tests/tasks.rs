@@ -571,3 +571,186 @@ fn delete_is_idempotent_and_a_failed_one_can_be_retried() {
     k.ctl_ok(&["containers", "rm", "del-2"]);
     assert_no_leaks(&k, &k.namespace, "del-2");
 }
+
+/// The last number a counter task wrote to its log.
+fn last_count(k: &Keeld, id: &str) -> u64 {
+    k.ctl_ok(&["tasks", "logs", id])
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .next_back()
+        .unwrap_or(0)
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn pause_stops_a_counter_and_resume_continues_it() {
+    require_runtime();
+    let k = Keeld::start();
+    let mut sub = subscribe(
+        &k,
+        &[
+            "topic~=/tasks/(paused|resumed)",
+            "topic==/containers/delete",
+        ],
+    );
+    let counter = "i=0; while true; do i=$((i+1)); echo $i; sleep 0.05; done";
+    let out = run(&k, &["-d", "count", "sh", "-c", counter]);
+    assert!(out.status.success(), "{}", describe(&out));
+    eventually(Duration::from_secs(10), "the counter to count", || {
+        (last_count(&k, "count") >= 5).then_some(())
+    });
+
+    k.ctl_ok(&["tasks", "pause", "count"]);
+    let ls = k.ctl_ok(&["tasks", "ls"]);
+    assert!(ls.contains("PAUSED"), "{ls}");
+    let frozen = last_count(&k, "count");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(last_count(&k, "count"), frozen, "a paused counter counted");
+    k.ctl_err(&["tasks", "pause", "count"], "it is paused");
+
+    k.ctl_ok(&["tasks", "resume", "count"]);
+    eventually(Duration::from_secs(10), "the counter to go on", || {
+        (last_count(&k, "count") > frozen + 5).then_some(())
+    });
+    let ls = k.ctl_ok(&["tasks", "ls"]);
+    assert!(ls.contains("RUNNING"), "{ls}");
+    k.ctl_err(&["tasks", "resume", "count"], "it is running");
+
+    let events: Vec<_> = sub
+        .take(2, Duration::from_secs(10))
+        .into_iter()
+        .filter(|e| e["topic"] != "/containers/delete")
+        .collect();
+    let topics: Vec<_> = events.iter().map(|e| e["topic"].clone()).collect();
+    assert_eq!(topics, ["/tasks/paused", "/tasks/resumed"], "{events:#?}");
+    assert!(events.iter().all(|e| e["event"]["containerId"] == "count"));
+
+    // A paused task can still be killed and removed, leaving nothing behind.
+    k.ctl_ok(&["tasks", "pause", "count"]);
+    k.ctl_ok(&["tasks", "rm", "-f", "count"]);
+    k.ctl_ok(&["containers", "rm", "count"]);
+    assert_no_leaks(&k, &k.namespace, "count");
+}
+
+fn metrics(k: &Keeld, id: &str) -> serde_json::Value {
+    let out = k.ctl_ok(&["tasks", "metrics", "--format", "json", id]);
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+#[test]
+fn metrics_follow_what_the_container_does() {
+    require_runtime();
+    let k = Keeld::start();
+    // Idle for three seconds, then busy: a CPU burner, one more process and ~24 MB
+    // more memory.
+    let script = "sleep 3; yes > /dev/null & x=$(head -c 24000000 /dev/zero | busybox tr '\\0' a); sleep 600";
+    let out = run(
+        &k,
+        &[
+            "-d",
+            "--pids-limit",
+            "50",
+            "--memory-limit",
+            "268435456",
+            "busy-m",
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let idle = metrics(&k, "busy-m");
+    assert_eq!(idle["pids_limit"], 50, "{idle}");
+    assert_eq!(idle["memory_limit_bytes"], 268_435_456u64, "{idle}");
+    assert!(idle["pids_current"].as_u64().unwrap() >= 1, "{idle}");
+    let busy = eventually(Duration::from_secs(30), "metrics to show the work", || {
+        let m = metrics(&k, "busy-m");
+        let grew = |f: &str, by: u64| m[f].as_u64().unwrap() >= idle[f].as_u64().unwrap() + by;
+        (grew("memory_usage_bytes", 20_000_000)
+            && grew("cpu_usage_ns", 200_000_000)
+            && grew("pids_current", 1))
+        .then_some(m)
+    });
+    eprintln!("idle {idle}\nbusy {busy}");
+    // The table form names the task.
+    let table = k.ctl_ok(&["tasks", "metrics", "busy-m"]);
+    assert!(
+        table.contains("busy-m") && table.contains("MEMORY"),
+        "{table}"
+    );
+    k.ctl_ok(&["tasks", "rm", "-f", "busy-m"]);
+    k.ctl_err(&["tasks", "metrics", "busy-m"], "not found");
+    k.ctl_ok(&["containers", "rm", "busy-m"]);
+}
+
+#[test]
+fn lowering_the_memory_limit_makes_a_growing_container_oom() {
+    require_runtime();
+    let k = Keeld::start();
+    let mut sub = subscribe(&k, &["topic==/tasks/oom", "topic==/containers/delete"]);
+    // ~8 MB now, ~56 MB a few seconds later: fine under 256 MiB.
+    let script =
+        "x=$(head -c 8000000 /dev/zero | busybox tr '\\0' a); sleep 5; y=$x$x$x$x$x$x; sleep 600";
+    for id in ["grow-kept", "grow-cut"] {
+        let out = run(
+            &k,
+            &["-d", "--memory-limit", "268435456", id, "sh", "-c", script],
+        );
+        assert!(out.status.success(), "{}", describe(&out));
+    }
+    k.ctl_ok(&["tasks", "update", "--memory-limit", "33554432", "grow-cut"]);
+    let cut = metrics(&k, "grow-cut");
+    assert_eq!(cut["memory_limit_bytes"], 33_554_432u64, "{cut}");
+    let waited = k.ctl(&["tasks", "wait", "grow-cut"]);
+    assert_eq!(waited.status.code(), Some(137), "{}", describe(&waited));
+    let oom = sub
+        .until(Duration::from_secs(20), |e| {
+            e["event"]["containerId"] == "grow-cut"
+        })
+        .expect("/tasks/oom for grow-cut");
+    assert_eq!(oom.last().unwrap()["topic"], "/tasks/oom");
+    // The same container without the update still runs, past its growth.
+    eventually(Duration::from_secs(20), "grow-kept to grow", || {
+        (metrics(&k, "grow-kept")["memory_usage_bytes"]
+            .as_u64()
+            .unwrap()
+            > 40_000_000)
+            .then_some(())
+    });
+    let ls = k.ctl_ok(&["tasks", "ls"]);
+    let kept = ls.lines().find(|l| l.starts_with("grow-kept")).unwrap();
+    assert!(kept.contains("RUNNING"), "{ls}");
+
+    // Bad input.
+    k.ctl_err(&["tasks", "update", "grow-kept"], "nothing to update");
+    k.ctl_err(
+        &["tasks", "update", "--memory-limit=0", "grow-kept"],
+        "positive",
+    );
+    k.ctl_err(
+        &["tasks", "update", "--pids-limit", "9", "grow-cut"],
+        "it is stopped",
+    );
+    k.ctl_err(
+        &["tasks", "update", "--pids-limit", "9", "nope"],
+        "not found",
+    );
+    k.ctl_err(&["tasks", "pause", "../x"], "invalid argument");
+    k.ctl_err(&["tasks", "pause", "grow-cut"], "it is stopped");
+    for id in ["grow-kept", "grow-cut"] {
+        k.ctl_ok(&["tasks", "rm", "-f", id]);
+        k.ctl_ok(&["containers", "rm", id]);
+        assert_no_leaks(&k, &k.namespace, id);
+    }
+}

@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use keel_protocol::api::containers::{container::Runtime, *};
 use keel_protocol::api::tasks::*;
 use keel_protocol::api::types::Mount;
-use keel_protocol::types::{json_any, SPEC_TYPE_URL};
+use keel_protocol::types::{json_any, unpack, LINUX_RESOURCES_TYPE_URL, SPEC_TYPE_URL};
 use keel_protocol::{Client, Error};
 use protobuf::{Enum, MessageField};
 use tokio::io::AsyncWriteExt;
@@ -30,6 +30,20 @@ pub struct ContainerArgs {
     /// Working directory inside the container.
     #[arg(long, default_value = "/")]
     pub cwd: String,
+    #[command(flatten)]
+    pub limits: Limits,
+    /// Runtime name.
+    #[arg(long, default_value = "io.containerd.runc.v2")]
+    pub runtime: String,
+    pub id: String,
+    /// Command and arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+}
+
+/// Resource limits, for `run`, `containers create` and `tasks update`.
+#[derive(Debug, Args)]
+pub struct Limits {
     /// Memory limit in bytes.
     #[arg(long)]
     pub memory_limit: Option<i64>,
@@ -39,13 +53,36 @@ pub struct ContainerArgs {
     /// Maximum number of processes.
     #[arg(long)]
     pub pids_limit: Option<i64>,
-    /// Runtime name.
-    #[arg(long, default_value = "io.containerd.runc.v2")]
-    pub runtime: String,
-    pub id: String,
-    /// Command and arguments.
-    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
-    pub command: Vec<String>,
+}
+
+impl Limits {
+    /// The limits as OCI `LinuxResources` JSON (only those given).
+    fn resources(&self) -> anyhow::Result<serde_json::Value> {
+        let mut resources = serde_json::json!({});
+        if let Some(m) = self.memory_limit {
+            if m <= 0 {
+                bail!("--memory-limit must be a positive number of bytes, got {m}");
+            }
+            resources["memory"] = serde_json::json!({ "limit": m, "swap": m });
+        }
+        if let Some(c) = self.cpus {
+            if !(c > 0.0 && c <= 1024.0) {
+                bail!("--cpus must be between 0 and 1024, got {c}");
+            }
+            let period: u64 = 100_000;
+            // Bounded above, so the rounded quota fits easily.
+            #[allow(clippy::cast_possible_truncation)]
+            let quota = (c * period as f64).round() as i64;
+            resources["cpu"] = serde_json::json!({ "quota": quota, "period": period });
+        }
+        if let Some(n) = self.pids_limit {
+            if n <= 0 {
+                bail!("--pids-limit must be positive, got {n}");
+            }
+            resources["pids"] = serde_json::json!({ "limit": n });
+        }
+        Ok(resources)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -119,6 +156,62 @@ pub enum TasksCmd {
     Ps { id: String },
     /// Print a detached task's output.
     Logs { id: String },
+    /// Freeze every process of a task.
+    Pause { id: String },
+    /// Thaw a paused task.
+    Resume { id: String },
+    /// Change a task's resource limits.
+    Update {
+        #[command(flatten)]
+        limits: Limits,
+        id: String,
+    },
+    /// Print a task's cgroup statistics: memory, cpu, pids.
+    Metrics {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+        id: String,
+    },
+}
+
+/// The figures `tasks metrics` prints, from either cgroup version's metrics.
+#[derive(Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CgroupUsage {
+    pub cgroup_version: u8,
+    pub memory_usage_bytes: u64,
+    pub memory_limit_bytes: u64,
+    pub cpu_usage_ns: u64,
+    pub pids_current: u64,
+    pub pids_limit: u64,
+}
+
+impl CgroupUsage {
+    /// Decodes the shim's `io.containerd.cgroups.v1.Metrics` or `...v2.Metrics`.
+    pub fn decode(any: &protobuf::well_known_types::any::Any) -> anyhow::Result<Self> {
+        use keel_protocol::containerd::{cgroups, cgroups_v2};
+        if let Ok(m) = unpack::<cgroups::metrics::Metrics>(any) {
+            let mem = m.memory.usage.get_or_default();
+            return Ok(Self {
+                cgroup_version: 1,
+                memory_usage_bytes: mem.usage,
+                memory_limit_bytes: mem.limit,
+                cpu_usage_ns: m.cpu.usage.total,
+                pids_current: m.pids.current,
+                pids_limit: m.pids.limit,
+            });
+        }
+        let m = unpack::<cgroups_v2::metrics::Metrics>(any).with_context(|| {
+            format!("metrics of type {:?} are not cgroup metrics", any.type_url)
+        })?;
+        Ok(Self {
+            cgroup_version: 2,
+            memory_usage_bytes: m.memory.usage,
+            memory_limit_bytes: m.memory.usage_limit,
+            cpu_usage_ns: m.cpu.usage_usec.saturating_mul(1000),
+            pids_current: m.pids.current,
+            pids_limit: m.pids.limit,
+        })
+    }
 }
 
 /// Signal names and numbers, as `kill -l` on Linux.
@@ -156,24 +249,7 @@ fn spec(a: &ContainerArgs) -> anyhow::Result<Vec<u8>> {
         env.push(format!("{k}={val}"));
     }
     p["env"] = serde_json::json!(env);
-    let mut resources = serde_json::json!({});
-    if let Some(m) = a.memory_limit {
-        resources["memory"] = serde_json::json!({ "limit": m, "swap": m });
-    }
-    if let Some(c) = a.cpus {
-        if !(c > 0.0 && c <= 1024.0) {
-            bail!("--cpus must be between 0 and 1024, got {c}");
-        }
-        let period: u64 = 100_000;
-        // Bounded above, so the rounded quota fits easily.
-        #[allow(clippy::cast_possible_truncation)]
-        let quota = (c * period as f64).round() as i64;
-        resources["cpu"] = serde_json::json!({ "quota": quota, "period": period });
-    }
-    if let Some(n) = a.pids_limit {
-        resources["pids"] = serde_json::json!({ "limit": n });
-    }
-    v["linux"]["resources"] = resources;
+    v["linux"]["resources"] = a.limits.resources()?;
     Ok(serde_json::to_vec(&v)?)
 }
 
@@ -528,6 +604,69 @@ pub async fn tasks(client: &Client, cmd: TasksCmd) -> anyhow::Result<i32> {
                 .map(|p| vec![p.pid.to_string()])
                 .collect();
             table(&["PID"], &rows);
+        }
+        TasksCmd::Pause { id } => {
+            let req = PauseTaskRequest {
+                container_id: id,
+                ..Default::default()
+            };
+            client.tasks.pause(client.ctx(), &req).await?;
+        }
+        TasksCmd::Resume { id } => {
+            let req = ResumeTaskRequest {
+                container_id: id,
+                ..Default::default()
+            };
+            client.tasks.resume(client.ctx(), &req).await?;
+        }
+        TasksCmd::Update { limits, id } => {
+            let resources = limits.resources()?;
+            if resources.as_object().is_some_and(serde_json::Map::is_empty) {
+                bail!("nothing to update: give --memory-limit, --cpus or --pids-limit");
+            }
+            let req = UpdateTaskRequest {
+                container_id: id,
+                resources: MessageField::some(json_any(
+                    LINUX_RESOURCES_TYPE_URL,
+                    serde_json::to_vec(&resources)?,
+                )),
+                ..Default::default()
+            };
+            client.tasks.update(client.ctx(), &req).await?;
+        }
+        TasksCmd::Metrics { format, id } => {
+            let req = MetricsRequest {
+                filters: vec![format!("id=={id}")],
+                ..Default::default()
+            };
+            let r = client.tasks.metrics(client.ctx(), &req).await?;
+            let Some(m) = r.metrics.first() else {
+                return Err(
+                    Error::NotFound(format!("task {id} has no metrics (is it running?)")).into(),
+                );
+            };
+            let u = CgroupUsage::decode(m.data.get_or_default())?;
+            match format {
+                Format::Json => println!("{}", serde_json::to_string(&u)?),
+                Format::Table => table(
+                    &[
+                        "TASK",
+                        "MEMORY",
+                        "MEMORY LIMIT",
+                        "CPU (ns)",
+                        "PIDS",
+                        "PIDS LIMIT",
+                    ],
+                    &[vec![
+                        id,
+                        u.memory_usage_bytes.to_string(),
+                        u.memory_limit_bytes.to_string(),
+                        u.cpu_usage_ns.to_string(),
+                        u.pids_current.to_string(),
+                        u.pids_limit.to_string(),
+                    ]],
+                ),
+            }
         }
         TasksCmd::Logs { id } => {
             let r = client

@@ -1,9 +1,10 @@
 //! `containerd.services.events.ttrpc.v1.Events/Forward`, where containerd 1.6 shims
 //! send their task events (TTRPC_ADDRESS points at keeld's socket).
 //!
-//! keel publishes `/tasks/create`, `/tasks/start` and `/tasks/delete` itself, when the
-//! task actor has done the step, so their order is keel's. From the shim it takes
-//! what only the shim knows (`/tasks/oom`, exec and pause events) into the exchange,
+//! keel publishes `/tasks/create`, `/tasks/start`, `/tasks/paused`, `/tasks/resumed`
+//! and `/tasks/delete` itself, when the task actor has done the step, so their order
+//! is keel's and each is published once. From the shim it takes what only the shim
+//! knows (`/tasks/oom`, exec events) into the exchange,
 //! and hands `/tasks/exit` of an init process to its task actor, which records and
 //! publishes each exit once whichever way it learns of it first.
 
@@ -42,7 +43,8 @@ impl Events for ShimEventsService {
         let event = validate_envelope(&env.namespace, &env.topic, env.event.into_option()).rpc()?;
         tracing::debug!(namespace = %env.namespace, topic = %env.topic, type_url = %event.type_url, "shim event");
         match env.topic.as_str() {
-            "/tasks/create" | "/tasks/start" | "/tasks/delete" => {}
+            "/tasks/create" | "/tasks/start" | "/tasks/paused" | "/tasks/resumed"
+            | "/tasks/delete" => {}
             "/tasks/exit" => {
                 let exit: TaskExit = unpack(&event).rpc()?;
                 if exit.id == exit.container_id || exit.id.is_empty() {

@@ -6,6 +6,7 @@ use keel_actors::state::TaskState;
 use keel_actors::task::{CreateTask, TaskInfo, Tasks};
 use keel_protocol::api::tasks::*;
 use keel_protocol::api::tasks_ttrpc;
+use keel_protocol::filters::{Adaptor, Filter};
 use keel_protocol::types::timestamp;
 use keel_protocol::{identifiers, Error};
 use keel_storage::meta::{from_nanos, ExitRecord};
@@ -63,6 +64,40 @@ fn no_exec(exec_id: &str) -> ttrpc::Result<()> {
         Ok(())
     } else {
         Err(Error::Unimplemented("exec processes are not supported yet".into()).into())
+    }
+}
+
+/// Checks resources sent to Update: OCI `LinuxResources` as JSON.
+fn resources_json(any: &protobuf::well_known_types::any::Any) -> ttrpc::Result<Vec<u8>> {
+    let kind = any.type_url.rsplit('/').next().unwrap_or_default();
+    if kind != "LinuxResources" {
+        return Err(Error::InvalidArgument(format!(
+            "resources: type {:?} is not OCI LinuxResources",
+            any.type_url
+        ))
+        .into());
+    }
+    serde_json::from_slice::<oci_spec::runtime::LinuxResources>(&any.value).map_err(|e| {
+        ttrpc::Error::from(Error::InvalidArgument(format!(
+            "resources: not valid LinuxResources JSON: {e}"
+        )))
+    })?;
+    Ok(any.value.clone())
+}
+
+/// The fields a Metrics filter can name.
+struct MetricFields<'a> {
+    ns: &'a str,
+    id: &'a str,
+}
+
+impl Adaptor for MetricFields<'_> {
+    fn field(&self, path: &[String]) -> Option<String> {
+        match path {
+            [f] if f == "id" => Some(self.id.to_string()),
+            [f] if f == "namespace" => Some(self.ns.to_string()),
+            _ => None,
+        }
     }
 }
 
@@ -302,14 +337,28 @@ impl tasks_ttrpc::Tasks for TasksService {
         Ok(Empty::new())
     }
 
-    async fn pause(&self, ctx: &TtrpcContext, _: PauseTaskRequest) -> ttrpc::Result<Empty> {
-        self.auth.request(ctx, "Tasks.Pause").rpc()?;
-        unimplemented("pause")
+    async fn pause(&self, ctx: &TtrpcContext, req: PauseTaskRequest) -> ttrpc::Result<Empty> {
+        let ns = self.auth.request(ctx, "Tasks.Pause").rpc()?.namespace;
+        id("container_id", &req.container_id)?;
+        self.tasks
+            .get(&ns, &req.container_id)
+            .rpc()?
+            .pause()
+            .await
+            .rpc()?;
+        Ok(Empty::new())
     }
 
-    async fn resume(&self, ctx: &TtrpcContext, _: ResumeTaskRequest) -> ttrpc::Result<Empty> {
-        self.auth.request(ctx, "Tasks.Resume").rpc()?;
-        unimplemented("resume")
+    async fn resume(&self, ctx: &TtrpcContext, req: ResumeTaskRequest) -> ttrpc::Result<Empty> {
+        let ns = self.auth.request(ctx, "Tasks.Resume").rpc()?.namespace;
+        id("container_id", &req.container_id)?;
+        self.tasks
+            .get(&ns, &req.container_id)
+            .rpc()?
+            .resume()
+            .await
+            .rpc()?;
+        Ok(Empty::new())
     }
 
     async fn checkpoint(
@@ -321,17 +370,55 @@ impl tasks_ttrpc::Tasks for TasksService {
         unimplemented("checkpoint")
     }
 
-    async fn update(&self, ctx: &TtrpcContext, _: UpdateTaskRequest) -> ttrpc::Result<Empty> {
-        self.auth.request(ctx, "Tasks.Update").rpc()?;
-        unimplemented("update")
+    async fn update(&self, ctx: &TtrpcContext, req: UpdateTaskRequest) -> ttrpc::Result<Empty> {
+        let ns = self.auth.request(ctx, "Tasks.Update").rpc()?.namespace;
+        id("container_id", &req.container_id)?;
+        let resources = match req.resources.as_ref() {
+            Some(any) => Some(resources_json(any)?),
+            None => None,
+        };
+        if resources.is_none() && req.annotations.is_empty() {
+            return Err(Error::InvalidArgument(
+                "resources: nothing to update (give resources or annotations)".into(),
+            )
+            .into());
+        }
+        self.tasks
+            .get(&ns, &req.container_id)
+            .rpc()?
+            .update(resources, req.annotations)
+            .await
+            .rpc()?;
+        Ok(Empty::new())
     }
 
     async fn metrics(
         &self,
         ctx: &TtrpcContext,
-        _: MetricsRequest,
+        req: MetricsRequest,
     ) -> ttrpc::Result<MetricsResponse> {
-        self.auth.request(ctx, "Tasks.Metrics").rpc()?;
-        unimplemented("metrics")
+        let ns = self.auth.request(ctx, "Tasks.Metrics").rpc()?.namespace;
+        let filter = Filter::parse_all(&req.filters).rpc()?;
+        let mut metrics = Vec::new();
+        for h in self.tasks.list(&ns) {
+            if !filter.matches(&MetricFields { ns: &ns, id: &h.id }) {
+                continue;
+            }
+            // A task that stopped or went away meanwhile has no metrics; skip it,
+            // as containerd does.
+            match h.stats().await {
+                Ok(data) => metrics.push(Metric {
+                    timestamp: MessageField::some(keel_protocol::types::now()),
+                    id: h.id.clone(),
+                    data: MessageField::some(data),
+                    ..Default::default()
+                }),
+                Err(e) => tracing::debug!(task_id = %h.id, error = %e, "no metrics"),
+            }
+        }
+        Ok(MetricsResponse {
+            metrics,
+            ..Default::default()
+        })
     }
 }
