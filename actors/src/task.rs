@@ -33,6 +33,9 @@ use crate::shim::{resolve_runtime, LogFifo, PidFd, ShimCommand};
 use crate::state::TaskState;
 use crate::{Error, Result};
 
+mod exec;
+pub use exec::ExecSpec;
+
 /// Deadline for one shim RPC other than Wait.
 const SHIM_RPC_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a forced delete waits for the killed task to exit.
@@ -324,6 +327,7 @@ impl Tasks {
                 tasks: self.clone(),
                 exit,
                 waiters: Vec::new(),
+                execs: HashMap::new(),
                 _log: log,
                 probe_backoff: Duration::ZERO,
             };
@@ -592,6 +596,7 @@ impl Tasks {
             tasks: self.clone(),
             exit: None,
             waiters: Vec::new(),
+            execs: HashMap::new(),
             _log: Some(log),
             probe_backoff: Duration::ZERO,
         };
@@ -616,6 +621,8 @@ struct TaskActor {
     tasks: Tasks,
     exit: Option<ExitRecord>,
     waiters: Vec<oneshot::Sender<ExitRecord>>,
+    /// Processes added with Exec, by exec id (not kept across a keeld restart).
+    execs: HashMap<String, exec::ExecProcess>,
     _log: Option<LogFifo>,
     /// Pause before the next probe of a shim that did not answer.
     probe_backoff: Duration,
@@ -1015,6 +1022,8 @@ impl Handler<Start> for TaskActor {
 #[derive(Message)]
 #[rtype(result = "Result<()>")]
 struct Kill {
+    /// Empty: the init process.
+    exec_id: String,
     signal: u32,
     all: bool,
 }
@@ -1023,15 +1032,18 @@ impl Handler<Kill> for TaskActor {
     type Result = ResponseFuture<Result<()>>;
 
     fn handle(&mut self, m: Kill, _: &mut Self::Context) -> Self::Result {
-        if let Err(e) = self.state.can_kill(&self.id) {
-            return Box::pin(async move { Err(e) });
-        }
-        let shim = match self.live_shim() {
+        let check = self
+            .state
+            .can_kill(&self.id)
+            .and_then(|()| self.check_process_alive(&m.exec_id))
+            .and_then(|()| self.live_shim());
+        let shim = match check {
             Ok(s) => s,
             Err(e) => return Box::pin(async move { Err(e) }),
         };
         let req = api::KillRequest {
             id: self.id.clone(),
+            exec_id: m.exec_id,
             signal: m.signal,
             all: m.all,
             ..Default::default()
@@ -1234,18 +1246,24 @@ impl Handler<Stats> for TaskActor {
 
 #[derive(Message)]
 #[rtype(result = "Result<()>")]
-struct CloseStdin;
+struct CloseStdin {
+    exec_id: String,
+}
 
 impl Handler<CloseStdin> for TaskActor {
     type Result = ResponseFuture<Result<()>>;
 
-    fn handle(&mut self, _: CloseStdin, _: &mut Self::Context) -> Self::Result {
-        let shim = match self.live_shim() {
+    fn handle(&mut self, m: CloseStdin, _: &mut Self::Context) -> Self::Result {
+        let shim = match self
+            .check_process_alive(&m.exec_id)
+            .and_then(|()| self.live_shim())
+        {
             Ok(s) => s,
             Err(e) => return Box::pin(async move { Err(e) }),
         };
         let req = api::CloseIORequest {
             id: self.id.clone(),
+            exec_id: m.exec_id,
             stdin: true,
             ..Default::default()
         };
@@ -1272,12 +1290,23 @@ impl Handler<Get> for TaskActor {
 
 #[derive(Message)]
 #[rtype(result = "Result<ExitRecord>")]
-struct Wait;
+struct Wait {
+    exec_id: String,
+}
 
 impl Handler<Wait> for TaskActor {
     type Result = ResponseFuture<Result<ExitRecord>>;
 
-    fn handle(&mut self, _: Wait, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, m: Wait, _: &mut Self::Context) -> Self::Result {
+        if !m.exec_id.is_empty() {
+            let rx = self.wait_exec(&m.exec_id);
+            let (id, exec_id) = (self.id.clone(), m.exec_id);
+            return Box::pin(async move {
+                rx?.await.map_err(|_| {
+                    Error::FailedPrecondition(format!("exec {exec_id} of task {id} was deleted"))
+                })
+            });
+        }
         if let Some(e) = &self.exit {
             let e = e.clone();
             return Box::pin(async move { Ok(e) });
@@ -1544,22 +1573,35 @@ impl TaskHandle {
         self.call(Start).await?
     }
 
-    pub async fn kill(&self, signal: u32, all: bool) -> Result<()> {
-        self.call(Kill { signal, all }).await?
+    /// Signals the init process (`exec_id` empty) or an exec process.
+    pub async fn kill(&self, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+        self.call(Kill {
+            exec_id: exec_id.to_string(),
+            signal,
+            all,
+        })
+        .await?
     }
 
     /// Closes the task's stdin (the shim holds the FIFO open, so the writer closing
     /// its end is not enough for the process to see EOF).
-    pub async fn close_stdin(&self) -> Result<()> {
-        self.call(CloseStdin).await?
+    pub async fn close_stdin(&self, exec_id: &str) -> Result<()> {
+        self.call(CloseStdin {
+            exec_id: exec_id.to_string(),
+        })
+        .await?
     }
 
     pub async fn info(&self) -> Result<TaskInfo> {
         self.call(Get).await
     }
 
-    pub async fn wait(&self) -> Result<ExitRecord> {
-        self.send(Wait).await?
+    /// Waits for the init process (`exec_id` empty) or an exec process to exit.
+    pub async fn wait(&self, exec_id: &str) -> Result<ExitRecord> {
+        self.send(Wait {
+            exec_id: exec_id.to_string(),
+        })
+        .await?
     }
 
     pub async fn pids(&self) -> Result<Vec<u32>> {

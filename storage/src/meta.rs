@@ -223,6 +223,13 @@ impl Meta {
         Self::get(&self.exits, &key(&[ns, container_id, exec_id]), "exit")
     }
 
+    /// Forgets the exit of one process (an exec process that was deleted), so its
+    /// exec id can be used again.
+    pub fn delete_exit(&self, ns: &str, container_id: &str, exec_id: &str) -> Result<()> {
+        self.exits.remove(key(&[ns, container_id, exec_id]))?;
+        Ok(())
+    }
+
     /// Stores an exit record, replacing any recorded for that process.
     pub fn put_exit(&self, ns: &str, e: &ExitRecord) -> Result<()> {
         self.put(&self.exits, key(&[ns, &e.container_id, &e.exec_id]), e)

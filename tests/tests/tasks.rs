@@ -754,3 +754,115 @@ fn lowering_the_memory_limit_makes_a_growing_container_oom() {
         assert_no_leaks(&k, &k.namespace, id);
     }
 }
+
+#[test]
+fn exec_runs_a_process_in_a_running_task_with_its_own_exit() {
+    require_runtime();
+    let k = Keeld::start();
+    let mut sub = subscribe(
+        &k,
+        &[
+            "topic~=/tasks/exec-.+",
+            "topic==/tasks/exit",
+            "topic==/containers/delete",
+        ],
+    );
+    let out = run(&k, &["-d", "--env", "GREETING=hi", "ex", "sleep", "600"]);
+    assert!(out.status.success(), "{}", describe(&out));
+
+    // Output, exit status and the container's environment, as `ctr task exec`.
+    let script = "echo $GREETING-from-exec; echo to-stderr >&2; exit 3";
+    let out = k.ctl(&["tasks", "exec", "--exec-id", "e1", "ex", "sh", "-c", script]);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi-from-exec\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "to-stderr\n");
+
+    let events: Vec<_> = sub
+        .until(Duration::from_secs(10), |e| e["topic"] == "/tasks/exit")
+        .expect("the exec's exit event")
+        .into_iter()
+        .filter(|e| e["topic"] != "/containers/delete")
+        .collect();
+    let topics: Vec<_> = events
+        .iter()
+        .map(|e| e["topic"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        topics,
+        ["/tasks/exec-added", "/tasks/exec-started", "/tasks/exit"],
+        "{events:#?}"
+    );
+    assert!(events.iter().all(|e| e["event"]["containerId"] == "ex"));
+    assert_eq!(events[0]["event"]["execId"], "e1");
+    assert_eq!(events[1]["event"]["execId"], "e1");
+    let pid = &events[1]["event"]["pid"];
+    assert!(pid.as_u64().unwrap() > 0, "{events:#?}");
+    assert_eq!(
+        events[2]["event"]["id"], "e1",
+        "the exit carries the exec id"
+    );
+    assert_eq!(events[2]["event"]["pid"], *pid);
+    assert_eq!(events[2]["event"]["exitStatus"], 3);
+
+    // stdin is forwarded with -i; a deleted exec's id can be used again.
+    let mut child = k
+        .ctl_cmd(&["tasks", "exec", "-i", "--exec-id", "e1", "ex", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"through stdin\n").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "through stdin\n");
+
+    // A running exec: its id is taken, a signal reaches it, and its exit is its own.
+    let long = k
+        .ctl_cmd(&["tasks", "exec", "--exec-id", "long", "ex", "sleep", "600"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(10), "the long exec to start", || {
+        sub.until(Duration::from_millis(100), |e| {
+            e["topic"] == "/tasks/exec-started" && e["event"]["execId"] == "long"
+        })
+    });
+    k.ctl_err(
+        &["tasks", "exec", "--exec-id", "long", "ex", "true"],
+        "already exists",
+    );
+    k.ctl_err(&["tasks", "exec", "--exec-id", "", "ex", "true"], "exec_id");
+    k.ctl_err(
+        &["tasks", "exec", "--exec-id", "../x", "ex", "true"],
+        "exec_id",
+    );
+    k.ctl_err(
+        &["tasks", "kill", "-s", "KILL", "--exec-id", "nope", "ex"],
+        "not found",
+    );
+    k.ctl_ok(&["tasks", "kill", "-s", "KILL", "--exec-id", "long", "ex"]);
+    let out = long.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(137), "{}", describe(&out));
+    let ls = k.ctl_ok(&["tasks", "ls"]);
+    let line = ls.lines().find(|l| l.starts_with("ex ")).unwrap();
+    assert!(line.contains("RUNNING"), "the task outlives its exec: {ls}");
+
+    // Not in a task that is not running.
+    k.ctl_ok(&["tasks", "kill", "-s", "KILL", "ex"]);
+    let waited = k.ctl(&["tasks", "wait", "ex"]);
+    assert_eq!(waited.status.code(), Some(137), "{}", describe(&waited));
+    k.ctl_err(
+        &["tasks", "exec", "--exec-id", "late", "ex", "true"],
+        "it is stopped",
+    );
+    k.ctl_ok(&["tasks", "rm", "ex"]);
+    k.ctl_ok(&["containers", "rm", "ex"]);
+    assert_no_leaks(&k, &k.namespace, "ex");
+}

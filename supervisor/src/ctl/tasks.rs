@@ -8,7 +8,9 @@ use clap::{Args, Subcommand};
 use keel_protocol::api::containers::{container::Runtime, *};
 use keel_protocol::api::tasks::*;
 use keel_protocol::api::types::Mount;
-use keel_protocol::types::{json_any, unpack, LINUX_RESOURCES_TYPE_URL, SPEC_TYPE_URL};
+use keel_protocol::types::{
+    json_any, unpack, LINUX_RESOURCES_TYPE_URL, PROCESS_TYPE_URL, SPEC_TYPE_URL,
+};
 use keel_protocol::{Client, Error};
 use protobuf::{Enum, MessageField};
 use tokio::io::AsyncWriteExt;
@@ -139,6 +141,9 @@ pub enum TasksCmd {
         /// Signal every process in the container.
         #[arg(short = 'a', long)]
         all: bool,
+        /// Signal this exec process instead of the task's init process.
+        #[arg(long, default_value = "")]
+        exec_id: String,
         id: String,
     },
     /// Wait for a task to exit; exits with its status.
@@ -156,6 +161,19 @@ pub enum TasksCmd {
     Ps { id: String },
     /// Print a detached task's output.
     Logs { id: String },
+    /// Run a process in a running task, in the foreground; exits with its status.
+    Exec {
+        /// Id of the new process, unique within the task.
+        #[arg(long)]
+        exec_id: String,
+        /// Forward stdin to the process.
+        #[arg(short = 'i', long)]
+        interactive: bool,
+        id: String,
+        /// Command and arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
     /// Freeze every process of a task.
     Pause { id: String },
     /// Thaw a paused task.
@@ -345,6 +363,95 @@ fn copy_out(path: PathBuf, to_stderr: bool) -> anyhow::Result<tokio::task::JoinH
     }))
 }
 
+/// FIFOs for a foreground process's stdio, copied to and from keelctl's own.
+struct ForegroundIo {
+    _dir: tempfile::TempDir,
+    stdin: Option<PathBuf>,
+    stdout: PathBuf,
+    stderr: PathBuf,
+    copies: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl ForegroundIo {
+    fn new(interactive: bool) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("keelctl-").tempdir()?;
+        let mk = |name: &str| -> anyhow::Result<PathBuf> {
+            let p = dir.path().join(name);
+            nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
+            Ok(p)
+        };
+        let (stdout, stderr) = (mk("stdout")?, mk("stderr")?);
+        let stdin = if interactive {
+            Some(mk("stdin")?)
+        } else {
+            None
+        };
+        let copies = vec![
+            copy_out(stdout.clone(), false)?,
+            copy_out(stderr.clone(), true)?,
+        ];
+        Ok(Self {
+            _dir: dir,
+            stdin,
+            stdout,
+            stderr,
+            copies,
+        })
+    }
+
+    /// (stdin, stdout, stderr) paths as the shim takes them; stdin empty if none.
+    fn paths(&self) -> (String, String, String) {
+        (
+            self.stdin
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            self.stdout.display().to_string(),
+            self.stderr.display().to_string(),
+        )
+    }
+
+    /// Forwards keelctl's stdin, then tells the shim stdin is done (as ctr does: the
+    /// shim keeps the FIFO open). Only after Start: a CloseIO before Start could close
+    /// stdin before the shim has copied what was written.
+    fn forward_stdin(&self, client: &Client, id: &str, exec_id: &str) -> anyhow::Result<()> {
+        let Some(p) = &self.stdin else {
+            return Ok(());
+        };
+        let mut tx = tokio::net::unix::pipe::OpenOptions::new().open_sender(p)?;
+        let req = CloseIORequest {
+            container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            stdin: true,
+            ..Default::default()
+        };
+        let client = client.clone();
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut tokio::io::stdin(), &mut tx).await;
+            drop(tx);
+            let _ = client.tasks.close_io(client.ctx(), &req).await;
+        });
+        Ok(())
+    }
+
+    /// Lets output still in flight drain; it ends when the shim closes its end after
+    /// the exit.
+    async fn finish(self) {
+        for c in self.copies {
+            let _ = tokio::time::timeout(Duration::from_secs(5), c).await;
+        }
+    }
+}
+
+async fn wait_for(client: &Client, id: &str, exec_id: &str) -> anyhow::Result<u32> {
+    let req = WaitRequest {
+        container_id: id.to_string(),
+        exec_id: exec_id.to_string(),
+        ..Default::default()
+    };
+    Ok(client.tasks.wait(client.ctx(), &req).await?.exit_status)
+}
+
 pub async fn run(client: &Client, a: RunArgs) -> anyhow::Result<i32> {
     let id = a.container.id.clone();
     create_container(client, &a.container).await?;
@@ -357,70 +464,82 @@ pub async fn run(client: &Client, a: RunArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
 
-    let fifos = tempfile::Builder::new().prefix("keelctl-").tempdir()?;
-    let mk = |name: &str| -> anyhow::Result<PathBuf> {
-        let p = fifos.path().join(name);
-        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
-        Ok(p)
-    };
-    let (stdout, stderr) = (mk("stdout")?, mk("stderr")?);
-    let stdin = if a.interactive {
-        Some(mk("stdin")?)
-    } else {
-        None
-    };
-    let copies = [
-        copy_out(stdout.clone(), false)?,
-        copy_out(stderr.clone(), true)?,
-    ];
+    let io = ForegroundIo::new(a.interactive)?;
     let result = async {
+        let (stdin, stdout, stderr) = io.paths();
         let req = CreateTaskRequest {
             container_id: id.clone(),
-            stdin: stdin
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
-            stdout: stdout.display().to_string(),
-            stderr: stderr.display().to_string(),
+            stdin,
+            stdout,
+            stderr,
             ..Default::default()
         };
         create_and_start(client, req).await?;
-        if let Some(p) = &stdin {
-            let mut tx = tokio::net::unix::pipe::OpenOptions::new().open_sender(p)?;
-            let (client, id) = (client.clone(), id.clone());
-            // Only after Start: a CloseIO before Start could close stdin before
-            // the shim has copied what was written.
-            tokio::spawn(async move {
-                let _ = tokio::io::copy(&mut tokio::io::stdin(), &mut tx).await;
-                drop(tx);
-                // The shim keeps the FIFO open; tell it stdin is done, as ctr does.
-                let req = CloseIORequest {
-                    container_id: id,
-                    stdin: true,
-                    ..Default::default()
-                };
-                let _ = client.tasks.close_io(client.ctx(), &req).await;
-            });
-        }
-        let w = client
-            .tasks
-            .wait(
-                client.ctx(),
-                &WaitRequest {
-                    container_id: id.clone(),
-                    ..Default::default()
-                },
-            )
-            .await?;
-        Ok::<_, anyhow::Error>(w.exit_status)
+        io.forward_stdin(client, &id, "")?;
+        wait_for(client, &id, "").await
     }
     .await;
-    // Output still in flight ends when the shim closes its end after the exit.
-    for c in copies {
-        let _ = tokio::time::timeout(Duration::from_secs(5), c).await;
-    }
+    io.finish().await;
     if a.rm || result.is_err() {
         delete_all(client, &id).await;
+    }
+    Ok(i32::try_from(result?).unwrap_or(255))
+}
+
+/// `keelctl tasks exec`: runs a process in a running task, in the foreground, with
+/// the container's environment, working directory and user; exits with its status.
+async fn exec(
+    client: &Client,
+    id: &str,
+    exec_id: &str,
+    interactive: bool,
+    command: Vec<String>,
+) -> anyhow::Result<i32> {
+    let req = GetContainerRequest {
+        id: id.to_string(),
+        ..Default::default()
+    };
+    let c = client.containers.get(client.ctx(), &req).await?;
+    let spec: serde_json::Value = serde_json::from_slice(&c.container.spec.value)
+        .with_context(|| format!("container {id} has no readable spec"))?;
+    let mut process = spec["process"].clone();
+    if !process.is_object() {
+        bail!("container {id}'s spec has no process to start from");
+    }
+    process["args"] = serde_json::json!(command);
+    process["terminal"] = serde_json::json!(false);
+
+    let io = ForegroundIo::new(interactive)?;
+    let (stdin, stdout, stderr) = io.paths();
+    let req = ExecProcessRequest {
+        container_id: id.to_string(),
+        exec_id: exec_id.to_string(),
+        stdin,
+        stdout,
+        stderr,
+        spec: MessageField::some(json_any(PROCESS_TYPE_URL, serde_json::to_vec(&process)?)),
+        ..Default::default()
+    };
+    client.tasks.exec(client.ctx(), &req).await?;
+    let result = async {
+        let req = StartRequest {
+            container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            ..Default::default()
+        };
+        client.tasks.start(client.ctx(), &req).await?;
+        io.forward_stdin(client, id, exec_id)?;
+        wait_for(client, id, exec_id).await
+    }
+    .await;
+    io.finish().await;
+    let req = DeleteProcessRequest {
+        container_id: id.to_string(),
+        exec_id: exec_id.to_string(),
+        ..Default::default()
+    };
+    if let Err(e) = client.tasks.delete_process(client.ctx(), &req).await {
+        eprintln!("keelctl: delete exec {exec_id}: {e}");
     }
     Ok(i32::try_from(result?).unwrap_or(255))
 }
@@ -553,9 +672,15 @@ pub async fn tasks(client: &Client, cmd: TasksCmd) -> anyhow::Result<i32> {
                 }
             }
         }
-        TasksCmd::Kill { signal, all, id } => {
+        TasksCmd::Kill {
+            signal,
+            all,
+            exec_id,
+            id,
+        } => {
             let req = KillRequest {
                 container_id: id,
+                exec_id,
                 signal: parse_signal(&signal)?,
                 all,
                 ..Default::default()
@@ -563,19 +688,16 @@ pub async fn tasks(client: &Client, cmd: TasksCmd) -> anyhow::Result<i32> {
             client.tasks.kill(client.ctx(), &req).await?;
         }
         TasksCmd::Wait { id } => {
-            let w = client
-                .tasks
-                .wait(
-                    client.ctx(),
-                    &WaitRequest {
-                        container_id: id,
-                        ..Default::default()
-                    },
-                )
-                .await?;
-            println!("{}", w.exit_status);
-            return Ok(i32::try_from(w.exit_status).unwrap_or(255));
+            let status = wait_for(client, &id, "").await?;
+            println!("{status}");
+            return Ok(i32::try_from(status).unwrap_or(255));
         }
+        TasksCmd::Exec {
+            exec_id,
+            interactive,
+            id,
+            command,
+        } => return exec(client, &id, &exec_id, interactive, command).await,
         TasksCmd::Rm { force, ids } => {
             for id in ids {
                 let req = DeleteTaskRequest {

@@ -1,11 +1,12 @@
 //! `containerd.services.events.ttrpc.v1.Events/Forward`, where containerd 1.6 shims
 //! send their task events (TTRPC_ADDRESS points at keeld's socket).
 //!
-//! keel publishes `/tasks/create`, `/tasks/start`, `/tasks/paused`, `/tasks/resumed`
-//! and `/tasks/delete` itself, when the task actor has done the step, so their order
-//! is keel's and each is published once. From the shim it takes what only the shim
-//! knows (`/tasks/oom`, exec events) into the exchange,
-//! and hands `/tasks/exit` of an init process to its task actor, which records and
+//! keel publishes `/tasks/create`, `/tasks/start`, `/tasks/exec-added`,
+//! `/tasks/exec-started`, `/tasks/paused`, `/tasks/resumed` and `/tasks/delete`
+//! itself, when the task actor has done the step, so their order is keel's and each
+//! is published once. From the shim it takes what only the shim knows (`/tasks/oom`)
+//! into the exchange, and hands `/tasks/exit` (of the init or an exec process) to its
+//! task actor, which records and
 //! publishes each exit once whichever way it learns of it first.
 
 use std::sync::Arc;
@@ -43,17 +44,24 @@ impl Events for ShimEventsService {
         let event = validate_envelope(&env.namespace, &env.topic, env.event.into_option()).rpc()?;
         tracing::debug!(namespace = %env.namespace, topic = %env.topic, type_url = %event.type_url, "shim event");
         match env.topic.as_str() {
-            "/tasks/create" | "/tasks/start" | "/tasks/paused" | "/tasks/resumed"
+            "/tasks/create"
+            | "/tasks/start"
+            | "/tasks/exec-added"
+            | "/tasks/exec-started"
+            | "/tasks/paused"
+            | "/tasks/resumed"
             | "/tasks/delete" => {}
             "/tasks/exit" => {
                 let exit: TaskExit = unpack(&event).rpc()?;
-                if exit.id == exit.container_id || exit.id.is_empty() {
-                    if let Ok(task) = self.tasks.get(&env.namespace, &exit.container_id) {
-                        let at = exit
-                            .exited_at
-                            .as_ref()
-                            .map_or_else(std::time::SystemTime::now, system_time);
+                if let Ok(task) = self.tasks.get(&env.namespace, &exit.container_id) {
+                    let at = exit
+                        .exited_at
+                        .as_ref()
+                        .map_or_else(std::time::SystemTime::now, system_time);
+                    if exit.id == exit.container_id || exit.id.is_empty() {
                         task.notify_exit(exit.exit_status, at);
+                    } else {
+                        task.notify_exec_exit(&exit.id, exit.exit_status, at);
                     }
                 }
             }

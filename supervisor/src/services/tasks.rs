@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use keel_actors::state::TaskState;
-use keel_actors::task::{CreateTask, TaskInfo, Tasks};
+use keel_actors::task::{CreateTask, ExecSpec, TaskInfo, Tasks};
 use keel_protocol::api::tasks::*;
 use keel_protocol::api::tasks_ttrpc;
 use keel_protocol::filters::{Adaptor, Filter};
@@ -59,12 +59,39 @@ fn id(field: &str, v: &str) -> ttrpc::Result<()> {
     identifiers::validate(field, v).rpc()
 }
 
+/// An exec id, when one is given (empty: the init process).
+fn exec_id(v: &str) -> ttrpc::Result<()> {
+    if v.is_empty() {
+        Ok(())
+    } else {
+        id("exec_id", v)
+    }
+}
+
 fn no_exec(exec_id: &str) -> ttrpc::Result<()> {
     if exec_id.is_empty() {
         Ok(())
     } else {
         Err(Error::Unimplemented("exec processes are not supported yet".into()).into())
     }
+}
+
+/// Checks the process spec sent to Exec: an OCI `Process` as JSON, with arguments.
+fn process_json(any: Option<&protobuf::well_known_types::any::Any>) -> ttrpc::Result<Vec<u8>> {
+    let invalid = |m: String| ttrpc::Error::from(Error::InvalidArgument(m));
+    let any = any.ok_or_else(|| invalid("spec: the process to run is required".into()))?;
+    if any.type_url.rsplit('/').next() != Some("Process") {
+        return Err(invalid(format!(
+            "spec: type {:?} is not an OCI Process",
+            any.type_url
+        )));
+    }
+    let p: oci_spec::runtime::Process = serde_json::from_slice(&any.value)
+        .map_err(|e| invalid(format!("spec: not valid OCI Process JSON: {e}")))?;
+    if p.args().as_ref().is_none_or(Vec::is_empty) {
+        return Err(invalid("spec: process.args is empty".into()));
+    }
+    Ok(any.value.clone())
 }
 
 /// Checks resources sent to Update: OCI `LinuxResources` as JSON.
@@ -164,14 +191,14 @@ impl tasks_ttrpc::Tasks for TasksService {
     async fn start(&self, ctx: &TtrpcContext, req: StartRequest) -> ttrpc::Result<StartResponse> {
         let ns = self.auth.request(ctx, "Tasks.Start").rpc()?.namespace;
         id("container_id", &req.container_id)?;
-        no_exec(&req.exec_id)?;
-        let pid = self
-            .tasks
-            .get(&ns, &req.container_id)
-            .rpc()?
-            .start()
-            .await
-            .rpc()?;
+        exec_id(&req.exec_id)?;
+        let task = self.tasks.get(&ns, &req.container_id).rpc()?;
+        let pid = if req.exec_id.is_empty() {
+            task.start().await
+        } else {
+            task.start_exec(&req.exec_id).await
+        }
+        .rpc()?;
         Ok(StartResponse {
             pid,
             ..Default::default()
@@ -207,9 +234,28 @@ impl tasks_ttrpc::Tasks for TasksService {
         ctx: &TtrpcContext,
         req: DeleteProcessRequest,
     ) -> ttrpc::Result<DeleteResponse> {
-        self.auth.request(ctx, "Tasks.DeleteProcess").rpc()?;
+        let ns = self
+            .auth
+            .request(ctx, "Tasks.DeleteProcess")
+            .rpc()?
+            .namespace;
         id("container_id", &req.container_id)?;
-        unimplemented("exec processes")
+        id("exec_id", &req.exec_id)?;
+        let exit = self
+            .tasks
+            .get(&ns, &req.container_id)
+            .rpc()?
+            .delete_exec(&req.exec_id)
+            .await
+            .rpc()?;
+        let (exit_status, exited_at) = exit_response(&exit);
+        Ok(DeleteResponse {
+            id: req.exec_id,
+            pid: exit.pid,
+            exit_status,
+            exited_at,
+            ..Default::default()
+        })
     }
 
     async fn get(&self, ctx: &TtrpcContext, req: GetRequest) -> ttrpc::Result<GetResponse> {
@@ -250,7 +296,7 @@ impl tasks_ttrpc::Tasks for TasksService {
     async fn kill(&self, ctx: &TtrpcContext, req: KillRequest) -> ttrpc::Result<Empty> {
         let ns = self.auth.request(ctx, "Tasks.Kill").rpc()?.namespace;
         id("container_id", &req.container_id)?;
-        no_exec(&req.exec_id)?;
+        exec_id(&req.exec_id)?;
         if req.signal == 0 || req.signal > 64 {
             return Err(Error::InvalidArgument(format!(
                 "signal {} is not a signal number (1-64)",
@@ -261,7 +307,7 @@ impl tasks_ttrpc::Tasks for TasksService {
         self.tasks
             .get(&ns, &req.container_id)
             .rpc()?
-            .kill(req.signal, req.all)
+            .kill(&req.exec_id, req.signal, req.all)
             .await
             .rpc()?;
         Ok(Empty::new())
@@ -270,12 +316,12 @@ impl tasks_ttrpc::Tasks for TasksService {
     async fn wait(&self, ctx: &TtrpcContext, req: WaitRequest) -> ttrpc::Result<WaitResponse> {
         let ns = self.auth.request(ctx, "Tasks.Wait").rpc()?.namespace;
         id("container_id", &req.container_id)?;
-        no_exec(&req.exec_id)?;
+        exec_id(&req.exec_id)?;
         let exit = self
             .tasks
             .get(&ns, &req.container_id)
             .rpc()?
-            .wait()
+            .wait(&req.exec_id)
             .await
             .rpc()?;
         let (exit_status, exited_at) = exit_response(&exit);
@@ -312,9 +358,28 @@ impl tasks_ttrpc::Tasks for TasksService {
         })
     }
 
-    async fn exec(&self, ctx: &TtrpcContext, _: ExecProcessRequest) -> ttrpc::Result<Empty> {
-        self.auth.request(ctx, "Tasks.Exec").rpc()?;
-        unimplemented("exec")
+    async fn exec(&self, ctx: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
+        let ns = self.auth.request(ctx, "Tasks.Exec").rpc()?.namespace;
+        id("container_id", &req.container_id)?;
+        id("exec_id", &req.exec_id)?;
+        if req.terminal {
+            return unimplemented("terminal");
+        }
+        let process = process_json(req.spec.as_ref())?;
+        self.tasks
+            .get(&ns, &req.container_id)
+            .rpc()?
+            .exec(ExecSpec {
+                exec_id: req.exec_id,
+                process,
+                stdin: req.stdin,
+                stdout: req.stdout,
+                stderr: req.stderr,
+                terminal: req.terminal,
+            })
+            .await
+            .rpc()?;
+        Ok(Empty::new())
     }
 
     async fn resize_pty(&self, ctx: &TtrpcContext, _: ResizePtyRequest) -> ttrpc::Result<Empty> {
@@ -325,12 +390,12 @@ impl tasks_ttrpc::Tasks for TasksService {
     async fn close_io(&self, ctx: &TtrpcContext, req: CloseIORequest) -> ttrpc::Result<Empty> {
         let ns = self.auth.request(ctx, "Tasks.CloseIO").rpc()?.namespace;
         id("container_id", &req.container_id)?;
-        no_exec(&req.exec_id)?;
+        exec_id(&req.exec_id)?;
         if req.stdin {
             self.tasks
                 .get(&ns, &req.container_id)
                 .rpc()?
-                .close_stdin()
+                .close_stdin(&req.exec_id)
                 .await
                 .rpc()?;
         }
