@@ -127,7 +127,9 @@ fn process_alive(pid: u32) -> bool {
 
 /// Adapts the container's spec to its bundle: rootfs at `<bundle>/rootfs` (where the
 /// shim mounts it) and an absolute cgroups path `/keel/<ns>/<id>`.
-fn bundle_spec(spec: &[u8], ns: &str, id: &str) -> Result<Vec<u8>> {
+/// The container's spec as the bundle holds it: rootfs in the bundle, an absolute
+/// cgroups path, and a terminal exactly when the task has one.
+fn bundle_spec(spec: &[u8], ns: &str, id: &str, terminal: bool) -> Result<Vec<u8>> {
     let mut v: serde_json::Value = serde_json::from_slice(spec)
         .map_err(|e| Error::InvalidArgument(format!("spec is not valid JSON: {e}")))?;
     let obj = v
@@ -137,6 +139,9 @@ fn bundle_spec(spec: &[u8], ns: &str, id: &str) -> Result<Vec<u8>> {
     root["path"] = serde_json::json!("rootfs");
     let linux = obj.entry("linux").or_insert_with(|| serde_json::json!({}));
     linux["cgroupsPath"] = serde_json::json!(format!("/keel/{ns}/{id}"));
+    if let Some(p) = obj.get_mut("process").and_then(|p| p.as_object_mut()) {
+        p.insert("terminal".into(), serde_json::json!(terminal));
+    }
     Ok(serde_json::to_vec_pretty(&v).expect("json serialises"))
 }
 
@@ -476,7 +481,7 @@ impl Tasks {
         }
         std::fs::create_dir_all(bundle.join("rootfs"))
             .map_err(|e| fail(Error::Io(format!("create bundle: {e}"))))?;
-        let spec = bundle_spec(&req.container.spec, ns, id).map_err(fail)?;
+        let spec = bundle_spec(&req.container.spec, ns, id, req.terminal).map_err(fail)?;
         std::fs::write(bundle.join("config.json"), spec)
             .map_err(|e| fail(Error::Io(format!("write config.json: {e}"))))?;
         let log = LogFifo::open(bundle, ns, id).map_err(fail)?;
@@ -1080,6 +1085,44 @@ fn announce<T: Send + 'static>(
     }
 }
 
+/// Resize the terminal of the init process (`exec_id` empty) or an exec process.
+#[derive(Message)]
+#[rtype(result = "Result<()>")]
+struct Resize {
+    exec_id: String,
+    width: u32,
+    height: u32,
+}
+
+impl Handler<Resize> for TaskActor {
+    type Result = ResponseFuture<Result<()>>;
+
+    fn handle(&mut self, m: Resize, _: &mut Self::Context) -> Self::Result {
+        let shim = match self
+            .state
+            .can_kill(&self.id)
+            .and_then(|()| self.check_process_alive(&m.exec_id))
+            .and_then(|()| self.live_shim())
+        {
+            Ok(s) => s,
+            Err(e) => return Box::pin(async move { Err(e) }),
+        };
+        let req = api::ResizePtyRequest {
+            id: self.id.clone(),
+            exec_id: m.exec_id,
+            width: m.width,
+            height: m.height,
+            ..Default::default()
+        };
+        Box::pin(async move {
+            shim.resize_pty(&req, rpc_timeout())
+                .await
+                .map(|_| ())
+                .map_err(Error::from)
+        })
+    }
+}
+
 /// Pause (freeze) or resume (thaw) the task's processes.
 #[derive(Message)]
 #[rtype(result = "Result<()>")]
@@ -1608,6 +1651,16 @@ impl TaskHandle {
         self.call(Pids).await?
     }
 
+    /// Resizes a process's terminal (`exec_id` empty: the init process).
+    pub async fn resize(&self, exec_id: &str, width: u32, height: u32) -> Result<()> {
+        self.call(Resize {
+            exec_id: exec_id.to_string(),
+            width,
+            height,
+        })
+        .await?
+    }
+
     /// Freezes every process of the task; publishes `/tasks/paused`.
     pub async fn pause(&self) -> Result<()> {
         self.call(Freeze { pause: true }).await?
@@ -1648,17 +1701,19 @@ mod tests {
     #[test]
     fn bundle_spec_sets_rootfs_and_absolute_cgroup() {
         let out = bundle_spec(
-            br#"{"ociVersion":"1.0.2","root":{"path":"/elsewhere","readonly":true}}"#,
+            br#"{"ociVersion":"1.0.2","root":{"path":"/elsewhere","readonly":true},"process":{"terminal":false}}"#,
             "ns",
             "web",
+            true,
         )
         .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["root"]["path"], "rootfs");
         assert_eq!(v["root"]["readonly"], true);
         assert_eq!(v["linux"]["cgroupsPath"], "/keel/ns/web");
+        assert_eq!(v["process"]["terminal"], true);
         assert!(matches!(
-            bundle_spec(b"[1]", "n", "i"),
+            bundle_spec(b"[1]", "n", "i", false),
             Err(Error::InvalidArgument(_))
         ));
     }

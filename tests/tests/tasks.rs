@@ -866,3 +866,121 @@ fn exec_runs_a_process_in_a_running_task_with_its_own_exit() {
     k.ctl_ok(&["containers", "rm", "ex"]);
     assert_no_leaks(&k, &k.namespace, "ex");
 }
+
+/// Runs keelctl on a fresh terminal of `cols` x `rows` (its stdin, stdout and
+/// stderr); returns its exit code and everything the terminal showed.
+fn ctl_on_terminal(k: &Keeld, args: &[&str], cols: u16, rows: u16) -> (Option<i32>, String) {
+    use std::io::Read;
+    let ws = nix::pty::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = nix::pty::openpty(Some(&ws), None).expect("openpty");
+    let slave = pty.slave;
+    // The Command, and with it the parent's copies of the terminal, ends here.
+    let mut child = k
+        .ctl_cmd(args)
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::from(slave))
+        .spawn()
+        .expect("spawn keelctl");
+    let mut master = std::fs::File::from(pty.master);
+    let reader = std::thread::spawn(move || {
+        let (mut seen, mut chunk) = (Vec::new(), [0u8; 4096]);
+        // EIO once keelctl, the terminal's last user, is gone.
+        while let Ok(n) = master.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&chunk[..n]);
+        }
+        String::from_utf8_lossy(&seen).to_string()
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("keelctl {args:?} on a terminal did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (status.code(), reader.join().unwrap())
+}
+
+#[test]
+fn a_terminal_follows_the_size_of_keelctls_own() {
+    require_runtime();
+    let k = Keeld::start();
+    let rootfs = busybox_rootfs();
+    // Waits for keelctl's resize (busybox stty prints no size for a 0x0 terminal),
+    // then reports the size and that it has a terminal.
+    let script = "while [ -z \"$(busybox stty size 2>/dev/null)\" ]; do sleep 0.1; done; \
+                  busybox stty size; busybox tty; exit 5";
+    let (code, shown) = ctl_on_terminal(
+        &k,
+        &[
+            "run",
+            "--rm",
+            "-t",
+            "--rootfs",
+            rootfs.to_str().unwrap(),
+            "tty-1",
+            "sh",
+            "-c",
+            script,
+        ],
+        100,
+        30,
+    );
+    assert_eq!(code, Some(5), "{shown}");
+    assert!(shown.contains("30 100"), "{shown:?}");
+    assert!(shown.contains("/dev/pts/"), "{shown:?}");
+
+    // An exec process gets a terminal of its own.
+    let out = run(&k, &["-d", "tty-2", "sleep", "600"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let (code, shown) = ctl_on_terminal(
+        &k,
+        &[
+            "tasks",
+            "exec",
+            "-t",
+            "--exec-id",
+            "sh1",
+            "tty-2",
+            "sh",
+            "-c",
+            script,
+        ],
+        120,
+        40,
+    );
+    assert_eq!(code, Some(5), "{shown}");
+    assert!(shown.contains("40 120"), "{shown:?}");
+    assert!(shown.contains("/dev/pts/"), "{shown:?}");
+
+    // A detached task has nowhere to show a terminal.
+    k.ctl_err(
+        &[
+            "run",
+            "-d",
+            "-t",
+            "--rootfs",
+            rootfs.to_str().unwrap(),
+            "tty-3",
+            "true",
+        ],
+        "cannot be used with",
+    );
+    k.ctl_ok(&["tasks", "rm", "-f", "tty-2"]);
+    k.ctl_ok(&["containers", "rm", "tty-2"]);
+    for id in ["tty-1", "tty-2"] {
+        assert_no_leaks(&k, &k.namespace, id);
+    }
+}

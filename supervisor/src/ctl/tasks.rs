@@ -98,6 +98,10 @@ pub struct RunArgs {
     /// Forward stdin to the container.
     #[arg(short = 'i', long)]
     pub interactive: bool,
+    /// Give the container a terminal (keelctl's own is put in raw mode and its size
+    /// followed).
+    #[arg(short = 't', long, conflicts_with = "detach")]
+    pub tty: bool,
     #[command(flatten)]
     pub container: ContainerArgs,
 }
@@ -169,6 +173,9 @@ pub enum TasksCmd {
         /// Forward stdin to the process.
         #[arg(short = 'i', long)]
         interactive: bool,
+        /// Give the process a terminal.
+        #[arg(short = 't', long)]
+        tty: bool,
         id: String,
         /// Command and arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
@@ -363,52 +370,137 @@ fn copy_out(path: PathBuf, to_stderr: bool) -> anyhow::Result<tokio::task::JoinH
     }))
 }
 
+/// keelctl's own terminal, in raw mode until dropped (keys go to the container's
+/// terminal untouched).
+struct RawMode(nix::sys::termios::Termios);
+
+impl RawMode {
+    fn enter() -> anyhow::Result<Option<Self>> {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        let stdin = std::io::stdin();
+        if !nix::unistd::isatty(std::os::fd::AsRawFd::as_raw_fd(&stdin)).unwrap_or(false) {
+            return Ok(None);
+        }
+        let saved = tcgetattr(&stdin).context("read the terminal's mode")?;
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        tcsetattr(&stdin, SetArg::TCSANOW, &raw).context("set the terminal raw")?;
+        Ok(Some(Self(saved)))
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        use nix::sys::termios::{tcsetattr, SetArg};
+        let _ = tcsetattr(std::io::stdin(), SetArg::TCSANOW, &self.0);
+    }
+}
+
+nix::ioctl_read_bad!(get_winsize, nix::libc::TIOCGWINSZ, nix::pty::Winsize);
+
+/// The size (columns, rows) of the terminal on keelctl's stdin or stdout, if any.
+fn terminal_size() -> Option<(u32, u32)> {
+    use std::os::fd::AsRawFd;
+    [std::io::stdin().as_raw_fd(), std::io::stdout().as_raw_fd()]
+        .into_iter()
+        .find_map(|fd| {
+            let mut ws = nix::pty::Winsize {
+                ws_row: 0,
+                ws_col: 0,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            // SAFETY: TIOCGWINSZ writes one Winsize into `ws`, which lives across the
+            // call; on a descriptor that is not a terminal it fails and writes nothing.
+            let ok = unsafe { get_winsize(fd, &mut ws) }.is_ok();
+            (ok && ws.ws_col > 0 && ws.ws_row > 0)
+                .then(|| (u32::from(ws.ws_col), u32::from(ws.ws_row)))
+        })
+}
+
 /// FIFOs for a foreground process's stdio, copied to and from keelctl's own.
 struct ForegroundIo {
     _dir: tempfile::TempDir,
     stdin: Option<PathBuf>,
     stdout: PathBuf,
-    stderr: PathBuf,
+    /// None with a terminal, which carries both streams.
+    stderr: Option<PathBuf>,
+    tty: bool,
     copies: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl ForegroundIo {
-    fn new(interactive: bool) -> anyhow::Result<Self> {
+    fn new(interactive: bool, tty: bool) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("keelctl-").tempdir()?;
         let mk = |name: &str| -> anyhow::Result<PathBuf> {
             let p = dir.path().join(name);
             nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
             Ok(p)
         };
-        let (stdout, stderr) = (mk("stdout")?, mk("stderr")?);
+        let stdout = mk("stdout")?;
+        let stderr = if tty { None } else { Some(mk("stderr")?) };
         let stdin = if interactive {
             Some(mk("stdin")?)
         } else {
             None
         };
-        let copies = vec![
-            copy_out(stdout.clone(), false)?,
-            copy_out(stderr.clone(), true)?,
-        ];
+        let mut copies = vec![copy_out(stdout.clone(), false)?];
+        if let Some(p) = &stderr {
+            copies.push(copy_out(p.clone(), true)?);
+        }
         Ok(Self {
             _dir: dir,
             stdin,
             stdout,
             stderr,
+            tty,
             copies,
         })
     }
 
-    /// (stdin, stdout, stderr) paths as the shim takes them; stdin empty if none.
+    /// (stdin, stdout, stderr) paths as the shim takes them; empty if none.
     fn paths(&self) -> (String, String, String) {
-        (
-            self.stdin
-                .as_ref()
+        let show = |p: &Option<PathBuf>| {
+            p.as_ref()
                 .map(|p| p.display().to_string())
-                .unwrap_or_default(),
+                .unwrap_or_default()
+        };
+        (
+            show(&self.stdin),
             self.stdout.display().to_string(),
-            self.stderr.display().to_string(),
+            show(&self.stderr),
         )
+    }
+
+    /// With a terminal: gives the process's terminal keelctl's size now and whenever
+    /// it changes (SIGWINCH).
+    fn follow_size(&self, client: &Client, id: &str, exec_id: &str) -> anyhow::Result<()> {
+        use tokio::signal::unix::{signal, SignalKind};
+        if !self.tty {
+            return Ok(());
+        }
+        let mut winch = signal(SignalKind::window_change())?;
+        let (client, id, exec_id) = (client.clone(), id.to_string(), exec_id.to_string());
+        tokio::spawn(async move {
+            loop {
+                if let Some((width, height)) = terminal_size() {
+                    let req = ResizePtyRequest {
+                        container_id: id.clone(),
+                        exec_id: exec_id.clone(),
+                        width,
+                        height,
+                        ..Default::default()
+                    };
+                    if client.tasks.resize_pty(client.ctx(), &req).await.is_err() {
+                        return;
+                    }
+                }
+                if winch.recv().await.is_none() {
+                    return;
+                }
+            }
+        });
+        Ok(())
     }
 
     /// Forwards keelctl's stdin, then tells the shim stdin is done (as ctr does: the
@@ -464,7 +556,8 @@ pub async fn run(client: &Client, a: RunArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
 
-    let io = ForegroundIo::new(a.interactive)?;
+    let io = ForegroundIo::new(a.interactive, a.tty)?;
+    let raw = if a.tty { RawMode::enter()? } else { None };
     let result = async {
         let (stdin, stdout, stderr) = io.paths();
         let req = CreateTaskRequest {
@@ -472,14 +565,17 @@ pub async fn run(client: &Client, a: RunArgs) -> anyhow::Result<i32> {
             stdin,
             stdout,
             stderr,
+            terminal: a.tty,
             ..Default::default()
         };
         create_and_start(client, req).await?;
+        io.follow_size(client, &id, "")?;
         io.forward_stdin(client, &id, "")?;
         wait_for(client, &id, "").await
     }
     .await;
     io.finish().await;
+    drop(raw);
     if a.rm || result.is_err() {
         delete_all(client, &id).await;
     }
@@ -493,6 +589,7 @@ async fn exec(
     id: &str,
     exec_id: &str,
     interactive: bool,
+    tty: bool,
     command: Vec<String>,
 ) -> anyhow::Result<i32> {
     let req = GetContainerRequest {
@@ -507,9 +604,9 @@ async fn exec(
         bail!("container {id}'s spec has no process to start from");
     }
     process["args"] = serde_json::json!(command);
-    process["terminal"] = serde_json::json!(false);
+    process["terminal"] = serde_json::json!(tty);
 
-    let io = ForegroundIo::new(interactive)?;
+    let io = ForegroundIo::new(interactive, tty)?;
     let (stdin, stdout, stderr) = io.paths();
     let req = ExecProcessRequest {
         container_id: id.to_string(),
@@ -517,10 +614,12 @@ async fn exec(
         stdin,
         stdout,
         stderr,
+        terminal: tty,
         spec: MessageField::some(json_any(PROCESS_TYPE_URL, serde_json::to_vec(&process)?)),
         ..Default::default()
     };
     client.tasks.exec(client.ctx(), &req).await?;
+    let raw = if tty { RawMode::enter()? } else { None };
     let result = async {
         let req = StartRequest {
             container_id: id.to_string(),
@@ -528,11 +627,13 @@ async fn exec(
             ..Default::default()
         };
         client.tasks.start(client.ctx(), &req).await?;
+        io.follow_size(client, id, exec_id)?;
         io.forward_stdin(client, id, exec_id)?;
         wait_for(client, id, exec_id).await
     }
     .await;
     io.finish().await;
+    drop(raw);
     let req = DeleteProcessRequest {
         container_id: id.to_string(),
         exec_id: exec_id.to_string(),
@@ -695,9 +796,10 @@ pub async fn tasks(client: &Client, cmd: TasksCmd) -> anyhow::Result<i32> {
         TasksCmd::Exec {
             exec_id,
             interactive,
+            tty,
             id,
             command,
-        } => return exec(client, &id, &exec_id, interactive, command).await,
+        } => return exec(client, &id, &exec_id, interactive, tty, command).await,
         TasksCmd::Rm { force, ids } => {
             for id in ids {
                 let req = DeleteTaskRequest {

@@ -77,7 +77,11 @@ fn no_exec(exec_id: &str) -> ttrpc::Result<()> {
 }
 
 /// Checks the process spec sent to Exec: an OCI `Process` as JSON, with arguments.
-fn process_json(any: Option<&protobuf::well_known_types::any::Any>) -> ttrpc::Result<Vec<u8>> {
+/// `terminal` overrides the spec's own flag, so runc and the shim agree.
+fn process_json(
+    any: Option<&protobuf::well_known_types::any::Any>,
+    terminal: bool,
+) -> ttrpc::Result<Vec<u8>> {
     let invalid = |m: String| ttrpc::Error::from(Error::InvalidArgument(m));
     let any = any.ok_or_else(|| invalid("spec: the process to run is required".into()))?;
     if any.type_url.rsplit('/').next() != Some("Process") {
@@ -91,7 +95,10 @@ fn process_json(any: Option<&protobuf::well_known_types::any::Any>) -> ttrpc::Re
     if p.args().as_ref().is_none_or(Vec::is_empty) {
         return Err(invalid("spec: process.args is empty".into()));
     }
-    Ok(any.value.clone())
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&any.value).map_err(|e| invalid(format!("spec: {e}")))?;
+    v["terminal"] = serde_json::json!(terminal);
+    Ok(serde_json::to_vec(&v).expect("json serialises"))
 }
 
 /// Checks resources sent to Update: OCI `LinuxResources` as JSON.
@@ -153,8 +160,12 @@ impl tasks_ttrpc::Tasks for TasksService {
     ) -> ttrpc::Result<CreateTaskResponse> {
         let ns = self.auth.request(ctx, "Tasks.Create").rpc()?.namespace;
         id("container_id", &req.container_id)?;
-        if req.terminal {
-            return unimplemented("terminal");
+        if req.terminal && req.log_to_file {
+            return Err(Error::InvalidArgument(
+                "terminal: a task with a terminal cannot log to a file; run it in the foreground"
+                    .into(),
+            )
+            .into());
         }
         if req.checkpoint.is_some() {
             return unimplemented("restore from a checkpoint");
@@ -362,10 +373,7 @@ impl tasks_ttrpc::Tasks for TasksService {
         let ns = self.auth.request(ctx, "Tasks.Exec").rpc()?.namespace;
         id("container_id", &req.container_id)?;
         id("exec_id", &req.exec_id)?;
-        if req.terminal {
-            return unimplemented("terminal");
-        }
-        let process = process_json(req.spec.as_ref())?;
+        let process = process_json(req.spec.as_ref(), req.terminal)?;
         self.tasks
             .get(&ns, &req.container_id)
             .rpc()?
@@ -382,9 +390,24 @@ impl tasks_ttrpc::Tasks for TasksService {
         Ok(Empty::new())
     }
 
-    async fn resize_pty(&self, ctx: &TtrpcContext, _: ResizePtyRequest) -> ttrpc::Result<Empty> {
-        self.auth.request(ctx, "Tasks.ResizePty").rpc()?;
-        unimplemented("terminal resize")
+    async fn resize_pty(&self, ctx: &TtrpcContext, req: ResizePtyRequest) -> ttrpc::Result<Empty> {
+        let ns = self.auth.request(ctx, "Tasks.ResizePty").rpc()?.namespace;
+        id("container_id", &req.container_id)?;
+        exec_id(&req.exec_id)?;
+        if req.width == 0 || req.height == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "width, height: a terminal of {}x{} has no cells",
+                req.width, req.height
+            ))
+            .into());
+        }
+        self.tasks
+            .get(&ns, &req.container_id)
+            .rpc()?
+            .resize(&req.exec_id, req.width, req.height)
+            .await
+            .rpc()?;
+        Ok(Empty::new())
     }
 
     async fn close_io(&self, ctx: &TtrpcContext, req: CloseIORequest) -> ttrpc::Result<Empty> {
