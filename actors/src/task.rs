@@ -1037,15 +1037,11 @@ impl Handler<Kill> for TaskActor {
     type Result = ResponseFuture<Result<()>>;
 
     fn handle(&mut self, m: Kill, _: &mut Self::Context) -> Self::Result {
-        let check = self
+        let shim = self
             .state
             .can_kill(&self.id)
             .and_then(|()| self.check_process_alive(&m.exec_id))
             .and_then(|()| self.live_shim());
-        let shim = match check {
-            Ok(s) => s,
-            Err(e) => return Box::pin(async move { Err(e) }),
-        };
         let req = api::KillRequest {
             id: self.id.clone(),
             exec_id: m.exec_id,
@@ -1053,11 +1049,8 @@ impl Handler<Kill> for TaskActor {
             all: m.all,
             ..Default::default()
         };
-        Box::pin(async move {
-            shim.kill(&req, rpc_timeout())
-                .await
-                .map(|_| ())
-                .map_err(Error::from)
+        shim_call(shim, |shim| async move {
+            shim.kill(&req, rpc_timeout()).await.map(|_| ())
         })
     }
 }
@@ -1085,6 +1078,24 @@ fn announce<T: Send + 'static>(
     }
 }
 
+/// One shim call for a handler: `shim` is the checked connection (or why there is
+/// none), `call` the request made on it.
+fn shim_call<T: 'static, F>(
+    shim: Result<ShimClient>,
+    call: impl FnOnce(ShimClient) -> F,
+) -> ResponseFuture<Result<T>>
+where
+    F: std::future::Future<Output = keel_protocol::Result<T>> + 'static,
+{
+    match shim {
+        Ok(shim) => {
+            let pending = call(shim);
+            Box::pin(async move { pending.await.map_err(Error::from) })
+        }
+        Err(e) => Box::pin(async move { Err(e) }),
+    }
+}
+
 /// Resize the terminal of the init process (`exec_id` empty) or an exec process.
 #[derive(Message)]
 #[rtype(result = "Result<()>")]
@@ -1098,15 +1109,11 @@ impl Handler<Resize> for TaskActor {
     type Result = ResponseFuture<Result<()>>;
 
     fn handle(&mut self, m: Resize, _: &mut Self::Context) -> Self::Result {
-        let shim = match self
+        let shim = self
             .state
             .can_kill(&self.id)
             .and_then(|()| self.check_process_alive(&m.exec_id))
-            .and_then(|()| self.live_shim())
-        {
-            Ok(s) => s,
-            Err(e) => return Box::pin(async move { Err(e) }),
-        };
+            .and_then(|()| self.live_shim());
         let req = api::ResizePtyRequest {
             id: self.id.clone(),
             exec_id: m.exec_id,
@@ -1114,11 +1121,8 @@ impl Handler<Resize> for TaskActor {
             height: m.height,
             ..Default::default()
         };
-        Box::pin(async move {
-            shim.resize_pty(&req, rpc_timeout())
-                .await
-                .map(|_| ())
-                .map_err(Error::from)
+        shim_call(shim, |shim| async move {
+            shim.resize_pty(&req, rpc_timeout()).await.map(|_| ())
         })
     }
 }
@@ -1224,14 +1228,10 @@ impl Handler<Update> for TaskActor {
     type Result = ResponseFuture<Result<()>>;
 
     fn handle(&mut self, m: Update, _: &mut Self::Context) -> Self::Result {
-        let shim = match self
+        let shim = self
             .state
             .can_update(&self.id)
-            .and_then(|()| self.live_shim())
-        {
-            Ok(s) => s,
-            Err(e) => return Box::pin(async move { Err(e) }),
-        };
+            .and_then(|()| self.live_shim());
         let req = api::UpdateTaskRequest {
             id: self.id.clone(),
             resources: m
@@ -1246,11 +1246,8 @@ impl Handler<Update> for TaskActor {
             annotations: m.annotations,
             ..Default::default()
         };
-        Box::pin(async move {
-            shim.update(&req, rpc_timeout())
-                .await
-                .map(|_| ())
-                .map_err(Error::from)
+        shim_call(shim, |shim| async move {
+            shim.update(&req, rpc_timeout()).await.map(|_| ())
         })
     }
 }
@@ -1265,24 +1262,20 @@ impl Handler<Stats> for TaskActor {
     type Result = ResponseFuture<Result<protobuf::well_known_types::any::Any>>;
 
     fn handle(&mut self, _: Stats, _: &mut Self::Context) -> Self::Result {
-        let shim = match self
+        let shim = self
             .state
             .can_update(&self.id)
-            .and_then(|()| self.live_shim())
-        {
-            Ok(s) => s,
-            Err(e) => return Box::pin(async move { Err(e) }),
-        };
+            .and_then(|()| self.live_shim());
         let req = api::StatsRequest {
             id: self.id.clone(),
             ..Default::default()
         };
         let id = self.id.clone();
-        Box::pin(async move {
+        shim_call(shim, |shim| async move {
             let r = shim.stats(&req, rpc_timeout()).await?;
-            r.stats
-                .into_option()
-                .ok_or_else(|| Error::Shim(format!("the shim of task {id} sent no stats")))
+            r.stats.into_option().ok_or_else(|| {
+                keel_protocol::Error::Internal(format!("the shim of task {id} sent no stats"))
+            })
         })
     }
 }
@@ -1297,24 +1290,17 @@ impl Handler<CloseStdin> for TaskActor {
     type Result = ResponseFuture<Result<()>>;
 
     fn handle(&mut self, m: CloseStdin, _: &mut Self::Context) -> Self::Result {
-        let shim = match self
+        let shim = self
             .check_process_alive(&m.exec_id)
-            .and_then(|()| self.live_shim())
-        {
-            Ok(s) => s,
-            Err(e) => return Box::pin(async move { Err(e) }),
-        };
+            .and_then(|()| self.live_shim());
         let req = api::CloseIORequest {
             id: self.id.clone(),
             exec_id: m.exec_id,
             stdin: true,
             ..Default::default()
         };
-        Box::pin(async move {
-            shim.close_io(&req, rpc_timeout())
-                .await
-                .map(|_| ())
-                .map_err(Error::from)
+        shim_call(shim, |shim| async move {
+            shim.close_io(&req, rpc_timeout()).await.map(|_| ())
         })
     }
 }

@@ -234,6 +234,27 @@ impl Keeld {
             .expect("run keelctl")
     }
 
+    /// Runs keelctl with `input` on its stdin (written from a thread, so large input
+    /// cannot deadlock against its output); returns its output.
+    pub fn ctl_with_stdin(&self, args: &[&str], input: &[u8]) -> Output {
+        use std::io::Write;
+        let mut child = self
+            .ctl_cmd(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn keelctl");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let input = input.to_vec();
+        let writer = std::thread::spawn(move || stdin.write_all(&input));
+        let out = child.wait_with_output().expect("wait for keelctl");
+        // A process that exits without reading everything breaks the pipe; that is
+        // its business, not a failure here.
+        let _ = writer.join();
+        out
+    }
+
     /// Runs keelctl and asserts success; returns stdout.
     pub fn ctl_ok(&self, args: &[&str]) -> String {
         let out = self.ctl(args);

@@ -2,8 +2,6 @@
 //! subscribers. Task events come from real containers (runc, the real shim).
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use keel_tests::{busybox_rootfs, describe, require_runtime, seqs, Keeld, Subscriber};
@@ -11,18 +9,8 @@ use serde_json::Value;
 
 /// Publishes JSON payloads on `topic` through `keelctl events publish`.
 fn publish(k: &Keeld, topic: &str, payloads: &[Value]) {
-    let mut child = k
-        .ctl_cmd(&["events", "publish", "--topic", topic])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
     let body: String = payloads.iter().map(|p| format!("{p}\n")).collect();
-    let writer = std::thread::spawn(move || stdin.write_all(body.as_bytes()));
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap().unwrap();
+    let out = k.ctl_with_stdin(&["events", "publish", "--topic", topic], body.as_bytes());
     assert!(out.status.success(), "events publish: {}", describe(&out));
 }
 

@@ -103,8 +103,8 @@ fn stdin_is_forwarded_with_dash_i() {
     require_runtime();
     let k = Keeld::start();
     let rootfs = busybox_rootfs();
-    let mut child = k
-        .ctl_cmd(&[
+    let out = k.ctl_with_stdin(
+        &[
             "run",
             "--rm",
             "-i",
@@ -112,18 +112,9 @@ fn stdin_is_forwarded_with_dash_i() {
             rootfs.to_str().unwrap(),
             "rt-cat",
             "cat",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(b"through the fifo\n").unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
+        ],
+        b"through the fifo\n",
+    );
     assert!(out.status.success(), "{}", describe(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "through the fifo\n");
 }
@@ -805,19 +796,10 @@ fn exec_runs_a_process_in_a_running_task_with_its_own_exit() {
     assert_eq!(events[2]["event"]["exitStatus"], 3);
 
     // stdin is forwarded with -i; a deleted exec's id can be used again.
-    let mut child = k
-        .ctl_cmd(&["tasks", "exec", "-i", "--exec-id", "e1", "ex", "cat"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(b"through stdin\n").unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = k.ctl_with_stdin(
+        &["tasks", "exec", "-i", "--exec-id", "e1", "ex", "cat"],
+        b"through stdin\n",
+    );
     assert!(out.status.success(), "{}", describe(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "through stdin\n");
 
