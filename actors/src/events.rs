@@ -348,9 +348,21 @@ mod tests {
     }
 
     fn open(dir: &std::path::Path, retain: usize) -> EventSink {
+        // A dropped sink's flusher thread may still hold the database for a moment.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let db = loop {
+            match keel_storage::open_db(dir) {
+                Ok(db) => break db,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    assert!(e.to_string().contains("lock"), "{e}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
         EventSink::open(
             &dir.join("events"),
-            keel_storage::open_db(dir).unwrap(),
+            db,
             EventOptions {
                 retain,
                 subscriber_buffer: 8,

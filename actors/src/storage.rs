@@ -24,6 +24,8 @@ use crate::{Error, Result};
 
 /// Messages in flight to the storage actor at most.
 const MAILBOX_BOUND: usize = 64;
+/// Bytes per write message when [`StorageHandle::put`] copies a blob in.
+const PUT_CHUNK: usize = 1 << 20;
 
 /// Identifies one open writer (a lease on a ref's lock).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -347,6 +349,46 @@ impl StorageHandle {
 
     pub async fn fsck(&self) -> Result<FsckReport> {
         self.call(Fsck).await?
+    }
+
+    /// Writes a whole blob read from `src` under a fresh `reference` and commits it;
+    /// returns its digest and size. Content already stored counts as written.
+    pub async fn put(
+        &self,
+        namespace: &str,
+        reference: &str,
+        mut src: impl tokio::io::AsyncRead + Unpin,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(Digest, u64)> {
+        use sha2::Digest as _;
+        use tokio::io::AsyncReadExt;
+        let (lease, status) = self.open_writer(namespace, reference, 0, None).await?;
+        if status.offset != 0 {
+            return Err(Error::AlreadyExists(format!(
+                "ref {reference} already holds {} bytes",
+                status.offset
+            )));
+        }
+        let mut hasher = sha2::Sha256::new();
+        let mut offset = 0u64;
+        let mut buf = vec![0u8; PUT_CHUNK];
+        loop {
+            let n = src
+                .read(&mut buf)
+                .await
+                .map_err(|e| Error::Io(format!("read {reference}: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            lease.write(offset, buf[..n].to_vec()).await?;
+            offset += n as u64;
+        }
+        let digest = Digest::from_sha256(&hasher.finalize());
+        match lease.commit(offset, Some(digest.clone()), labels).await {
+            Err(Error::Storage(keel_storage::Error::AlreadyExists(_))) => Ok((digest, offset)),
+            r => r,
+        }
     }
 }
 

@@ -33,7 +33,9 @@ use crate::shim::{resolve_runtime, LogFifo, PidFd, ShimCommand};
 use crate::state::TaskState;
 use crate::{Error, Result};
 
+mod checkpoint;
 mod exec;
+pub use checkpoint::{criu_ready, verify_checkpoint, CheckpointRequest};
 pub use exec::ExecSpec;
 
 /// Deadline for one shim RPC other than Wait.
@@ -91,6 +93,8 @@ pub struct CreateTask {
     pub terminal: bool,
     /// Keep stdout and stderr in keel's per-task log file.
     pub log_to_file: bool,
+    /// Restore from this CRIU image tar (verified by [`verify_checkpoint`]).
+    pub checkpoint: Option<PathBuf>,
 }
 
 /// A task as the API shows it.
@@ -126,9 +130,8 @@ fn process_alive(pid: u32) -> bool {
 }
 
 /// Adapts the container's spec to its bundle: rootfs at `<bundle>/rootfs` (where the
-/// shim mounts it) and an absolute cgroups path `/keel/<ns>/<id>`.
-/// The container's spec as the bundle holds it: rootfs in the bundle, an absolute
-/// cgroups path, and a terminal exactly when the task has one.
+/// shim mounts it), an absolute cgroups path `/keel/<ns>/<id>`, and a terminal
+/// exactly when the task has one.
 fn bundle_spec(spec: &[u8], ns: &str, id: &str, terminal: bool) -> Result<Vec<u8>> {
     let mut v: serde_json::Value = serde_json::from_slice(spec)
         .map_err(|e| Error::InvalidArgument(format!("spec is not valid JSON: {e}")))?;
@@ -175,7 +178,11 @@ pub(crate) fn remove_bundle(bundle: &Path) -> Result<()> {
     };
     for entry in entries.flatten() {
         let p = entry.path();
-        let r = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+        let r = if entry.file_name() == checkpoint::CHECKPOINT_DIR || entry.file_name() == "work" {
+            // The unpacked CRIU image and the shim's work directory (CRIU's restore
+            // log): plain files, never a mount.
+            std::fs::remove_dir_all(&p)
+        } else if entry.file_type().is_ok_and(|t| t.is_dir()) {
             std::fs::remove_dir(&p)
         } else {
             std::fs::remove_file(&p)
@@ -215,13 +222,20 @@ impl CgroupParents {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> keel_storage::Result<T> + Send + 'static,
+/// Runs blocking work (files, hashing, child processes) off the async threads.
+async fn blocking_io<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::Io(format!("blocking task: {e}")))?
-        .map_err(Error::from)
+}
+
+/// [`blocking_io`] for store work.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> keel_storage::Result<T> + Send + 'static,
+) -> Result<T> {
+    blocking_io(move || f().map_err(Error::from)).await
 }
 
 /// The registry of live task actors, and the way to create one.
@@ -290,6 +304,13 @@ impl Tasks {
     /// during create) are cleaned up, and the periodic reconciler starts. Returns how
     /// many tasks were restored.
     pub async fn restore_all(&self) -> Result<usize> {
+        // Work directories of checkpoints a crash interrupted; none can be under way.
+        let work = self.env.state_dir.join("checkpoints");
+        if let Err(e) = std::fs::remove_dir_all(&work) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %work.display(), error = %e, "removing checkpoint work directories failed");
+            }
+        }
         let meta = self.env.meta.clone();
         let found = blocking(move || {
             let mut v = Vec::new();
@@ -402,6 +423,17 @@ impl Tasks {
         }
     }
 
+    /// The runtime options keel gives the shim with Create (`containerd.runc.v1.Options`).
+    fn runc_options(&self) -> Result<protobuf::well_known_types::any::Any> {
+        let options = keel_protocol::containerd::shim::oci::Options {
+            root: self.env.runc_root().display().to_string(),
+            ..Default::default()
+        };
+        let mut any = pack(&options)?;
+        any.type_url = "containerd.runc.v1.Options".into();
+        Ok(any)
+    }
+
     /// Creates the task: bundle, shim, Create. On failure nothing is left behind.
     pub async fn create(&self, req: CreateTask) -> Result<TaskHandle> {
         let ns = req.namespace.clone();
@@ -485,6 +517,17 @@ impl Tasks {
         std::fs::write(bundle.join("config.json"), spec)
             .map_err(|e| fail(Error::Io(format!("write config.json: {e}"))))?;
         let log = LogFifo::open(bundle, ns, id).map_err(fail)?;
+        let checkpoint_dir = match &req.checkpoint {
+            Some(tar) => {
+                let (tar, dir) = (tar.clone(), bundle.join(checkpoint::CHECKPOINT_DIR));
+                let d = dir.clone();
+                blocking_io(move || checkpoint::unpack_image(&tar, &d))
+                    .await
+                    .map_err(fail)?;
+                Some(dir)
+            }
+            None => None,
+        };
 
         let (stdout, stderr, log_path) =
             if req.log_to_file && req.stdout.is_empty() && req.stderr.is_empty() {
@@ -537,12 +580,7 @@ impl Tasks {
             .map_err(|e| with_shim(e.into()))?;
         record.shim_pid = conn.shim_pid;
 
-        let options = keel_protocol::containerd::shim::oci::Options {
-            root: self.env.runc_root().display().to_string(),
-            ..Default::default()
-        };
-        let mut any = pack(&options).map_err(|e| with_shim(e.into()))?;
-        any.type_url = "containerd.runc.v1.Options".into();
+        let any = self.runc_options().map_err(with_shim)?;
         let create = api::CreateTaskRequest {
             id: id.clone(),
             bundle: bundle.display().to_string(),
@@ -552,6 +590,10 @@ impl Tasks {
             stdout: record.stdout.clone(),
             stderr: record.stderr.clone(),
             options: MessageField::some(any),
+            checkpoint: checkpoint_dir
+                .as_ref()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default(),
             ..Default::default()
         };
         let created = {
@@ -980,46 +1022,60 @@ impl Handler<Start> for TaskActor {
             id: self.id.clone(),
             ..Default::default()
         };
+        // A task created from a checkpoint is restored by CRIU at Start.
+        let image = self.cmd.bundle.join(checkpoint::CHECKPOINT_DIR);
+        let restoring = image.exists();
+        let timeout = if restoring {
+            Some(checkpoint::CRIU_RPC_TIMEOUT)
+        } else {
+            rpc_timeout()
+        };
         AtomicResponse::new(Box::pin(
-            async move { shim.start(&req, rpc_timeout()).await }
-                .into_actor(self)
-                .then(|r, act, _| {
-                    let mut published = None;
-                    let result = match r {
-                        Ok(resp) => {
-                            act.state = TaskState::Running;
-                            act.record.started = true;
-                            act.record.pid = resp.pid;
-                            // Whether it started is also the shim's to tell (State), so
-                            // this update need not be flushed; the start event's flush,
-                            // which follows, takes it along.
-                            if let Err(e) = act.env.meta.update_task_lazily(&act.ns, &act.record) {
-                                tracing::error!(error = %e, "persisting task start failed");
-                            }
-                            let event = ev::TaskStart {
-                                container_id: act.id.clone(),
-                                pid: resp.pid,
-                                ..Default::default()
-                            };
-                            if let Ok(any) = pack(&event) {
-                                published =
-                                    Some(act.env.monitor.publish(&act.ns, "/tasks/start", any));
-                            }
-                            Ok(resp.pid)
+            async move {
+                let r = shim.start(&req, timeout).await;
+                if restoring && r.is_ok() {
+                    let _ =
+                        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(image)).await;
+                }
+                r
+            }
+            .into_actor(self)
+            .then(|r, act, _| {
+                let mut published = None;
+                let result = match r {
+                    Ok(resp) => {
+                        act.state = TaskState::Running;
+                        act.record.started = true;
+                        act.record.pid = resp.pid;
+                        // Whether it started is also the shim's to tell (State), so
+                        // this update need not be flushed; the start event's flush,
+                        // which follows, takes it along.
+                        if let Err(e) = act.env.meta.update_task_lazily(&act.ns, &act.record) {
+                            tracing::error!(error = %e, "persisting task start failed");
                         }
-                        Err(e) => Err(Error::from(e)),
-                    };
-                    async move {
-                        if let Some(Err(e)) = match published {
-                            Some(p) => Some(p.await),
-                            None => None,
-                        } {
-                            tracing::error!(error = %e, "publishing /tasks/start failed");
+                        let event = ev::TaskStart {
+                            container_id: act.id.clone(),
+                            pid: resp.pid,
+                            ..Default::default()
+                        };
+                        if let Ok(any) = pack(&event) {
+                            published = Some(act.env.monitor.publish(&act.ns, "/tasks/start", any));
                         }
-                        result
+                        Ok(resp.pid)
                     }
-                    .into_actor(act)
-                }),
+                    Err(e) => Err(Error::from(e)),
+                };
+                async move {
+                    if let Some(Err(e)) = match published {
+                        Some(p) => Some(p.await),
+                        None => None,
+                    } {
+                        tracing::error!(error = %e, "publishing /tasks/start failed");
+                    }
+                    result
+                }
+                .into_actor(act)
+            }),
         ))
     }
 }
@@ -1127,6 +1183,23 @@ impl Handler<Resize> for TaskActor {
     }
 }
 
+/// Has the shim pause (freeze) or resume (thaw) every process of task `id`.
+async fn freeze(shim: &ShimClient, id: String, pause: bool) -> keel_protocol::Result<()> {
+    if pause {
+        let req = api::PauseRequest {
+            id,
+            ..Default::default()
+        };
+        shim.pause(&req, rpc_timeout()).await.map(|_| ())
+    } else {
+        let req = api::ResumeRequest {
+            id,
+            ..Default::default()
+        };
+        shim.resume(&req, rpc_timeout()).await.map(|_| ())
+    }
+}
+
 /// Pause (freeze) or resume (thaw) the task's processes.
 #[derive(Message)]
 #[rtype(result = "Result<()>")]
@@ -1153,65 +1226,51 @@ impl Handler<Freeze> for TaskActor {
         }
         let id = self.id.clone();
         AtomicResponse::new(Box::pin(
-            async move {
-                if m.pause {
-                    let req = api::PauseRequest {
-                        id,
-                        ..Default::default()
-                    };
-                    shim.pause(&req, rpc_timeout()).await
-                } else {
-                    let req = api::ResumeRequest {
-                        id,
-                        ..Default::default()
-                    };
-                    shim.resume(&req, rpc_timeout()).await
-                }
-            }
-            .into_actor(self)
-            .then(move |r, act, _| {
-                // An exit that arrived meanwhile wins over either outcome.
-                let settled = act.state == TaskState::Stopped;
-                match r {
-                    Err(e) => {
-                        if !settled {
-                            act.state = before;
+            async move { freeze(&shim, id, m.pause).await }
+                .into_actor(self)
+                .then(move |r, act, _| {
+                    // An exit that arrived meanwhile wins over either outcome.
+                    let settled = act.state == TaskState::Stopped;
+                    match r {
+                        Err(e) => {
+                            if !settled {
+                                act.state = before;
+                            }
+                            Box::pin(async move { Err(Error::from(e)) }.into_actor(act))
+                                as ResponseActFuture<Self, Result<()>>
                         }
-                        Box::pin(async move { Err(Error::from(e)) }.into_actor(act))
-                            as ResponseActFuture<Self, Result<()>>
-                    }
-                    Ok(_) => {
-                        if !settled {
-                            act.state = if m.pause {
-                                TaskState::Paused
+                        Ok(_) => {
+                            if !settled {
+                                act.state = if m.pause {
+                                    TaskState::Paused
+                                } else {
+                                    TaskState::Running
+                                };
+                            }
+                            let (topic, event) = if m.pause {
+                                let e = ev::TaskPaused {
+                                    container_id: act.id.clone(),
+                                    ..Default::default()
+                                };
+                                ("/tasks/paused", pack(&e))
                             } else {
-                                TaskState::Running
+                                let e = ev::TaskResumed {
+                                    container_id: act.id.clone(),
+                                    ..Default::default()
+                                };
+                                ("/tasks/resumed", pack(&e))
                             };
+                            let done = announce(
+                                &act.env.monitor,
+                                &act.ns,
+                                topic,
+                                event.map_err(Error::from),
+                                Ok(()),
+                            );
+                            Box::pin(done.into_actor(act))
                         }
-                        let (topic, event) = if m.pause {
-                            let e = ev::TaskPaused {
-                                container_id: act.id.clone(),
-                                ..Default::default()
-                            };
-                            ("/tasks/paused", pack(&e))
-                        } else {
-                            let e = ev::TaskResumed {
-                                container_id: act.id.clone(),
-                                ..Default::default()
-                            };
-                            ("/tasks/resumed", pack(&e))
-                        };
-                        let done = announce(
-                            &act.env.monitor,
-                            &act.ns,
-                            topic,
-                            event.map_err(Error::from),
-                            Ok(()),
-                        );
-                        Box::pin(done.into_actor(act))
                     }
-                }
-            }),
+                }),
         ))
     }
 }

@@ -1,6 +1,7 @@
 //! keel's ttrpc API: generated messages and services, the typed client, the shim
 //! (containerd.task.v2) client, identifier rules and the one error→status mapping.
 
+pub mod checkpoint;
 pub mod client;
 pub mod error;
 pub mod filters;

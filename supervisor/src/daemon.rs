@@ -165,6 +165,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             auth: auth.clone(),
             meta,
             tasks: tasks.clone(),
+            storage: storage.clone(),
         })))
         .register_service(events_ttrpc::create_events(Arc::new(EventsService {
             auth: auth.clone(),

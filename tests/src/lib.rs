@@ -61,6 +61,8 @@ pub struct Keeld {
     /// The namespace keelctl uses by default: unique per daemon, so cgroups
     /// (`/keel/<ns>/<id>`) never collide between tests or with leftovers.
     pub namespace: String,
+    /// Environment keeld runs with, on top of the tests' own.
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -70,8 +72,17 @@ impl Keeld {
         Self::start_with_config("")
     }
 
+    /// Starts keeld with extra environment variables (its shims inherit them).
+    pub fn start_with_env(env: &[(&str, &str)]) -> Self {
+        Self::start_with("", env)
+    }
+
     /// Starts keeld with extra TOML configuration.
     pub fn start_with_config(extra: &str) -> Self {
+        Self::start_with(extra, &[])
+    }
+
+    fn start_with(extra: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("keel-it-")
             .tempdir_in(scratch_dir())
@@ -94,6 +105,10 @@ impl Keeld {
             socket,
             config,
             namespace: format!("it{}", rand::random::<u32>()),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
         };
         k.spawn();
@@ -110,7 +125,8 @@ impl Keeld {
             .arg(&self.socket)
             .arg("--config")
             .arg(&self.config)
-            .env("KEEL_LOG_LEVEL", "info");
+            .env("KEEL_LOG_LEVEL", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         c
     }
 
@@ -451,6 +467,36 @@ pub fn require_runtime() {
             .unwrap_or(false);
         assert!(found, "{bin} is not on PATH: run deploy/install-deps.sh");
     }
+}
+
+/// Whether CRIU works on this machine (`criu check` passes). When it does not, the
+/// test is skipped loudly: a banner on stderr and a line in `$KEEL_SKIP_LOG`, which
+/// `deploy/test.sh` counts and prints in the run's summary. Callers return at once
+/// on `false`.
+pub fn criu_or_skip(test: &str) -> bool {
+    let why = match Command::new("criu").arg("check").output() {
+        Ok(o) if o.status.success() => return true,
+        Ok(o) => String::from_utf8_lossy(&o.stderr)
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("criu check failed")
+            .to_string(),
+        Err(e) => format!("criu: {e}"),
+    };
+    eprintln!(
+        "\n*** SKIPPED {test}: CRIU is not usable here ({why}); deploy/install-deps.sh provides one ***\n"
+    );
+    if let Some(log) = std::env::var_os("KEEL_SKIP_LOG") {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(log)
+        {
+            let _ = writeln!(f, "{test}: {why}");
+        }
+    }
+    false
 }
 
 /// A `keelctl events --format json …` process whose events arrive on a channel.

@@ -643,9 +643,11 @@ fn metrics(k: &Keeld, id: &str) -> serde_json::Value {
 fn metrics_follow_what_the_container_does() {
     require_runtime();
     let k = Keeld::start();
-    // Idle for three seconds, then busy: a CPU burner, one more process and ~24 MB
-    // more memory.
-    let script = "sleep 3; yes > /dev/null & x=$(head -c 24000000 /dev/zero | busybox tr '\\0' a); sleep 600";
+    // Idle until told (SIGUSR1), then busy: a CPU burner, one more process and
+    // ~24 MB more memory. The idle sample is taken before the signal, so the
+    // order does not depend on how fast the machine is.
+    let script = "trap 'yes > /dev/null & x=$(head -c 24000000 /dev/zero | busybox tr \"\\0\" a); \
+                  echo busy' USR1; echo ready; while true; do sleep 1; done";
     let out = run(
         &k,
         &[
@@ -661,18 +663,33 @@ fn metrics_follow_what_the_container_does() {
         ],
     );
     assert!(out.status.success(), "{}", describe(&out));
+    eventually(Duration::from_secs(30), "the container to be ready", || {
+        k.ctl_ok(&["tasks", "logs", "busy-m"])
+            .contains("ready")
+            .then_some(())
+    });
     let idle = metrics(&k, "busy-m");
     assert_eq!(idle["pids_limit"], 50, "{idle}");
     assert_eq!(idle["memory_limit_bytes"], 268_435_456u64, "{idle}");
     assert!(idle["pids_current"].as_u64().unwrap() >= 1, "{idle}");
-    let busy = eventually(Duration::from_secs(30), "metrics to show the work", || {
+    k.ctl_ok(&["tasks", "kill", "-s", "SIGUSR1", "busy-m"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let busy = loop {
         let m = metrics(&k, "busy-m");
         let grew = |f: &str, by: u64| m[f].as_u64().unwrap() >= idle[f].as_u64().unwrap() + by;
-        (grew("memory_usage_bytes", 20_000_000)
+        if grew("memory_usage_bytes", 20_000_000)
             && grew("cpu_usage_ns", 200_000_000)
-            && grew("pids_current", 1))
-        .then_some(m)
-    });
+            && grew("pids_current", 1)
+        {
+            break m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics never showed the work\nidle {idle}\nlast {m}\nlogs {}",
+            k.ctl_ok(&["tasks", "logs", "busy-m"])
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
     eprintln!("idle {idle}\nbusy {busy}");
     // The table form names the task.
     let table = k.ctl_ok(&["tasks", "metrics", "busy-m"]);
@@ -690,9 +707,11 @@ fn lowering_the_memory_limit_makes_a_growing_container_oom() {
     require_runtime();
     let k = Keeld::start();
     let mut sub = subscribe(&k, &["topic==/tasks/oom", "topic==/containers/delete"]);
-    // ~8 MB now, ~56 MB a few seconds later: fine under 256 MiB.
-    let script =
-        "x=$(head -c 8000000 /dev/zero | busybox tr '\\0' a); sleep 5; y=$x$x$x$x$x$x; sleep 600";
+    // ~8 MB at once; ~56 MB when told to grow (SIGUSR1), which happens only
+    // after the update, so the order does not depend on timing.
+    let script = "x=$(head -c 8000000 /dev/zero | busybox tr '\\0' a); \
+                  trap 'y=$x$x$x$x$x$x; echo grown' USR1; echo ready; \
+                  while true; do sleep 1; done";
     for id in ["grow-kept", "grow-cut"] {
         let out = run(
             &k,
@@ -700,9 +719,19 @@ fn lowering_the_memory_limit_makes_a_growing_container_oom() {
         );
         assert!(out.status.success(), "{}", describe(&out));
     }
+    for id in ["grow-kept", "grow-cut"] {
+        eventually(Duration::from_secs(60), "the container to be ready", || {
+            k.ctl_ok(&["tasks", "logs", id])
+                .contains("ready")
+                .then_some(())
+        });
+    }
     k.ctl_ok(&["tasks", "update", "--memory-limit", "33554432", "grow-cut"]);
     let cut = metrics(&k, "grow-cut");
     assert_eq!(cut["memory_limit_bytes"], 33_554_432u64, "{cut}");
+    for id in ["grow-kept", "grow-cut"] {
+        k.ctl_ok(&["tasks", "kill", "-s", "SIGUSR1", id]);
+    }
     let waited = k.ctl(&["tasks", "wait", "grow-cut"]);
     assert_eq!(waited.status.code(), Some(137), "{}", describe(&waited));
     let oom = sub
@@ -711,14 +740,18 @@ fn lowering_the_memory_limit_makes_a_growing_container_oom() {
         })
         .expect("/tasks/oom for grow-cut");
     assert_eq!(oom.last().unwrap()["topic"], "/tasks/oom");
-    // The same container without the update still runs, past its growth.
-    eventually(Duration::from_secs(20), "grow-kept to grow", || {
-        (metrics(&k, "grow-kept")["memory_usage_bytes"]
-            .as_u64()
-            .unwrap()
-            > 40_000_000)
+    assert!(!k.ctl_ok(&["tasks", "logs", "grow-cut"]).contains("grown"));
+    // The same container without the update grows and keeps running.
+    eventually(Duration::from_secs(60), "grow-kept to grow", || {
+        k.ctl_ok(&["tasks", "logs", "grow-kept"])
+            .contains("grown")
             .then_some(())
     });
+    let kept = metrics(&k, "grow-kept");
+    assert!(
+        kept["memory_usage_bytes"].as_u64().unwrap() > 40_000_000,
+        "{kept}"
+    );
     let ls = k.ctl_ok(&["tasks", "ls"]);
     let kept = ls.lines().find(|l| l.starts_with("grow-kept")).unwrap();
     assert!(kept.contains("RUNNING"), "{ls}");
@@ -820,6 +853,12 @@ fn exec_runs_a_process_in_a_running_task_with_its_own_exit() {
         &["tasks", "exec", "--exec-id", "long", "ex", "true"],
         "already exists",
     );
+    let info: serde_json::Value =
+        serde_json::from_str(&k.ctl_ok(&["tasks", "info", "--exec-id", "long", "ex"])).unwrap();
+    assert_eq!(info["exec_id"], "long", "{info}");
+    assert_eq!(info["status"], "RUNNING", "{info}");
+    assert!(info["pid"].as_u64().unwrap() > 0, "{info}");
+    k.ctl_err(&["tasks", "info", "--exec-id", "nope", "ex"], "not found");
     k.ctl_err(&["tasks", "exec", "--exec-id", "", "ex", "true"], "exec_id");
     k.ctl_err(
         &["tasks", "exec", "--exec-id", "../x", "ex", "true"],
@@ -965,4 +1004,227 @@ fn a_terminal_follows_the_size_of_keelctls_own() {
     for id in ["tty-1", "tty-2"] {
         assert_no_leaks(&k, &k.namespace, id);
     }
+}
+
+const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo $i; sleep 0.05; done";
+
+/// The first number a counter task wrote to its log.
+fn first_count(k: &Keeld, id: &str) -> Option<u64> {
+    k.ctl_ok(&["tasks", "logs", id])
+        .lines()
+        .find_map(|l| l.trim().parse().ok())
+}
+
+/// Reads blob `digest` with keelctl and checks it hashes to its digest.
+fn verified_blob(k: &Keeld, digest: &str) -> Vec<u8> {
+    let out = k.ctl(&["content", "get", digest]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let file = k.dir.path().join("blob");
+    std::fs::write(&file, &out.stdout).unwrap();
+    assert_eq!(keel_tests::sha256sum(&file), digest, "blob does not verify");
+    out.stdout
+}
+
+#[test]
+fn checkpoint_and_restore_continue_a_counter_from_its_saved_value() {
+    require_runtime();
+    if !keel_tests::criu_or_skip("checkpoint_and_restore_continue_a_counter_from_its_saved_value") {
+        return;
+    }
+    let k = Keeld::start();
+    let mut sub = subscribe(
+        &k,
+        &["topic==/tasks/checkpointed", "topic==/containers/delete"],
+    );
+    let out = run(&k, &["-d", "cp-count", "sh", "-c", COUNTER]);
+    assert!(out.status.success(), "{}", describe(&out));
+    eventually(Duration::from_secs(30), "the counter to count", || {
+        (last_count(&k, "cp-count") >= 20).then_some(())
+    });
+
+    // A checkpoint that leaves the task running.
+    let digest = k
+        .ctl_ok(&["tasks", "checkpoint", "cp-count"])
+        .trim()
+        .to_string();
+    assert!(digest.starts_with("sha256:"), "{digest}");
+    let ls = k.ctl_ok(&["tasks", "ls"]);
+    assert!(ls.contains("RUNNING"), "{ls}");
+    let now = last_count(&k, "cp-count");
+    eventually(Duration::from_secs(20), "the counter to go on", || {
+        (last_count(&k, "cp-count") > now + 5).then_some(())
+    });
+    let event = sub
+        .until(Duration::from_secs(20), |e| {
+            e["event"]["containerId"] == "cp-count"
+        })
+        .expect("/tasks/checkpointed");
+    assert_eq!(
+        event.last().unwrap()["event"]["checkpoint"],
+        digest.as_str()
+    );
+
+    // The index and every blob it references verify by digest; the index is a
+    // collection root that references them all.
+    let index: serde_json::Value = serde_json::from_slice(&verified_blob(&k, &digest)).unwrap();
+    assert_eq!(index["schemaVersion"], 2);
+    let manifests = index["manifests"].as_array().unwrap();
+    let media: Vec<&str> = manifests
+        .iter()
+        .map(|m| m["mediaType"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        media,
+        [
+            "application/vnd.containerd.container.criu.checkpoint.criu.tar",
+            "application/vnd.containerd.container.checkpoint.config.v1+proto",
+            "application/vnd.containerd.container.checkpoint.runtime.options+proto",
+        ]
+    );
+    let info: serde_json::Value =
+        serde_json::from_str(&k.ctl_ok(&["content", "info", &digest])).unwrap();
+    assert!(
+        info["labels"]["containerd.io/gc.root"].is_string(),
+        "{info}"
+    );
+    for (i, m) in manifests.iter().enumerate() {
+        let d = m["digest"].as_str().unwrap();
+        let blob = verified_blob(&k, d);
+        assert_eq!(blob.len() as u64, m["size"].as_u64().unwrap());
+        assert_eq!(
+            info["labels"][format!("containerd.io/gc.ref.content.m.{i}")],
+            d,
+            "{info}"
+        );
+    }
+
+    // A checkpoint that lets the task exit; the restore continues from it.
+    let before = last_count(&k, "cp-count");
+    let digest = k
+        .ctl_ok(&["tasks", "checkpoint", "--exit", "cp-count"])
+        .trim()
+        .to_string();
+    k.ctl(&["tasks", "wait", "cp-count"]);
+    let ls = k.ctl_ok(&["tasks", "ls"]);
+    assert!(ls.contains("STOPPED"), "{ls}");
+    let last = last_count(&k, "cp-count");
+    k.ctl_ok(&["tasks", "rm", "cp-count"]);
+    k.ctl_ok(&["containers", "rm", "cp-count"]);
+    assert_no_leaks(&k, &k.namespace, "cp-count");
+
+    k.ctl_ok(&["run", "-d", "--checkpoint", &digest, "cp-restored"]);
+    let first = eventually(Duration::from_secs(30), "the restored counter", || {
+        first_count(&k, "cp-restored")
+    });
+    assert!(
+        first > before && first <= last + 1,
+        "the restored count starts at {first}, not after {before}..={last}"
+    );
+    eventually(
+        Duration::from_secs(20),
+        "the restored counter to go on",
+        || (last_count(&k, "cp-restored") > first + 5).then_some(()),
+    );
+
+    // --image-path leaves the raw CRIU image in a directory instead.
+    let dir = k.dir.path().join("raw-image");
+    let printed = k.ctl_ok(&[
+        "tasks",
+        "checkpoint",
+        "--image-path",
+        dir.to_str().unwrap(),
+        "cp-restored",
+    ]);
+    assert_eq!(printed, "");
+    assert!(dir.join("descriptors.json").is_file());
+    let ls = k.ctl_ok(&["tasks", "ls"]);
+    assert!(ls.contains("RUNNING"), "{ls}");
+
+    k.ctl_ok(&["tasks", "rm", "-f", "cp-restored"]);
+    k.ctl_ok(&["containers", "rm", "cp-restored"]);
+    assert_no_leaks(&k, &k.namespace, "cp-restored");
+    assert!(
+        std::fs::read_dir(k.state.join("checkpoints").join(&k.namespace))
+            .map(|d| d.count())
+            .unwrap_or(0)
+            == 0,
+        "checkpoint work directories left behind"
+    );
+}
+
+/// keeld's PATH without any directory holding a `criu`.
+fn path_without_criu() -> String {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let kept: Vec<_> = std::env::split_paths(&path)
+        .filter(|d| !d.join("criu").exists())
+        .collect();
+    for bin in ["runc", "containerd-shim-runc-v2"] {
+        assert!(
+            kept.iter().any(|d| d.join(bin).is_file()),
+            "{bin} shares a directory with criu; cannot hide criu from keeld"
+        );
+    }
+    std::env::join_paths(kept).unwrap().into_string().unwrap()
+}
+
+#[test]
+fn checkpoint_without_criu_fails_clearly_and_the_task_keeps_running() {
+    require_runtime();
+    let path = path_without_criu();
+    let k = Keeld::start_with_env(&[("PATH", &path)]);
+    let out = run(&k, &["-d", "no-criu", "sh", "-c", COUNTER]);
+    assert!(out.status.success(), "{}", describe(&out));
+    eventually(Duration::from_secs(30), "the counter to count", || {
+        (last_count(&k, "no-criu") >= 5).then_some(())
+    });
+    let err = k.ctl_err(&["tasks", "checkpoint", "no-criu"], "failed precondition");
+    assert!(
+        err.contains("CRIU >= 4.1") && err.contains("no criu"),
+        "{err}"
+    );
+    // Running, not paused: it goes on counting.
+    let ls = k.ctl_ok(&["tasks", "ls"]);
+    assert!(ls.contains("RUNNING"), "{ls}");
+    let now = last_count(&k, "no-criu");
+    eventually(Duration::from_secs(20), "the counter to go on", || {
+        (last_count(&k, "no-criu") > now + 5).then_some(())
+    });
+
+    // Bad input.
+    k.ctl_err(&["tasks", "checkpoint", "nope"], "not found");
+    k.ctl_err(&["tasks", "checkpoint", "../x"], "invalid argument");
+    k.ctl_ok(&["tasks", "kill", "-s", "KILL", "no-criu"]);
+    k.ctl(&["tasks", "wait", "no-criu"]);
+    k.ctl_err(&["tasks", "checkpoint", "no-criu"], "it is stopped");
+    let not_index = k.ctl_with_stdin(&["content", "ingest", "not-index"], b"hello\n");
+    assert!(not_index.status.success(), "{}", describe(&not_index));
+    let not_index = String::from_utf8(not_index.stdout)
+        .unwrap()
+        .trim()
+        .to_string();
+    let err = k.ctl_err(
+        &["run", "-d", "--checkpoint", &not_index, "rs-bad"],
+        "invalid argument",
+    );
+    assert!(err.contains("not a checkpoint index"), "{err}");
+    let missing = format!("sha256:{}", "0".repeat(64));
+    k.ctl_err(
+        &["run", "-d", "--checkpoint", &missing, "rs-bad"],
+        "not found",
+    );
+    k.ctl_err(
+        &["run", "-d", "--checkpoint", "sha256:abc", "rs-bad"],
+        "invalid argument",
+    );
+    k.ctl_err(
+        &["run", "-d", "--checkpoint", &not_index, "rs-bad", "sh"],
+        "give no command",
+    );
+    // Nothing was created by the refused restores.
+    let ls = k.ctl_ok(&["containers", "ls"]);
+    assert!(!ls.lines().any(|l| l.starts_with("rs-bad")), "{ls}");
+
+    k.ctl_ok(&["tasks", "rm", "no-criu"]);
+    k.ctl_ok(&["containers", "rm", "no-criu"]);
+    assert_no_leaks(&k, &k.namespace, "no-criu");
 }

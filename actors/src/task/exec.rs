@@ -10,6 +10,8 @@ use super::*;
 pub(super) struct ExecProcess {
     pid: u32,
     started: bool,
+    stdio: (String, String, String),
+    terminal: bool,
     exit: Option<ExitRecord>,
     waiters: Vec<oneshot::Sender<ExitRecord>>,
 }
@@ -92,6 +94,8 @@ impl Handler<AddExec> for TaskActor {
             Err(e) => return AtomicResponse::new(err(self, e)),
         };
         let exec_id = spec.exec_id.clone();
+        let stdio = (spec.stdin.clone(), spec.stdout.clone(), spec.stderr.clone());
+        let terminal = spec.terminal;
         let req = api::ExecProcessRequest {
             id: self.id.clone(),
             exec_id: spec.exec_id,
@@ -114,6 +118,8 @@ impl Handler<AddExec> for TaskActor {
                         ExecProcess {
                             pid: 0,
                             started: false,
+                            stdio,
+                            terminal,
                             exit: None,
                             waiters: Vec::new(),
                         },
@@ -344,6 +350,11 @@ impl TaskHandle {
         self.call(StartExec(exec_id.to_string())).await?
     }
 
+    /// An exec process as the API shows it (`id` is the exec id).
+    pub async fn exec_info(&self, exec_id: &str) -> Result<TaskInfo> {
+        self.call(GetExec(exec_id.to_string())).await?
+    }
+
     /// Deletes an exec process that exited (or never started).
     pub async fn delete_exec(&self, exec_id: &str) -> Result<ExitRecord> {
         self.call(DeleteExec(exec_id.to_string())).await?
@@ -356,5 +367,37 @@ impl TaskHandle {
             status,
             at,
         });
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<TaskInfo>")]
+struct GetExec(String);
+
+impl Handler<GetExec> for TaskActor {
+    type Result = Result<TaskInfo>;
+
+    fn handle(&mut self, GetExec(exec_id): GetExec, _: &mut Self::Context) -> Self::Result {
+        let task_state = self.state;
+        let p = self.exec_process(&exec_id)?;
+        let state = if p.exit.is_some() {
+            TaskState::Stopped
+        } else if !p.started {
+            TaskState::Created
+        } else if matches!(task_state, TaskState::Paused | TaskState::Pausing) {
+            task_state
+        } else {
+            TaskState::Running
+        };
+        Ok(TaskInfo {
+            id: exec_id,
+            pid: p.pid,
+            state,
+            stdin: p.stdio.0.clone(),
+            stdout: p.stdio.1.clone(),
+            stderr: p.stdio.2.clone(),
+            terminal: p.terminal,
+            exit: p.exit.clone(),
+        })
     }
 }

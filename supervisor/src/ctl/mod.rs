@@ -1,5 +1,6 @@
 //! keelctl: the command line, shaped like containerd's `ctr`.
 
+pub mod checkpoint;
 pub mod content;
 pub mod events;
 pub mod output;

@@ -20,9 +20,10 @@ use super::output::{table, Format};
 /// What a container is made of, shared by `run` and `containers create`.
 #[derive(Debug, Args)]
 pub struct ContainerArgs {
-    /// Host directory to use as the root filesystem.
+    /// Host directory to use as the root filesystem (required, except for a restore,
+    /// which uses the checkpointed container's unless this is given).
     #[arg(long)]
-    pub rootfs: PathBuf,
+    pub rootfs: Option<PathBuf>,
     /// Environment variable K=V (repeatable).
     #[arg(long = "env", value_name = "K=V")]
     pub env: Vec<String>,
@@ -38,8 +39,8 @@ pub struct ContainerArgs {
     #[arg(long, default_value = "io.containerd.runc.v2")]
     pub runtime: String,
     pub id: String,
-    /// Command and arguments.
-    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    /// Command and arguments (none for a restore).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub command: Vec<String>,
 }
 
@@ -102,6 +103,10 @@ pub struct RunArgs {
     /// followed).
     #[arg(short = 't', long, conflicts_with = "detach")]
     pub tty: bool,
+    /// Restore the task from this checkpoint (the index digest `tasks checkpoint`
+    /// printed): the container's spec comes from it and its process continues.
+    #[arg(long, value_name = "DIGEST", conflicts_with = "tty")]
+    pub checkpoint: Option<String>,
     #[command(flatten)]
     pub container: ContainerArgs,
 }
@@ -152,6 +157,13 @@ pub enum TasksCmd {
     },
     /// Wait for a task to exit; exits with its status.
     Wait { id: String },
+    /// Print a task's init process (or an exec process) as JSON.
+    Info {
+        /// Show this exec process instead of the init process.
+        #[arg(long, default_value = "")]
+        exec_id: String,
+        id: String,
+    },
     /// Delete tasks.
     #[command(alias = "del", alias = "delete")]
     Rm {
@@ -195,6 +207,17 @@ pub enum TasksCmd {
     Metrics {
         #[arg(long, value_enum, default_value_t)]
         format: Format,
+        id: String,
+    },
+    /// Checkpoint a running task with CRIU into the content store; prints the
+    /// checkpoint's index digest (restore it with `keelctl run --checkpoint`).
+    Checkpoint {
+        /// Let the task exit after the checkpoint instead of resuming it.
+        #[arg(long)]
+        exit: bool,
+        /// Leave the raw CRIU image in this directory instead of the content store.
+        #[arg(long, value_name = "DIR")]
+        image_path: Option<PathBuf>,
         id: String,
     },
 }
@@ -251,7 +274,7 @@ pub fn parse_signal(s: &str) -> anyhow::Result<u32> {
     Ok(u32::try_from(sig as i32)?)
 }
 
-fn kv(list: &[String], what: &str) -> anyhow::Result<Vec<(String, String)>> {
+pub(super) fn kv(list: &[String], what: &str) -> anyhow::Result<Vec<(String, String)>> {
     list.iter()
         .map(|s| match s.split_once('=') {
             Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
@@ -278,9 +301,24 @@ fn spec(a: &ContainerArgs) -> anyhow::Result<Vec<u8>> {
     Ok(serde_json::to_vec(&v)?)
 }
 
+/// A host directory as the container's rootfs: an rbind mount.
+pub(super) fn rootfs_mount(dir: &std::path::Path) -> anyhow::Result<Mount> {
+    let rootfs = std::fs::canonicalize(dir).with_context(|| format!("rootfs {}", dir.display()))?;
+    Ok(Mount {
+        type_: "bind".into(),
+        source: rootfs.display().to_string(),
+        options: vec!["rbind".into(), "rw".into()],
+        ..Default::default()
+    })
+}
+
 async fn create_container(client: &Client, a: &ContainerArgs) -> anyhow::Result<()> {
-    let rootfs = std::fs::canonicalize(&a.rootfs)
-        .with_context(|| format!("rootfs {}", a.rootfs.display()))?;
+    let Some(rootfs) = &a.rootfs else {
+        bail!("--rootfs is required");
+    };
+    if a.command.is_empty() {
+        bail!("a command to run is required");
+    }
     let c = Container {
         id: a.id.clone(),
         labels: kv(&a.labels, "--label")?.into_iter().collect(),
@@ -289,14 +327,14 @@ async fn create_container(client: &Client, a: &ContainerArgs) -> anyhow::Result<
             ..Default::default()
         }),
         spec: MessageField::some(json_any(SPEC_TYPE_URL, spec(a)?)),
-        rootfs: vec![Mount {
-            type_: "bind".into(),
-            source: rootfs.display().to_string(),
-            options: vec!["rbind".into(), "rw".into()],
-            ..Default::default()
-        }],
+        rootfs: vec![rootfs_mount(rootfs)?],
         ..Default::default()
     };
+    put_container(client, c).await
+}
+
+/// Containers.Create.
+pub(super) async fn put_container(client: &Client, c: Container) -> anyhow::Result<()> {
     client
         .containers
         .create(
@@ -546,9 +584,21 @@ async fn wait_for(client: &Client, id: &str, exec_id: &str) -> anyhow::Result<u3
 
 pub async fn run(client: &Client, a: RunArgs) -> anyhow::Result<i32> {
     let id = a.container.id.clone();
-    create_container(client, &a.container).await?;
+    let checkpoint = match &a.checkpoint {
+        Some(digest) => MessageField::some(
+            super::checkpoint::restore_container(client, &a.container, digest).await?,
+        ),
+        None => {
+            create_container(client, &a.container).await?;
+            MessageField::none()
+        }
+    };
     if a.detach {
-        let r = create_and_start(client, detached(&id)).await;
+        let req = CreateTaskRequest {
+            checkpoint,
+            ..detached(&id)
+        };
+        let r = create_and_start(client, req).await;
         if r.is_err() {
             delete_all(client, &id).await;
         }
@@ -566,6 +616,7 @@ pub async fn run(client: &Client, a: RunArgs) -> anyhow::Result<i32> {
             stdout,
             stderr,
             terminal: a.tty,
+            checkpoint,
             ..Default::default()
         };
         create_and_start(client, req).await?;
@@ -788,6 +839,29 @@ pub async fn tasks(client: &Client, cmd: TasksCmd) -> anyhow::Result<i32> {
             };
             client.tasks.kill(client.ctx(), &req).await?;
         }
+        TasksCmd::Info { exec_id, id } => {
+            let req = GetRequest {
+                container_id: id,
+                exec_id,
+                ..Default::default()
+            };
+            let resp = client.tasks.get(client.ctx(), &req).await?;
+            let p = resp.process.get_or_default();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "id": p.container_id,
+                    "exec_id": p.id,
+                    "pid": p.pid,
+                    "status": status_name(p.status.value()),
+                    "exit_status": p.exit_status,
+                    "stdin": p.stdin,
+                    "stdout": p.stdout,
+                    "stderr": p.stderr,
+                    "terminal": p.terminal,
+                })
+            );
+        }
         TasksCmd::Wait { id } => {
             let status = wait_for(client, &id, "").await?;
             println!("{status}");
@@ -858,6 +932,11 @@ pub async fn tasks(client: &Client, cmd: TasksCmd) -> anyhow::Result<i32> {
             };
             client.tasks.update(client.ctx(), &req).await?;
         }
+        TasksCmd::Checkpoint {
+            exit,
+            image_path,
+            id,
+        } => super::checkpoint::checkpoint(client, &id, exit, image_path).await?,
         TasksCmd::Metrics { format, id } => {
             let req = MetricsRequest {
                 filters: vec![format!("id=={id}")],

@@ -265,9 +265,16 @@ impl content_ttrpc::Content for ContentService {
             let req = match next.take() {
                 Some(r) => r,
                 None => tokio::select! {
-                    r = stream.recv() => match r? {
-                        Some(r) => r,
-                        None => return Ok(()),
+                    r = stream.recv() => match r {
+                        Ok(Some(r)) => r,
+                        Ok(None) => {
+                            tracing::info!(namespace = %ns, reference = %reference, "content writer's client closed its stream; ref unlocked");
+                            return Ok(());
+                        }
+                        Err(e) => {
+                            tracing::info!(namespace = %ns, reference = %reference, error = %e, "content writer's stream broke; ref unlocked");
+                            return Err(e);
+                        }
                     },
                     () = &mut gone => {
                         tracing::info!(namespace = %ns, reference = %reference, "content writer's client hung up; ref unlocked");

@@ -2,8 +2,9 @@
 //! send their task events (TTRPC_ADDRESS points at keeld's socket).
 //!
 //! keel publishes `/tasks/create`, `/tasks/start`, `/tasks/exec-added`,
-//! `/tasks/exec-started`, `/tasks/paused`, `/tasks/resumed` and `/tasks/delete`
-//! itself, when the task actor has done the step, so their order is keel's and each
+//! `/tasks/exec-started`, `/tasks/paused`, `/tasks/resumed`, `/tasks/checkpointed`
+//! (with the checkpoint's index digest, which the shim cannot know) and
+//! `/tasks/delete` itself, when the task actor has done the step, so their order is keel's and each
 //! is published once. From the shim it takes what only the shim knows (`/tasks/oom`)
 //! into the exchange, and hands `/tasks/exit` (of the init or an exec process) to its
 //! task actor, which records and
@@ -50,6 +51,7 @@ impl Events for ShimEventsService {
             | "/tasks/exec-started"
             | "/tasks/paused"
             | "/tasks/resumed"
+            | "/tasks/checkpointed"
             | "/tasks/delete" => {}
             "/tasks/exit" => {
                 let exit: TaskExit = unpack(&event).rpc()?;

@@ -3,13 +3,17 @@
 use std::sync::Arc;
 
 use keel_actors::state::TaskState;
-use keel_actors::task::{CreateTask, ExecSpec, TaskInfo, Tasks};
+use keel_actors::storage::StorageHandle;
+use keel_actors::task::{
+    verify_checkpoint, CheckpointRequest, CreateTask, ExecSpec, TaskInfo, Tasks,
+};
 use keel_protocol::api::tasks::*;
 use keel_protocol::api::tasks_ttrpc;
+use keel_protocol::api::types::Descriptor;
 use keel_protocol::filters::{Adaptor, Filter};
 use keel_protocol::types::timestamp;
 use keel_protocol::{identifiers, Error};
-use keel_storage::meta::{from_nanos, ExitRecord};
+use keel_storage::meta::{from_nanos, ContainerRecord, ExitRecord};
 use keel_storage::Meta;
 use protobuf::well_known_types::empty::Empty;
 use protobuf::MessageField;
@@ -23,6 +27,8 @@ pub struct TasksService {
     pub auth: Arc<Auth>,
     pub meta: Meta,
     pub tasks: Tasks,
+    /// The content store, where checkpoints go and restores come from.
+    pub storage: StorageHandle,
 }
 
 fn status(s: TaskState) -> Status {
@@ -65,14 +71,6 @@ fn exec_id(v: &str) -> ttrpc::Result<()> {
         Ok(())
     } else {
         id("exec_id", v)
-    }
-}
-
-fn no_exec(exec_id: &str) -> ttrpc::Result<()> {
-    if exec_id.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::Unimplemented("exec processes are not supported yet".into()).into())
     }
 }
 
@@ -151,6 +149,17 @@ fn exit_response(
     )
 }
 
+impl TasksService {
+    /// The container record a task is made from, or NotFound.
+    async fn container(&self, ns: &str, id: &str) -> ttrpc::Result<ContainerRecord> {
+        let (meta, ns, cid) = (self.meta.clone(), ns.to_string(), id.to_string());
+        blocking(move || meta.container(&ns, &cid))
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("container {id} not found")))
+            .rpc()
+    }
+}
+
 #[async_trait::async_trait]
 impl tasks_ttrpc::Tasks for TasksService {
     async fn create(
@@ -167,17 +176,29 @@ impl tasks_ttrpc::Tasks for TasksService {
             )
             .into());
         }
-        if req.checkpoint.is_some() {
-            return unimplemented("restore from a checkpoint");
-        }
+        let checkpoint = match req.checkpoint.as_ref() {
+            Some(d) => {
+                if req.terminal {
+                    return Err(Error::InvalidArgument(
+                        "terminal: a task restored from a checkpoint cannot have a terminal".into(),
+                    )
+                    .into());
+                }
+                let (store, ns2, digest) =
+                    (self.storage.store().clone(), ns.clone(), d.digest.clone());
+                let verified =
+                    tokio::task::spawn_blocking(move || verify_checkpoint(&store, &ns2, &digest))
+                        .await
+                        .map_err(|e| Error::Internal(format!("blocking task failed: {e}")))
+                        .rpc()?;
+                Some(verified.rpc()?)
+            }
+            None => None,
+        };
         if !req.rootfs.is_empty() {
             return unimplemented("task rootfs mounts (give them to the container)");
         }
-        let (meta, ns2, cid) = (self.meta.clone(), ns.clone(), req.container_id.clone());
-        let container = blocking(move || meta.container(&ns2, &cid))
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("container {} not found", req.container_id)))
-            .rpc()?;
+        let container = self.container(&ns, &req.container_id).await?;
         let handle = self
             .tasks
             .create(CreateTask {
@@ -188,6 +209,7 @@ impl tasks_ttrpc::Tasks for TasksService {
                 stderr: req.stderr,
                 terminal: req.terminal,
                 log_to_file: req.log_to_file,
+                checkpoint,
             })
             .await
             .rpc()?;
@@ -272,16 +294,18 @@ impl tasks_ttrpc::Tasks for TasksService {
     async fn get(&self, ctx: &TtrpcContext, req: GetRequest) -> ttrpc::Result<GetResponse> {
         let ns = self.auth.request(ctx, "Tasks.Get").rpc()?.namespace;
         id("container_id", &req.container_id)?;
-        no_exec(&req.exec_id)?;
-        let info = self
-            .tasks
-            .get(&ns, &req.container_id)
-            .rpc()?
-            .info()
-            .await
-            .rpc()?;
+        exec_id(&req.exec_id)?;
+        let task = self.tasks.get(&ns, &req.container_id).rpc()?;
+        let info = if req.exec_id.is_empty() {
+            task.info().await
+        } else {
+            task.exec_info(&req.exec_id).await
+        }
+        .rpc()?;
+        let mut p = process(&req.container_id, &info);
+        p.id = req.exec_id;
         Ok(GetResponse {
-            process: MessageField::some(process(&req.container_id, &info)),
+            process: MessageField::some(p),
             ..Default::default()
         })
     }
@@ -452,10 +476,52 @@ impl tasks_ttrpc::Tasks for TasksService {
     async fn checkpoint(
         &self,
         ctx: &TtrpcContext,
-        _: CheckpointTaskRequest,
+        req: CheckpointTaskRequest,
     ) -> ttrpc::Result<CheckpointTaskResponse> {
-        self.auth.request(ctx, "Tasks.Checkpoint").rpc()?;
-        unimplemented("checkpoint")
+        let ns = self.auth.request(ctx, "Tasks.Checkpoint").rpc()?.namespace;
+        id("container_id", &req.container_id)?;
+        if req.options.is_some() {
+            return unimplemented("checkpoint options");
+        }
+        let image_path = if req.image_path.is_empty() {
+            None
+        } else {
+            let p = std::path::PathBuf::from(&req.image_path);
+            if !p.is_absolute() {
+                return Err(Error::InvalidArgument(format!(
+                    "image_path {:?} must be an absolute path",
+                    req.image_path
+                ))
+                .into());
+            }
+            Some(p)
+        };
+        let container = self.container(&ns, &req.container_id).await?;
+        let index = self
+            .tasks
+            .checkpoint(
+                &self.storage,
+                &ns,
+                &container,
+                CheckpointRequest {
+                    exit: req.exit,
+                    image_path,
+                },
+            )
+            .await
+            .rpc()?;
+        Ok(CheckpointTaskResponse {
+            descriptors: index
+                .map(|(digest, size)| Descriptor {
+                    media_type: oci_spec::image::MediaType::ImageIndex.to_string(),
+                    digest: digest.to_string(),
+                    size: i64::try_from(size).unwrap_or(i64::MAX),
+                    ..Default::default()
+                })
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        })
     }
 
     async fn update(&self, ctx: &TtrpcContext, req: UpdateTaskRequest) -> ttrpc::Result<Empty> {

@@ -1,0 +1,457 @@
+//! Checkpoint and restore with CRIU, through the shim (which runs `runc checkpoint`
+//! and `runc restore`).
+//!
+//! Checkpoint: check CRIU first (so a missing or broken CRIU leaves the task running,
+//! never paused) → pause → the shim dumps into a work directory → resume (or let the
+//! task exit) → the image directory as a tar, the container's spec and the runtime
+//! options go into the content store through the storage actor → an OCI image index
+//! referencing them, labelled as a collection root. The task is frozen only while
+//! CRIU dumps it, not while the blobs are written: keel keeps no writable layer that
+//! would have to stay still meanwhile.
+//!
+//! Restore: the index and every blob it references are verified by digest, the CRIU
+//! image is unpacked into the bundle and the shim is given its path with Create; the
+//! shim restores the process at Start.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+
+use keel_protocol::checkpoint::{
+    self as layout, Blob, Checkpoint, RootfsMount, MEDIA_TYPE_CONFIG, MEDIA_TYPE_CRIU_TAR,
+    MEDIA_TYPE_RUNTIME_OPTIONS,
+};
+use keel_storage::{ContentStore, Digest};
+use sha2::Digest as _;
+
+use super::*;
+use crate::storage::StorageHandle;
+
+/// Where a bundle holds the CRIU image of the checkpoint it is restored from, until
+/// the shim has restored it at Start.
+pub(super) const CHECKPOINT_DIR: &str = "checkpoint";
+/// Deadline for the shim's CRIU work: a dump, or a restore at Start.
+pub(super) const CRIU_RPC_TIMEOUT: Duration = Duration::from_secs(120);
+/// The oldest CRIU keel accepts (older ones fail on kernels >= 6.13).
+const CRIU_MIN_VERSION: (u32, u32) = (4, 1);
+
+/// What a checkpoint is asked to do.
+#[derive(Debug, Clone, Default)]
+pub struct CheckpointRequest {
+    /// Let the task exit after the dump instead of resuming it.
+    pub exit: bool,
+    /// Leave the raw CRIU image in this (absolute) directory instead of the store.
+    pub image_path: Option<PathBuf>,
+}
+
+/// Parses the version `criu --version` prints (`Version: 4.1.1`).
+fn criu_version(out: &str) -> Option<(u32, u32)> {
+    let v = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Version:"))?
+        .trim();
+    let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
+    Some((parts.next()??, parts.next().flatten().unwrap_or(0)))
+}
+
+/// Checks the CRIU runc will use (`criu` on keeld's PATH, which the shims inherit):
+/// present, at least 4.1, and passing `criu check`. FailedPrecondition saying what is
+/// wrong otherwise.
+pub fn criu_ready() -> Result<()> {
+    let unavailable = |why: String| {
+        Error::FailedPrecondition(format!(
+            "checkpoint needs CRIU >= {}.{}: {why}",
+            CRIU_MIN_VERSION.0, CRIU_MIN_VERSION.1
+        ))
+    };
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let criu = std::env::split_paths(&path)
+        .map(|d| d.join("criu"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| unavailable("no criu on keeld's PATH".into()))?;
+    let out = std::process::Command::new(&criu)
+        .arg("--version")
+        .output()
+        .map_err(|e| unavailable(format!("{} --version: {e}", criu.display())))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = criu_version(&text)
+        .ok_or_else(|| unavailable(format!("{} printed no version", criu.display())))?;
+    if version < CRIU_MIN_VERSION {
+        return Err(unavailable(format!(
+            "{} is version {}.{}",
+            criu.display(),
+            version.0,
+            version.1
+        )));
+    }
+    let check = std::process::Command::new(&criu)
+        .arg("check")
+        .output()
+        .map_err(|e| unavailable(format!("{} check: {e}", criu.display())))?;
+    if !check.status.success() {
+        let said = String::from_utf8_lossy(&check.stderr);
+        let last = said.lines().rev().find(|l| !l.trim().is_empty());
+        return Err(unavailable(format!(
+            "`{} check` failed: {}",
+            criu.display(),
+            last.unwrap_or("no output")
+        )));
+    }
+    Ok(())
+}
+
+/// Has the shim dump the task into `path` (pausing it around the dump when it runs).
+#[derive(Message)]
+#[rtype(result = "Result<()>")]
+pub(super) struct Dump {
+    /// Where the image goes.
+    pub path: PathBuf,
+    /// CRIU's work directory (its logs).
+    pub work: PathBuf,
+    pub exit: bool,
+}
+
+impl Handler<Dump> for TaskActor {
+    type Result = AtomicResponse<Self, Result<()>>;
+
+    fn handle(&mut self, m: Dump, _: &mut Self::Context) -> Self::Result {
+        let shim = self
+            .state
+            .can_checkpoint(&self.id)
+            .and_then(|()| self.live_shim());
+        let shim = match shim {
+            Ok(s) => s,
+            Err(e) => return AtomicResponse::new(Box::pin(async move { Err(e) }.into_actor(self))),
+        };
+        let before = self.state;
+        let pause_here = before == TaskState::Running;
+        if pause_here {
+            self.state = TaskState::Pausing;
+        }
+        let id = self.id.clone();
+        let options = keel_protocol::containerd::shim::oci::CheckpointOptions {
+            exit: m.exit,
+            work_path: m.work.display().to_string(),
+            ..Default::default()
+        };
+        let request = pack(&options).map(|mut any| {
+            any.type_url = "containerd.runc.v1.CheckpointOptions".into();
+            api::CheckpointTaskRequest {
+                id: id.clone(),
+                path: m.path.display().to_string(),
+                options: MessageField::some(any),
+                ..Default::default()
+            }
+        });
+        AtomicResponse::new(Box::pin(
+            async move {
+                let request = request?;
+                if pause_here {
+                    freeze(&shim, id.clone(), true).await?;
+                }
+                let dumped = shim.checkpoint(&request, Some(CRIU_RPC_TIMEOUT)).await;
+                // A task that is to exit is left to die; any other is thawed again,
+                // whether the dump worked or not.
+                if pause_here && !(m.exit && dumped.is_ok()) {
+                    if let Err(e) = freeze(&shim, id.clone(), false).await {
+                        tracing::error!(task_id = %id, error = %e, "resuming after checkpoint failed");
+                    }
+                }
+                dumped.map(|_| ())
+            }
+            .into_actor(self)
+            .map(move |r, act, _| {
+                // An exit that arrived meanwhile wins.
+                if act.state != TaskState::Stopped {
+                    act.state = before;
+                }
+                r.map_err(|e| match e {
+                    keel_protocol::Error::Internal(m) | keel_protocol::Error::Transport(m) => {
+                        Error::Io(format!("checkpoint of task {} failed: {m}", act.id))
+                    }
+                    e => Error::from(e),
+                })
+            }),
+        ))
+    }
+}
+
+impl TaskHandle {
+    async fn dump(&self, path: PathBuf, work: PathBuf, exit: bool) -> Result<()> {
+        self.call(Dump { path, work, exit }).await?
+    }
+}
+
+/// Removes a directory tree when dropped.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %self.0.display(), error = %e, "removing checkpoint work directory failed");
+            }
+        }
+    }
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |e| Error::Io(format!("{what} {}: {e}", path.display()))
+}
+
+/// Packs the CRIU image directory into a tar file.
+fn pack_image(dir: &Path, tar_path: &Path) -> Result<()> {
+    let file = std::fs::File::create(tar_path).map_err(io_err("create", tar_path))?;
+    let mut builder = tar::Builder::new(std::io::BufWriter::new(file));
+    builder.follow_symlinks(false);
+    builder
+        .append_dir_all(".", dir)
+        .map_err(io_err("archive", dir))?;
+    builder
+        .into_inner()
+        .and_then(|w| w.into_inner().map_err(std::io::IntoInnerError::into_error))
+        .map_err(io_err("write", tar_path))?;
+    Ok(())
+}
+
+/// Unpacks a CRIU image tar into `dir` (entries cannot escape it).
+pub(super) fn unpack_image(tar_path: &Path, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+    let file = std::fs::File::open(tar_path).map_err(io_err("open", tar_path))?;
+    tar::Archive::new(std::io::BufReader::new(file))
+        .unpack(dir)
+        .map_err(io_err("unpack the checkpoint into", dir))
+}
+
+/// The sha256 of a file, streamed.
+fn file_digest(path: &Path) -> Result<(Digest, u64)> {
+    let mut f = std::fs::File::open(path).map_err(io_err("open", path))?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(io_err("read", path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((Digest::from_sha256(&hasher.finalize()), size))
+}
+
+/// Checks that the blob `digest` of `ns` is stored intact: present, `size` bytes (when
+/// given) and hashing to its digest. Returns its path.
+fn verified_blob(
+    store: &ContentStore,
+    ns: &str,
+    digest: &str,
+    size: Option<u64>,
+) -> Result<PathBuf> {
+    let d = Digest::parse("checkpoint", digest)?;
+    let (path, info) = store.reader_path(ns, &d)?;
+    let (actual, actual_size) = file_digest(&path)?;
+    if actual != d || size.is_some_and(|s| s != actual_size) || info.size != actual_size {
+        return Err(Error::FailedPrecondition(format!(
+            "checkpoint: blob {d} does not verify: {actual_size} bytes hashing to {actual}"
+        )));
+    }
+    Ok(path)
+}
+
+/// Reads and checks a checkpoint index and every blob it references. Returns the
+/// path of its CRIU image tar in the store.
+pub fn verify_checkpoint(store: &ContentStore, ns: &str, digest: &str) -> Result<PathBuf> {
+    let index_path = verified_blob(store, ns, digest, None)?;
+    let bytes = std::fs::read(&index_path).map_err(io_err("read", &index_path))?;
+    let checkpoint = Checkpoint::parse(digest, &bytes)?;
+    let mut image = None;
+    for blob in checkpoint.blobs() {
+        let path = verified_blob(store, ns, &blob.digest, Some(blob.size))?;
+        if blob.media_type == MEDIA_TYPE_CRIU_TAR {
+            image = Some(path);
+        }
+    }
+    Ok(image.expect("a parsed checkpoint has an image"))
+}
+
+impl Tasks {
+    /// Checkpoints a task. Returns the index's digest and size, or `None` when the
+    /// image was left in `req.image_path`.
+    pub async fn checkpoint(
+        &self,
+        storage: &StorageHandle,
+        ns: &str,
+        container: &ContainerRecord,
+        req: CheckpointRequest,
+    ) -> Result<Option<(Digest, u64)>> {
+        let id = &container.id;
+        let task = self.get(ns, id)?;
+        // Checked here as well as in Dump (which decides, atomically) so that a task
+        // that cannot be checkpointed is refused for that, before CRIU is examined.
+        let info = task.info().await?;
+        info.state.can_checkpoint(id)?;
+        if info.terminal {
+            return Err(Error::FailedPrecondition(format!(
+                "cannot checkpoint task {id}: it has a terminal"
+            )));
+        }
+        blocking_io(criu_ready).await?;
+
+        let stamp = nanos(SystemTime::now());
+        let work = self
+            .env
+            .state_dir
+            .join("checkpoints")
+            .join(ns)
+            .join(format!("{id}-{stamp}"));
+        let criu_work = work.join("criu");
+        std::fs::create_dir_all(&criu_work).map_err(io_err("create", &criu_work))?;
+        let _scratch = Scratch(work.clone());
+
+        if let Some(dir) = req.image_path {
+            std::fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+            let empty = std::fs::read_dir(&dir)
+                .map_err(io_err("read", &dir))?
+                .next()
+                .is_none();
+            if !empty {
+                return Err(Error::InvalidArgument(format!(
+                    "image_path {} is not empty",
+                    dir.display()
+                )));
+            }
+            task.dump(dir, criu_work, req.exit).await?;
+            return Ok(None);
+        }
+
+        let image_dir = work.join("image");
+        std::fs::create_dir_all(&image_dir).map_err(io_err("create", &image_dir))?;
+        task.dump(image_dir.clone(), criu_work, req.exit).await?;
+
+        let tar_path = work.join("image.tar");
+        let (dir, tp) = (image_dir.clone(), tar_path.clone());
+        blocking_io(move || pack_image(&dir, &tp)).await?;
+
+        let reference = |what: &str| format!("checkpoint-{ns}-{id}-{stamp}-{what}");
+        let put_bytes = |what: &'static str, bytes: Vec<u8>| {
+            let r = reference(what);
+            async move {
+                storage
+                    .put(ns, &r, std::io::Cursor::new(bytes), BTreeMap::new())
+                    .await
+            }
+        };
+        let tar = tokio::fs::File::open(&tar_path)
+            .await
+            .map_err(io_err("open", &tar_path))?;
+        let (image_digest, image_size) = storage
+            .put(ns, &reference("image"), tar, BTreeMap::new())
+            .await?;
+        let (config_digest, config_size) =
+            put_bytes("config", layout::config_blob(&container.spec)?).await?;
+        let options = self.runc_options()?;
+        let (options_digest, options_size) = put_bytes(
+            "options",
+            protobuf::Message::write_to_bytes(&options)
+                .map_err(|e| Error::Io(format!("encode runtime options: {e}")))?,
+        )
+        .await?;
+
+        let blob = |media: &str, d: Digest, size: u64| Blob {
+            media_type: media.to_string(),
+            digest: d.to_string(),
+            size,
+        };
+        let checkpoint = Checkpoint {
+            image: blob(MEDIA_TYPE_CRIU_TAR, image_digest, image_size),
+            config: blob(MEDIA_TYPE_CONFIG, config_digest, config_size),
+            options: Some(blob(
+                MEDIA_TYPE_RUNTIME_OPTIONS,
+                options_digest,
+                options_size,
+            )),
+            runtime: container.runtime.clone(),
+            container: id.clone(),
+            rootfs: container
+                .rootfs
+                .iter()
+                .map(|m| RootfsMount {
+                    kind: m.kind.clone(),
+                    source: m.source.clone(),
+                    options: m.options.clone(),
+                })
+                .collect(),
+            created: keel_protocol::types::rfc3339(SystemTime::now()),
+        };
+        let index = checkpoint.to_index()?;
+        let (digest, size) = storage
+            .put(
+                ns,
+                &reference("index"),
+                std::io::Cursor::new(index),
+                checkpoint.index_labels(),
+            )
+            .await?;
+
+        let event = ev::TaskCheckpointed {
+            container_id: id.clone(),
+            checkpoint: digest.to_string(),
+            ..Default::default()
+        };
+        if let Err(e) = self
+            .env
+            .monitor
+            .publish(ns, "/tasks/checkpointed", pack(&event)?)
+            .await
+        {
+            tracing::error!(namespace = %ns, task_id = %id, error = %e, "publishing /tasks/checkpointed failed");
+        }
+        Ok(Some((digest, size)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn criu_versions_are_read_from_its_output() {
+        assert_eq!(criu_version("Version: 4.1.1\n"), Some((4, 1)));
+        assert_eq!(criu_version("Version: 3.17\nGitID: x\n"), Some((3, 17)));
+        assert_eq!(criu_version("Version: 4\n"), Some((4, 0)));
+        assert_eq!(criu_version("criu: bad option\n"), None);
+        assert!(criu_version("Version: 3.17").unwrap() < CRIU_MIN_VERSION);
+        assert!(criu_version("Version: 4.1").unwrap() >= CRIU_MIN_VERSION);
+    }
+
+    #[test]
+    fn an_image_round_trips_through_its_tar() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("image");
+        std::fs::create_dir_all(image.join("sub")).unwrap();
+        std::fs::write(image.join("core-1.img"), b"core").unwrap();
+        std::fs::write(image.join("sub/descriptors.json"), b"[]").unwrap();
+        let tar = dir.path().join("image.tar");
+        pack_image(&image, &tar).unwrap();
+        let out = dir.path().join("out");
+        unpack_image(&tar, &out).unwrap();
+        assert_eq!(std::fs::read(out.join("core-1.img")).unwrap(), b"core");
+        assert_eq!(
+            std::fs::read(out.join("sub/descriptors.json")).unwrap(),
+            b"[]"
+        );
+    }
+
+    #[test]
+    fn a_blob_that_does_not_hash_to_its_digest_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = keel_storage::open_db(dir.path()).unwrap();
+        let (store, _) =
+            ContentStore::open(dir.path(), db, &keel_storage::ContentOptions::default()).unwrap();
+        let e = verify_checkpoint(&store, "default", "sha256:nothex").unwrap_err();
+        assert!(matches!(e, Error::Storage(_)), "{e}");
+        let missing = format!("sha256:{}", "0".repeat(64));
+        let e = verify_checkpoint(&store, "default", &missing).unwrap_err();
+        assert!(e.to_string().contains("not found"), "{e}");
+    }
+}

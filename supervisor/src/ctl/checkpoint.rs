@@ -1,0 +1,110 @@
+//! `keelctl tasks checkpoint` and the container side of `keelctl run --checkpoint`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use keel_protocol::api::containers::{container::Runtime, Container};
+use keel_protocol::api::content::ReadContentRequest;
+use keel_protocol::api::tasks::CheckpointTaskRequest;
+use keel_protocol::api::types::{Descriptor, Mount};
+use keel_protocol::checkpoint::{spec_from_config, Checkpoint};
+use keel_protocol::types::{json_any, SPEC_TYPE_URL};
+use keel_protocol::{Client, Error};
+use protobuf::MessageField;
+
+use super::tasks::{kv, put_container, rootfs_mount, ContainerArgs};
+
+/// Checkpoints a task; prints the index digest (nothing with `--image-path`).
+pub async fn checkpoint(
+    client: &Client,
+    id: &str,
+    exit: bool,
+    image_path: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let image_path = match image_path {
+        Some(p) => std::path::absolute(&p)
+            .with_context(|| format!("--image-path {}", p.display()))?
+            .display()
+            .to_string(),
+        None => String::new(),
+    };
+    let req = CheckpointTaskRequest {
+        container_id: id.to_string(),
+        exit,
+        image_path,
+        ..Default::default()
+    };
+    let resp = client.tasks.checkpoint(client.ctx(), &req).await?;
+    if let Some(index) = resp.descriptors.first() {
+        println!("{}", index.digest);
+    }
+    Ok(())
+}
+
+/// A whole blob from the content store.
+async fn read_blob(client: &Client, digest: &str) -> anyhow::Result<Vec<u8>> {
+    let req = ReadContentRequest {
+        digest: digest.to_string(),
+        ..Default::default()
+    };
+    let mut rx = client.content.read(client.ctx(), &req).await?;
+    let mut data = Vec::new();
+    while let Some(resp) = rx.recv().await.map_err(Error::from)? {
+        data.extend_from_slice(&resp.data);
+    }
+    Ok(data)
+}
+
+/// Creates the container a checkpoint was taken of: its spec and runtime from the
+/// checkpoint, its rootfs from the checkpoint unless `--rootfs` is given, labels from
+/// `--label`. Returns the descriptor to restore the task from.
+pub async fn restore_container(
+    client: &Client,
+    a: &ContainerArgs,
+    digest: &str,
+) -> anyhow::Result<Descriptor> {
+    if !a.command.is_empty() {
+        bail!(
+            "a task restored from a checkpoint continues its checkpointed process; give no command"
+        );
+    }
+    let index = read_blob(client, digest).await?;
+    let checkpoint = Checkpoint::parse(digest, &index)?;
+    let spec = spec_from_config(digest, &read_blob(client, &checkpoint.config.digest).await?)?;
+    let rootfs = match &a.rootfs {
+        Some(dir) => vec![rootfs_mount(dir)?],
+        None => checkpoint
+            .rootfs
+            .iter()
+            .map(|m| Mount {
+                type_: m.kind.clone(),
+                source: m.source.clone(),
+                options: m.options.clone(),
+                ..Default::default()
+            })
+            .collect(),
+    };
+    let runtime = if checkpoint.runtime.is_empty() {
+        a.runtime.clone()
+    } else {
+        checkpoint.runtime.clone()
+    };
+    let c = Container {
+        id: a.id.clone(),
+        labels: kv(&a.labels, "--label")?.into_iter().collect(),
+        runtime: MessageField::some(Runtime {
+            name: runtime,
+            ..Default::default()
+        }),
+        spec: MessageField::some(json_any(SPEC_TYPE_URL, spec)),
+        rootfs,
+        ..Default::default()
+    };
+    put_container(client, c).await?;
+    Ok(Descriptor {
+        media_type: oci_spec::image::MediaType::ImageIndex.to_string(),
+        digest: digest.to_string(),
+        size: i64::try_from(index.len()).unwrap_or(i64::MAX),
+        ..Default::default()
+    })
+}
