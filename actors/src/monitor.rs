@@ -149,7 +149,8 @@ pub async fn reconcile_exits(meta: &Meta, events: &EventSink) -> Result<Reconcil
 
     let (trimmed_upto, retained) = events.retained();
     // The newest logged exit of every process of every task's current incarnation: a
-    // create or delete starts a task afresh.
+    // create or delete starts a task afresh, and adding an exec process starts that
+    // process afresh (a deleted exec's id may be used again).
     type Key = (String, String, String);
     let mut logged: HashMap<Key, (u64, ev::TaskExit)> = HashMap::new();
     let mut logged_seqs = HashSet::new();
@@ -171,6 +172,11 @@ pub async fn reconcile_exits(meta: &Meta, events: &EventSink) -> Result<Reconcil
                     (env.sequence, e),
                 );
             }
+            "/tasks/exec-added" => {
+                if let Ok(e) = unpack::<ev::TaskExecAdded>(payload) {
+                    logged.remove(&(env.namespace.clone(), e.container_id, e.exec_id));
+                }
+            }
             "/tasks/create" | "/tasks/delete" => {
                 let id = match env.topic.as_str() {
                     "/tasks/create" => unpack::<ev::TaskCreate>(payload).map(|e| e.container_id),
@@ -187,7 +193,10 @@ pub async fn reconcile_exits(meta: &Meta, events: &EventSink) -> Result<Reconcil
     let mut done = Reconciled::default();
     let mut delivered = Vec::new();
     for ((ns, cid, exec), (seq, e)) in &logged {
-        if meta.task(ns, cid)?.is_none() {
+        // The task, or the exec process, was deleted since.
+        if meta.task(ns, cid)?.is_none()
+            || (!exec.is_empty() && meta.exec(ns, cid, exec)?.is_none())
+        {
             continue;
         }
         let recorded = meta.exit(ns, cid, exec)?;
@@ -284,7 +293,7 @@ impl MonitorHandle {
 mod tests {
     use super::*;
     use crate::events::EventOptions;
-    use keel_storage::meta::TaskRecord;
+    use keel_storage::meta::{ExecRecord, TaskRecord};
 
     fn open(dir: &std::path::Path) -> (Meta, EventSink) {
         // A reopen waits for the exchange's flusher thread to let go of the last one.
@@ -434,6 +443,75 @@ mod tests {
             Reconciled::default()
         );
         assert_eq!(logged_exits(&events, "t"), vec![3]);
+    }
+
+    #[tokio::test]
+    async fn exec_exits_count_only_for_the_exec_process_that_exists_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let (meta, events) = open(dir.path());
+        task(&meta, "t");
+        let exec_exit = |exec_id: &str, status| ExitRecord {
+            exec_id: exec_id.into(),
+            ..exit("t", status)
+        };
+        let added = |exec_id: &str| ev::TaskExecAdded {
+            container_id: "t".into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        let record = |exec_id: &str| ExecRecord {
+            exec_id: exec_id.into(),
+            pid: 2,
+            started: true,
+            stdin: String::new(),
+            stdout: String::new(),
+            stderr: String::new(),
+            terminal: false,
+        };
+        for exec_id in ["kept", "deleted", "again"] {
+            events
+                .publish(
+                    "ns",
+                    "/tasks/exec-added",
+                    pack(&added(exec_id)).unwrap(),
+                    None,
+                )
+                .unwrap()
+                .await;
+            events
+                .publish(
+                    "ns",
+                    "/tasks/exit",
+                    pack(&exit_event(&exec_exit(exec_id, 3))).unwrap(),
+                    None,
+                )
+                .unwrap()
+                .await;
+        }
+        // "kept" still exists; "deleted" was deleted; "again" was deleted and added
+        // anew, and has not exited. None of the records reached the disk.
+        meta.put_exec("ns", "t", &record("kept")).unwrap();
+        meta.put_exec("ns", "t", &record("again")).unwrap();
+        events
+            .publish(
+                "ns",
+                "/tasks/exec-added",
+                pack(&added("again")).unwrap(),
+                None,
+            )
+            .unwrap()
+            .await;
+        let done = reconcile_exits(&meta, &events).await.unwrap();
+        assert_eq!(done.recorded, 1, "{done:?}");
+        assert_eq!(
+            meta.exit("ns", "t", "kept").unwrap().unwrap().exit_status,
+            3
+        );
+        assert!(meta.exit("ns", "t", "deleted").unwrap().is_none());
+        assert!(
+            meta.exit("ns", "t", "again").unwrap().is_none(),
+            "the new process has not exited"
+        );
     }
 
     #[tokio::test]

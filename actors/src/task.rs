@@ -22,7 +22,9 @@ use keel_protocol::containerd::api;
 use keel_protocol::containerd::events::task as ev;
 use keel_protocol::shim::ShimClient;
 use keel_protocol::types::{pack, system_time, timestamp};
-use keel_storage::meta::{from_nanos, nanos, ContainerRecord, ExitRecord, MountRecord, TaskRecord};
+use keel_storage::meta::{
+    from_nanos, nanos, ContainerRecord, ExecRecord, ExitRecord, MountRecord, TaskRecord,
+};
 use keel_storage::Meta;
 use protobuf::MessageField;
 use tokio::sync::oneshot;
@@ -318,14 +320,19 @@ impl Tasks {
                 for t in meta.tasks(&ns)? {
                     let exit = meta.exit(&ns, &t.id, "")?;
                     let runtime = meta.container(&ns, &t.id)?.map(|c| c.runtime);
-                    v.push((ns.clone(), t, exit, runtime));
+                    let mut execs = HashMap::new();
+                    for e in meta.execs(&ns, &t.id)? {
+                        let exited = meta.exit(&ns, &t.id, &e.exec_id)?;
+                        execs.insert(e.exec_id.clone(), exec::ExecProcess::restored(e, exited));
+                    }
+                    v.push((ns.clone(), t, exit, runtime, execs));
                 }
             }
             Ok(v)
         })
         .await?;
         let restored = found.len();
-        for (ns, record, exit, runtime) in found {
+        for (ns, record, exit, runtime, execs) in found {
             let id = record.id.clone();
             let cmd = self.shim_command(&ns, &id, runtime.as_deref());
             // The shim logs into the bundle's FIFO: drain it again at once.
@@ -353,7 +360,7 @@ impl Tasks {
                 tasks: self.clone(),
                 exit,
                 waiters: Vec::new(),
-                execs: HashMap::new(),
+                execs,
                 _log: log,
                 probe_backoff: Duration::ZERO,
             };
@@ -850,7 +857,7 @@ impl Handler<ShimDied> for TaskActor {
                 r
             }
             .into_actor(self)
-            .then(|r, act, _| {
+            .then(|r, act, ctx| {
                 let status = match r {
                     Ok(resp) => resp.exit_status,
                     Err(e) => {
@@ -858,6 +865,15 @@ impl Handler<ShimDied> for TaskActor {
                         255
                     }
                 };
+                // The shim's cleanup killed every process of the container, the exec
+                // processes too; no Wait will ever report theirs.
+                for (exec_id, _) in act.execs.iter().filter(|(_, p)| p.pending()) {
+                    ctx.notify(exec::ExecExited {
+                        exec_id: exec_id.clone(),
+                        status: 137,
+                        at: SystemTime::now(),
+                    });
+                }
                 act.exited(status, SystemTime::now())
             }),
         ))
@@ -945,7 +961,7 @@ impl Handler<Probed> for TaskActor {
                 status,
                 exit,
             } => {
-                self.shim = Some(shim);
+                self.shim = Some(shim.clone());
                 self.record.shim_pid = shim_pid;
                 if pid != 0 {
                     self.record.pid = pid;
@@ -969,6 +985,13 @@ impl Handler<Probed> for TaskActor {
                 }
                 tracing::info!(namespace = %ns, task_id = %id, state = %self.state, pid, "task restored");
                 self.watch(ctx);
+                // Exec processes that were running when keeld stopped: their exits,
+                // including those that happened meanwhile, come from the shim's Wait.
+                for (exec_id, p) in &self.execs {
+                    if p.pending() {
+                        exec::watch_exec(ctx.address(), shim.clone(), id.clone(), exec_id.clone());
+                    }
+                }
                 match exit {
                     // An exit while keeld was down; recorded and published once.
                     Some((status, at)) if self.exit.is_none() => {

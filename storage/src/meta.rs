@@ -1,7 +1,7 @@
-//! Metadata of containers, tasks and exits in sled, per namespace.
+//! Metadata of containers, tasks, exec processes and exits in sled, per namespace.
 //!
-//! Keys are `namespace NUL id` (plus `NUL exec-id` for exits), so a namespace's
-//! records are one prefix scan.
+//! Keys are `namespace NUL id` (plus `NUL exec-id` for exec processes and exits), so
+//! a namespace's records, and a task's exec processes, are one prefix scan.
 //!
 //! Mutations other than [`Meta::put_task`] do not flush: each is followed by a durable
 //! event (`/containers/*`, `/tasks/*`) whose flush, in the same database, makes both
@@ -56,6 +56,19 @@ pub struct TaskRecord {
     pub started: bool,
 }
 
+/// An exec process's durable facts: enough to watch it again after a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRecord {
+    pub exec_id: String,
+    /// 0 until it is started.
+    pub pid: u32,
+    pub started: bool,
+    pub stdin: String,
+    pub stdout: String,
+    pub stderr: String,
+    pub terminal: bool,
+}
+
 /// An exit, recorded before it is published and used to publish it only once.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExitRecord {
@@ -88,6 +101,7 @@ pub struct Meta {
     db: sled::Db,
     containers: sled::Tree,
     tasks: sled::Tree,
+    execs: sled::Tree,
     exits: sled::Tree,
 }
 
@@ -96,6 +110,7 @@ impl Meta {
         Ok(Self {
             containers: db.open_tree("containers")?,
             tasks: db.open_tree("tasks")?,
+            execs: db.open_tree("execs")?,
             exits: db.open_tree("exits")?,
             db,
         })
@@ -198,13 +213,40 @@ impl Meta {
         self.put(&self.tasks, key(&[ns, &t.id]), t)
     }
 
-    /// Removes a task and its exit records.
+    /// Removes a task, its exec processes and its exit records.
     pub fn delete_task(&self, ns: &str, id: &str) -> Result<()> {
         self.tasks.remove(key(&[ns, id]))?;
         let prefix = key(&[ns, id, ""]);
-        for k in self.exits.scan_prefix(&prefix).keys() {
-            self.exits.remove(k?)?;
+        for tree in [&self.execs, &self.exits] {
+            for k in tree.scan_prefix(&prefix).keys() {
+                tree.remove(k?)?;
+            }
         }
+        Ok(())
+    }
+
+    /// Stores an exec process of task `id` (added, or started).
+    pub fn put_exec(&self, ns: &str, id: &str, e: &ExecRecord) -> Result<()> {
+        self.put(&self.execs, key(&[ns, id, &e.exec_id]), e)
+    }
+
+    pub fn exec(&self, ns: &str, id: &str, exec_id: &str) -> Result<Option<ExecRecord>> {
+        Self::get(&self.execs, &key(&[ns, id, exec_id]), "exec")
+    }
+
+    /// Task `id`'s exec processes.
+    pub fn execs(&self, ns: &str, id: &str) -> Result<Vec<ExecRecord>> {
+        self.execs
+            .scan_prefix(key(&[ns, id, ""]))
+            .values()
+            .map(|v| serde_json::from_slice(&v?).map_err(|e| Error::Corrupt(format!("exec: {e}"))))
+            .collect()
+    }
+
+    /// Forgets a deleted exec process and its exit, so its exec id can be used again.
+    pub fn delete_exec(&self, ns: &str, id: &str, exec_id: &str) -> Result<()> {
+        self.execs.remove(key(&[ns, id, exec_id]))?;
+        self.exits.remove(key(&[ns, id, exec_id]))?;
         Ok(())
     }
 
@@ -221,13 +263,6 @@ impl Meta {
 
     pub fn exit(&self, ns: &str, container_id: &str, exec_id: &str) -> Result<Option<ExitRecord>> {
         Self::get(&self.exits, &key(&[ns, container_id, exec_id]), "exit")
-    }
-
-    /// Forgets the exit of one process (an exec process that was deleted), so its
-    /// exec id can be used again.
-    pub fn delete_exit(&self, ns: &str, container_id: &str, exec_id: &str) -> Result<()> {
-        self.exits.remove(key(&[ns, container_id, exec_id]))?;
-        Ok(())
     }
 
     /// Stores an exit record, replacing any recorded for that process.
@@ -325,5 +360,48 @@ mod tests {
         assert_eq!(m.exit("ns", "t", "").unwrap().unwrap().seq, 4);
         m.delete_task("ns", "t").unwrap();
         assert!(m.exit("ns", "t", "").unwrap().is_none());
+    }
+
+    #[test]
+    fn exec_records_belong_to_their_task() {
+        let (_d, m) = meta();
+        let exec = |exec_id: &str| ExecRecord {
+            exec_id: exec_id.into(),
+            pid: 7,
+            started: true,
+            stdin: String::new(),
+            stdout: "/fifo".into(),
+            stderr: String::new(),
+            terminal: false,
+        };
+        m.put_exec("ns", "t", &exec("a")).unwrap();
+        m.put_exec("ns", "t", &exec("b")).unwrap();
+        m.put_exec("ns", "t2", &exec("a")).unwrap();
+        let exit = ExitRecord {
+            container_id: "t".into(),
+            exec_id: "a".into(),
+            pid: 7,
+            exit_status: 5,
+            exited_ns: 1,
+            seq: 2,
+        };
+        assert!(m.record_exit("ns", &exit).unwrap());
+        let ids = |id: &str| -> Vec<String> {
+            m.execs("ns", id)
+                .unwrap()
+                .into_iter()
+                .map(|e| e.exec_id)
+                .collect()
+        };
+        assert_eq!(ids("t"), ["a", "b"]);
+        assert_eq!(ids("t2"), ["a"]);
+        // A deleted exec takes its exit along: the id is free again.
+        m.delete_exec("ns", "t", "a").unwrap();
+        assert_eq!(ids("t"), ["b"]);
+        assert!(m.exit("ns", "t", "a").unwrap().is_none());
+        // A deleted task takes its execs along, and only its own.
+        m.delete_task("ns", "t").unwrap();
+        assert!(ids("t").is_empty());
+        assert_eq!(ids("t2"), ["a"]);
     }
 }

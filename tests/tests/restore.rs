@@ -403,3 +403,129 @@ fn kill_9_at_random_points_under_churn_leaves_every_task_consistent() {
     let out = k.ctl(&["tasks", "ls"]);
     assert!(out.status.success(), "{}", describe(&out));
 }
+
+/// The status of an exec process, if keeld knows it.
+fn exec_status(k: &Keeld, id: &str, exec_id: &str) -> Option<String> {
+    let out = k.ctl(&["tasks", "info", "--exec-id", exec_id, id]);
+    out.status.success().then(|| {
+        let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+        v["status"].as_str().unwrap_or_default().to_string()
+    })
+}
+
+/// `keelctl tasks info --exec-id` of a task, as JSON.
+fn exec_info(k: &Keeld, id: &str, exec_id: &str) -> Value {
+    let out = k.ctl_ok(&["tasks", "info", "--exec-id", exec_id, id]);
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+#[test]
+fn exec_processes_are_watched_again_after_a_restart_and_their_exits_published_once() {
+    require_runtime();
+    let mut k = Keeld::start();
+    run_detached(&k, "ex");
+    // One exec ends while keeld is down, one outlives the outage.
+    let mut clients: Vec<_> = [("short", "sleep 3; exit 5"), ("long", "sleep 100000")]
+        .into_iter()
+        .map(|(exec_id, script)| {
+            k.ctl_cmd(&[
+                "tasks",
+                "exec",
+                "--exec-id",
+                exec_id,
+                "ex",
+                "sh",
+                "-c",
+                script,
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    for exec_id in ["short", "long"] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while exec_status(&k, "ex", exec_id).as_deref() != Some("RUNNING") {
+            assert!(Instant::now() < deadline, "exec {exec_id} never ran");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let since = head(&k);
+
+    k.kill9();
+    for c in &mut clients {
+        // Their connection went with keeld.
+        let _ = c.wait();
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    k.spawn();
+    settled(&k, Duration::from_secs(30));
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let short = loop {
+        let e = exec_info(&k, "ex", "short");
+        if e["status"] == "STOPPED" {
+            break e;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the exit during the outage was lost: {e}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(short["exit_status"], 5, "{short}");
+    assert_eq!(exec_info(&k, "ex", "long")["status"], "RUNNING");
+    let waited = k.ctl(&["tasks", "wait", "--exec-id", "short", "ex"]);
+    assert_eq!(waited.status.code(), Some(5), "{}", describe(&waited));
+
+    // The one still running is watched again: its exit is seen and published.
+    k.ctl_ok(&["tasks", "kill", "-s", "SIGKILL", "--exec-id", "long", "ex"]);
+    let waited = k.ctl(&["tasks", "wait", "--exec-id", "long", "ex"]);
+    assert_eq!(waited.status.code(), Some(137), "{}", describe(&waited));
+
+    let exec_exits: BTreeMap<String, Vec<u64>> = log_to_marker(&k, since)
+        .into_iter()
+        .filter(|e| e["topic"] == "/tasks/exit" && e["event"]["containerId"] == "ex")
+        .fold(BTreeMap::new(), |mut m, e| {
+            m.entry(e["event"]["id"].as_str().unwrap().to_string())
+                .or_default()
+                .push(e["event"]["exitStatus"].as_u64().unwrap_or(0));
+            m
+        });
+    assert_eq!(
+        exec_exits,
+        BTreeMap::from([
+            ("long".to_string(), vec![137]),
+            ("short".to_string(), vec![5])
+        ]),
+        "each exec's exit once, and none of the task's"
+    );
+    // Deleted, an exec process stays gone across another restart, and its id is
+    // free again; one not deleted comes back with its exit.
+    k.ctl_ok(&["tasks", "rm", "--exec-id", "short", "ex"]);
+    k.ctl_err(&["tasks", "info", "--exec-id", "short", "ex"], "not found");
+    k.kill9();
+    k.spawn();
+    settled(&k, Duration::from_secs(30));
+    k.ctl_err(&["tasks", "info", "--exec-id", "short", "ex"], "not found");
+    let long = exec_info(&k, "ex", "long");
+    assert_eq!(
+        (&long["status"], &long["exit_status"]),
+        (&"STOPPED".into(), &137.into()),
+        "{long}"
+    );
+    let again = k.ctl(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "short",
+        "ex",
+        "sh",
+        "-c",
+        "exit 4",
+    ]);
+    assert_eq!(again.status.code(), Some(4), "{}", describe(&again));
+    remove_all_and_check_leaks(&k, &["ex".to_string()]);
+}

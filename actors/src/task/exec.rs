@@ -16,6 +16,37 @@ pub(super) struct ExecProcess {
     waiters: Vec<oneshot::Sender<ExitRecord>>,
 }
 
+impl ExecProcess {
+    /// An exec process as it was stored, with its exit if one was recorded.
+    pub(super) fn restored(r: ExecRecord, exit: Option<ExitRecord>) -> Self {
+        Self {
+            pid: r.pid,
+            started: r.started,
+            stdio: (r.stdin, r.stdout, r.stderr),
+            terminal: r.terminal,
+            exit,
+            waiters: Vec::new(),
+        }
+    }
+
+    /// Started and not known to have exited: its exit is still to be learned.
+    pub(super) fn pending(&self) -> bool {
+        self.started && self.exit.is_none()
+    }
+
+    fn record(&self, exec_id: &str) -> ExecRecord {
+        ExecRecord {
+            exec_id: exec_id.to_string(),
+            pid: self.pid,
+            started: self.started,
+            stdin: self.stdio.0.clone(),
+            stdout: self.stdio.1.clone(),
+            stderr: self.stdio.2.clone(),
+            terminal: self.terminal,
+        }
+    }
+}
+
 /// What Exec runs: an OCI process (JSON) with its own stdio.
 #[derive(Debug, Clone)]
 pub struct ExecSpec {
@@ -54,6 +85,21 @@ impl TaskActor {
             )));
         }
         Ok(())
+    }
+
+    /// Stores exec process `exec_id` as it is now. Unflushed: the event announcing
+    /// the change flushes it before anyone is told.
+    fn store_exec(&mut self, exec_id: &str) {
+        let Some(p) = self.execs.get(exec_id) else {
+            return;
+        };
+        if let Err(e) = self
+            .env
+            .meta
+            .put_exec(&self.ns, &self.id, &p.record(exec_id))
+        {
+            tracing::error!(task_id = %self.id, exec_id, error = %e, "persisting exec process failed");
+        }
     }
 
     /// Registers a Wait on an exec process; resolves with its exit.
@@ -124,6 +170,7 @@ impl Handler<AddExec> for TaskActor {
                             waiters: Vec::new(),
                         },
                     );
+                    act.store_exec(&exec_id);
                     let event = ev::TaskExecAdded {
                         container_id: act.id.clone(),
                         exec_id,
@@ -186,30 +233,8 @@ impl Handler<StartExec> for TaskActor {
                         p.started = true;
                         p.pid = pid;
                     }
-                    // The shim's Wait answers when the process exits; its forwarded
-                    // exit event may come first. The first report is the one kept.
-                    let addr = ctx.address();
-                    let wait = api::WaitRequest {
-                        id: id.clone(),
-                        exec_id: exec_id.clone(),
-                        ..Default::default()
-                    };
-                    let exec = exec_id.clone();
-                    actix::spawn(async move {
-                        match waiter.wait(&wait, None).await {
-                            Ok(w) => addr.do_send(ExecExited {
-                                exec_id: exec,
-                                status: w.exit_status,
-                                at: w
-                                    .exited_at
-                                    .as_ref()
-                                    .map_or_else(SystemTime::now, system_time),
-                            }),
-                            Err(e) => {
-                                tracing::debug!(exec_id = %exec, error = %e, "exec wait ended");
-                            }
-                        }
-                    });
+                    act.store_exec(&exec_id);
+                    watch_exec(ctx.address(), waiter, id.clone(), exec_id.clone());
                     let event = ev::TaskExecStarted {
                         container_id: id,
                         exec_id,
@@ -226,6 +251,59 @@ impl Handler<StartExec> for TaskActor {
                     Box::pin(done.into_actor(act))
                 }),
         ))
+    }
+}
+
+/// Waits through the shim for an exec process to exit, and tells its actor. The
+/// shim's forwarded exit event may come first; the first report is the one kept.
+pub(super) fn watch_exec(addr: Addr<TaskActor>, shim: ShimClient, id: String, exec_id: String) {
+    actix::spawn(async move {
+        let wait = api::WaitRequest {
+            id,
+            exec_id: exec_id.clone(),
+            ..Default::default()
+        };
+        match shim.wait(&wait, None).await {
+            Ok(w) => addr.do_send(ExecExited {
+                exec_id,
+                status: w.exit_status,
+                at: w
+                    .exited_at
+                    .as_ref()
+                    .map_or_else(SystemTime::now, system_time),
+            }),
+            // The shim no longer has it: it was deleted before keeld's record of that
+            // reached the disk.
+            Err(e) if matches!(Error::from(e.clone()), Error::NotFound(_)) => {
+                addr.do_send(ExecGone(exec_id));
+            }
+            Err(e) => tracing::debug!(exec_id = %exec_id, error = %e, "exec wait ended"),
+        }
+    });
+}
+
+/// The shim does not know exec process `.0`: forget it.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct ExecGone(String);
+
+impl Handler<ExecGone> for TaskActor {
+    type Result = ();
+
+    fn handle(&mut self, ExecGone(exec_id): ExecGone, _: &mut Self::Context) {
+        tracing::warn!(namespace = %self.ns, task_id = %self.id, exec_id, "the shim has no such exec process; forgetting it");
+        self.execs.remove(&exec_id);
+        let (meta, ns, id) = (self.env.meta.clone(), self.ns.clone(), self.id.clone());
+        actix::spawn(async move {
+            if let Err(e) = blocking(move || {
+                meta.delete_exec(&ns, &id, &exec_id)
+                    .and_then(|()| meta.flush())
+            })
+            .await
+            {
+                tracing::error!(error = %e, "removing the exec record");
+            }
+        });
     }
 }
 
@@ -315,7 +393,12 @@ impl Handler<DeleteExec> for TaskActor {
                     None => None,
                 };
                 let (ns2, id2, exec2) = (ns, id.clone(), exec_id.clone());
-                blocking(move || meta.delete_exit(&ns2, &id2, &exec2)).await?;
+                // No event follows: flushed here, so a restart cannot bring it back.
+                blocking(move || {
+                    meta.delete_exec(&ns2, &id2, &exec2)
+                        .and_then(|()| meta.flush())
+                })
+                .await?;
                 Ok(exit.unwrap_or_else(|| ExitRecord {
                     container_id: id,
                     exec_id,

@@ -155,8 +155,13 @@ pub enum TasksCmd {
         exec_id: String,
         id: String,
     },
-    /// Wait for a task to exit; exits with its status.
-    Wait { id: String },
+    /// Wait for a task (or an exec process) to exit; exits with its status.
+    Wait {
+        /// Wait for this exec process instead of the task's init process.
+        #[arg(long, default_value = "")]
+        exec_id: String,
+        id: String,
+    },
     /// Print a task's init process (or an exec process) as JSON.
     Info {
         /// Show this exec process instead of the init process.
@@ -164,12 +169,15 @@ pub enum TasksCmd {
         exec_id: String,
         id: String,
     },
-    /// Delete tasks.
+    /// Delete tasks (or one exec process that has exited).
     #[command(alias = "del", alias = "delete")]
     Rm {
         /// Kill a running task first.
         #[arg(short = 'f', long)]
         force: bool,
+        /// Delete this exec process of the task instead of the task.
+        #[arg(long, conflicts_with = "force")]
+        exec_id: Option<String>,
         #[arg(required = true)]
         ids: Vec<String>,
     },
@@ -862,8 +870,8 @@ pub async fn tasks(client: &Client, cmd: TasksCmd) -> anyhow::Result<i32> {
                 })
             );
         }
-        TasksCmd::Wait { id } => {
-            let status = wait_for(client, &id, "").await?;
+        TasksCmd::Wait { exec_id, id } => {
+            let status = wait_for(client, &id, &exec_id).await?;
             println!("{status}");
             return Ok(i32::try_from(status).unwrap_or(255));
         }
@@ -874,7 +882,23 @@ pub async fn tasks(client: &Client, cmd: TasksCmd) -> anyhow::Result<i32> {
             id,
             command,
         } => return exec(client, &id, &exec_id, interactive, tty, command).await,
-        TasksCmd::Rm { force, ids } => {
+        TasksCmd::Rm {
+            exec_id: Some(exec_id),
+            ids,
+            ..
+        } => {
+            let [id] = ids.as_slice() else {
+                bail!("--exec-id deletes a process of one task; name exactly one");
+            };
+            let req = DeleteProcessRequest {
+                container_id: id.clone(),
+                exec_id: exec_id.clone(),
+                ..Default::default()
+            };
+            let r = client.tasks.delete_process(client.ctx(), &req).await?;
+            println!("{exec_id} {}", r.exit_status);
+        }
+        TasksCmd::Rm { force, ids, .. } => {
             for id in ids {
                 let req = DeleteTaskRequest {
                     container_id: id.clone(),
