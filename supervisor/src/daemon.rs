@@ -134,6 +134,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         tracing::warn!(?reconciled, "exit records and exit events reconciled");
     }
 
+    // Checkpoints a crash interrupted leave half-written content behind.
+    tasks.abort_interrupted_checkpoints(&storage).await;
     // Every persisted task is listed (unknown until its shim answers) before the
     // API serves; the shims are probed in the background.
     let restored = tasks.restore_all().await?;

@@ -529,3 +529,66 @@ fn exec_processes_are_watched_again_after_a_restart_and_their_exits_published_on
     assert_eq!(again.status.code(), Some(4), "{}", describe(&again));
     remove_all_and_check_leaks(&k, &["ex".to_string()]);
 }
+
+#[test]
+fn kill_9_during_a_checkpoint_leaves_no_half_written_content_and_the_task_running() {
+    require_runtime();
+    if !keel_tests::criu_or_skip(
+        "kill_9_during_a_checkpoint_leaves_no_half_written_content_and_the_task_running",
+    ) {
+        return;
+    }
+    let mut k = Keeld::start();
+    // ~100 MB of memory makes an image big enough to catch its ingest under way.
+    let script = "x=$(head -c 100000000 /dev/zero | busybox tr '\\0' a); echo ready; \
+                  while true; do sleep 1; done";
+    k.ctl_ok(&[
+        "run",
+        "-d",
+        "--rootfs",
+        busybox_rootfs().to_str().unwrap(),
+        "big",
+        "sh",
+        "-c",
+        script,
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !k.ctl_ok(&["tasks", "logs", "big"]).contains("ready") {
+        assert!(Instant::now() < deadline, "the container never got ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut checkpoint = k
+        .ctl_cmd(&["tasks", "checkpoint", "big"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !k.ctl_ok(&["content", "active"]).contains("checkpoint-") {
+        assert!(
+            checkpoint.try_wait().unwrap().is_none(),
+            "the checkpoint ended before its ingest was seen"
+        );
+        assert!(Instant::now() < deadline, "no checkpoint ingest appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    k.kill9();
+    let _ = checkpoint.wait();
+    k.spawn();
+
+    let t = settled(&k, Duration::from_secs(30));
+    assert_eq!(status(&t["big"]), "RUNNING", "{t:#?}");
+    let active = k.ctl_ok(&["content", "active"]);
+    assert!(
+        !active.contains("checkpoint-"),
+        "left half written: {active}"
+    );
+    assert!(
+        k.log().contains("aborted a checkpoint's ingest"),
+        "{}",
+        k.log()
+    );
+    let work = k.state.join("checkpoints");
+    assert!(!work.exists(), "{} left behind", work.display());
+    remove_all_and_check_leaks(&k, &["big".to_string()]);
+}

@@ -332,7 +332,42 @@ impl Tasks {
         let (dir, tp) = (image_dir.clone(), tar_path.clone());
         blocking_io(move || pack_image(&dir, &tp)).await?;
 
-        let reference = |what: &str| format!("checkpoint-{ns}-{id}-{stamp}-{what}");
+        let stored = self
+            .store_checkpoint(storage, ns, container, &tar_path, stamp)
+            .await;
+        if stored.is_err() {
+            abort_ingests(storage, ns, id, stamp).await;
+        }
+        let (digest, size) = stored?;
+
+        let event = ev::TaskCheckpointed {
+            container_id: id.clone(),
+            checkpoint: digest.to_string(),
+            ..Default::default()
+        };
+        if let Err(e) = self
+            .env
+            .monitor
+            .publish(ns, "/tasks/checkpointed", pack(&event)?)
+            .await
+        {
+            tracing::error!(namespace = %ns, task_id = %id, error = %e, "publishing /tasks/checkpointed failed");
+        }
+        Ok(Some((digest, size)))
+    }
+
+    /// Writes a dumped checkpoint into the content store: the CRIU image tar, the
+    /// container's spec, the runtime options, then the index that references them.
+    async fn store_checkpoint(
+        &self,
+        storage: &StorageHandle,
+        ns: &str,
+        container: &ContainerRecord,
+        tar_path: &Path,
+        stamp: u64,
+    ) -> Result<(Digest, u64)> {
+        let id = &container.id;
+        let reference = |what: &str| ingest_ref(ns, id, stamp, what);
         let put_bytes = |what: &'static str, bytes: Vec<u8>| {
             let r = reference(what);
             async move {
@@ -341,9 +376,9 @@ impl Tasks {
                     .await
             }
         };
-        let tar = tokio::fs::File::open(&tar_path)
+        let tar = tokio::fs::File::open(tar_path)
             .await
-            .map_err(io_err("open", &tar_path))?;
+            .map_err(io_err("open", tar_path))?;
         let (image_digest, image_size) = storage
             .put(ns, &reference("image"), tar, BTreeMap::new())
             .await?;
@@ -393,26 +428,72 @@ impl Tasks {
             )
             .await?;
 
-        let event = ev::TaskCheckpointed {
-            container_id: id.clone(),
-            checkpoint: digest.to_string(),
-            ..Default::default()
+        Ok((digest, size))
+    }
+
+    /// Aborts the content ingests of checkpoints that a crash interrupted (their work
+    /// directories are still there); none can be under way before keeld serves.
+    pub async fn abort_interrupted_checkpoints(&self, storage: &StorageHandle) {
+        let root = self.env.state_dir.join("checkpoints");
+        let Ok(namespaces) = std::fs::read_dir(&root) else {
+            return;
         };
-        if let Err(e) = self
-            .env
-            .monitor
-            .publish(ns, "/tasks/checkpointed", pack(&event)?)
-            .await
-        {
-            tracing::error!(namespace = %ns, task_id = %id, error = %e, "publishing /tasks/checkpointed failed");
+        for ns in namespaces.flatten() {
+            let ns_name = ns.file_name().to_string_lossy().to_string();
+            for work in std::fs::read_dir(ns.path()).into_iter().flatten().flatten() {
+                let name = work.file_name().to_string_lossy().to_string();
+                if let Some((id, stamp)) = work_dir_task(&name) {
+                    tracing::warn!(namespace = %ns_name, task_id = id, "a checkpoint was interrupted; aborting its ingests");
+                    abort_ingests(storage, &ns_name, id, stamp).await;
+                }
+            }
         }
-        Ok(Some((digest, size)))
+    }
+}
+
+/// The content ref a checkpoint writes one of its blobs under (`image`, `config`,
+/// `options`, `index`); `stamp` also names its work directory, `<id>-<stamp>`.
+fn ingest_ref(ns: &str, id: &str, stamp: u64, what: &str) -> String {
+    format!("checkpoint-{ns}-{id}-{stamp}-{what}")
+}
+
+/// The task id and stamp of a checkpoint work directory's name.
+fn work_dir_task(name: &str) -> Option<(&str, u64)> {
+    let (id, stamp) = name.rsplit_once('-')?;
+    Some((id, stamp.parse().ok()?))
+}
+
+/// Aborts whatever a checkpoint left half written in the content store.
+async fn abort_ingests(storage: &StorageHandle, ns: &str, id: &str, stamp: u64) {
+    for what in ["image", "config", "options", "index"] {
+        let reference = ingest_ref(ns, id, stamp, what);
+        match storage.abort(ns, &reference).await {
+            Ok(()) => tracing::info!(namespace = ns, reference, "aborted a checkpoint's ingest"),
+            Err(Error::Storage(keel_storage::Error::NotFound(_))) => {}
+            Err(e) => {
+                tracing::warn!(namespace = ns, reference, error = %e, "aborting a checkpoint's ingest failed")
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn work_directories_name_their_task_and_stamp() {
+        assert_eq!(
+            work_dir_task("web-1-1795396683"),
+            Some(("web-1", 1_795_396_683))
+        );
+        assert_eq!(work_dir_task("x-y"), None);
+        assert_eq!(work_dir_task("plain"), None);
+        assert_eq!(
+            ingest_ref("ns", "web-1", 5, "image"),
+            "checkpoint-ns-web-1-5-image"
+        );
+    }
 
     #[test]
     fn criu_versions_are_read_from_its_output() {
