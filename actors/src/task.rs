@@ -249,7 +249,14 @@ pub struct Tasks {
     /// Bounds how many shims are probed at once during a restore.
     probes: Arc<tokio::sync::Semaphore>,
     cgroups: CgroupParents,
+    /// Orphans (found at restore) still being cleaned up, by namespace and id: a
+    /// create of the same id waits for its cleanup, which would otherwise take the
+    /// new task's shim, container and bundle for the orphan's.
+    orphans: Arc<Mutex<HashMap<TaskKey, tokio::sync::watch::Receiver<bool>>>>,
 }
+
+/// A task's namespace and id.
+type TaskKey = (String, String);
 
 impl std::fmt::Debug for Tasks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -266,6 +273,7 @@ impl Tasks {
             live: Arc::default(),
             probes: Arc::new(tokio::sync::Semaphore::new(PARALLEL_PROBES)),
             cgroups: CgroupParents::default(),
+            orphans: Arc::default(),
         }
     }
 
@@ -392,7 +400,18 @@ impl Tasks {
             }
             tracing::warn!(namespace = %ns, task_id = %id, "bundle or shim without a task record (keeld stopped during create); cleaning up");
             let cmd = self.shim_command(&ns, &id, None);
-            tokio::spawn(async move { restore::cleanup_orphan(&cmd).await });
+            let (done, cleaning) = tokio::sync::watch::channel(false);
+            let key = (ns, id);
+            self.orphans
+                .lock()
+                .expect("orphan registry")
+                .insert(key.clone(), cleaning);
+            let orphans = self.orphans.clone();
+            tokio::spawn(async move {
+                restore::cleanup_orphan(&cmd).await;
+                orphans.lock().expect("orphan registry").remove(&key);
+                let _ = done.send(true);
+            });
         }
 
         let tasks = self.clone();
@@ -463,6 +482,16 @@ impl Tasks {
         }
         // An unknown runtime is the caller's error.
         resolve_runtime(&req.container.runtime)?;
+        let cleaning = self
+            .orphans
+            .lock()
+            .expect("orphan registry")
+            .get(&key)
+            .cloned();
+        if let Some(mut cleaning) = cleaning {
+            tracing::info!(namespace = %ns, task_id = %id, "waiting for the cleanup of an orphan of the same id");
+            let _ = cleaning.wait_for(|done| *done).await;
+        }
         let cmd = self.shim_command(&ns, &id, Some(&req.container.runtime));
         let bundle = cmd.bundle.clone();
         match self.create_inner(&req, &cmd).await {

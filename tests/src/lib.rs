@@ -136,6 +136,12 @@ impl Keeld {
 
     /// Starts (or restarts) the daemon and waits for it to answer Version.
     pub fn spawn(&mut self) {
+        self.spawn_without_waiting();
+        self.wait_ready();
+    }
+
+    /// Starts (or restarts) the daemon and returns at once.
+    pub fn spawn_without_waiting(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -149,7 +155,6 @@ impl Keeld {
             .spawn()
             .expect("spawn keeld");
         self.child = Some(child);
-        self.wait_ready();
     }
 
     /// Runs a second keeld on the same root and socket, returning its output.

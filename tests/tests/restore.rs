@@ -592,3 +592,48 @@ fn kill_9_during_a_checkpoint_leaves_no_half_written_content_and_the_task_runnin
     assert!(!work.exists(), "{} left behind", work.display());
     remove_all_and_check_leaks(&k, &["big".to_string()]);
 }
+
+#[test]
+fn a_create_right_after_a_restart_is_not_taken_for_an_orphan_of_its_id() {
+    require_runtime();
+    let mut k = Keeld::start();
+    k.ctl_ok(&[
+        "containers",
+        "create",
+        "--rootfs",
+        busybox_rootfs().to_str().unwrap(),
+        "again",
+        "sleep",
+        "100000",
+    ]);
+    // What a crash during a create leaves: a bundle with no task record. keeld
+    // cleans it up in the background after the restart.
+    k.kill9();
+    let bundle = k.state.join("tasks").join(&k.namespace).join("again");
+    std::fs::create_dir_all(bundle.join("rootfs")).unwrap();
+    std::fs::write(bundle.join("config.json"), "{}").unwrap();
+    // Many files make its cleanup take long enough for the create to come during it.
+    for i in 0..20_000 {
+        std::fs::write(bundle.join(format!("junk{i}")), "").unwrap();
+    }
+    k.spawn_without_waiting();
+    // A task for that id as soon as keeld answers, while the orphan's cleanup may
+    // still run: the task must not be cleaned up as the orphan was.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !k.ctl(&["version"]).status.success() {
+        assert!(Instant::now() < deadline, "keeld never answered");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    k.ctl_ok(&["tasks", "start", "again"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let t = tasks(&k);
+    assert_eq!(status(&t["again"]), "RUNNING", "{t:#?}");
+    let pid = pid_of(&t["again"]);
+    assert!(
+        std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the task's process {pid} is gone"
+    );
+    assert_eq!(shims(&k).len(), 1, "{:#?}", shims(&k));
+    assert!(bundle.join("config.json").exists());
+    remove_all_and_check_leaks(&k, &["again".to_string()]);
+}
