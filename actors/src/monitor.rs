@@ -236,6 +236,74 @@ pub async fn reconcile_exits(meta: &Meta, events: &EventSink) -> Result<Reconcil
     Ok(done)
 }
 
+/// Which lifecycle events of each task's current incarnation the event log holds,
+/// so that a restore can publish those a crash kept from the log.
+#[derive(Debug, Default)]
+pub struct LoggedLifecycle {
+    /// Timestamp (ns) of the oldest retained event, when retention has dropped
+    /// some: a task created before it may have had its events dropped, not lost.
+    pub retained_since_ns: Option<u64>,
+    /// By namespace and task id: whether `/tasks/create` and `/tasks/start` are
+    /// logged since the task's last `/tasks/delete`.
+    pub tasks: std::collections::HashMap<(String, String), (bool, bool)>,
+}
+
+impl LoggedLifecycle {
+    /// Reads the retained event log.
+    pub fn read(events: &EventSink) -> Self {
+        let (trimmed_upto, retained) = events.retained();
+        let mut out = Self {
+            retained_since_ns: (trimmed_upto > 0).then(|| {
+                retained
+                    .first()
+                    .and_then(|e| e.timestamp.as_ref())
+                    .map_or(u64::MAX, |t| nanos(system_time(t)))
+            }),
+            ..Self::default()
+        };
+        for env in &retained {
+            let payload = env.event.get_or_default();
+            let key = |id: String| (env.namespace.clone(), id);
+            match env.topic.as_str() {
+                "/tasks/create" => {
+                    if let Ok(e) = unpack::<ev::TaskCreate>(payload) {
+                        out.tasks.entry(key(e.container_id)).or_default().0 = true;
+                    }
+                }
+                "/tasks/start" => {
+                    if let Ok(e) = unpack::<ev::TaskStart>(payload) {
+                        out.tasks.entry(key(e.container_id)).or_default().1 = true;
+                    }
+                }
+                "/tasks/delete" => {
+                    if let Ok(e) = unpack::<ev::TaskDelete>(payload) {
+                        out.tasks.remove(&key(e.container_id));
+                    }
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// For a task created at `created_ns`: whether its `/tasks/create` and
+    /// `/tasks/start` are missing from the log (never both a drop by retention).
+    pub fn missing(&self, ns: &str, id: &str, created_ns: u64) -> (bool, bool) {
+        if self
+            .retained_since_ns
+            .is_some_and(|since| created_ns < since)
+        {
+            return (false, false);
+        }
+        let (create, start) = self
+            .tasks
+            .get(&(ns.to_string(), id.to_string()))
+            .copied()
+            .unwrap_or_default();
+        (!create, !start)
+    }
+}
+
 /// keel's handle on the monitor. Cheap to clone.
 #[derive(Clone)]
 pub struct MonitorHandle {
@@ -512,6 +580,57 @@ mod tests {
             meta.exit("ns", "t", "again").unwrap().is_none(),
             "the new process has not exited"
         );
+    }
+
+    #[tokio::test]
+    async fn the_log_tells_which_lifecycle_events_of_a_task_are_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_meta, events) = open(dir.path());
+        let publish = |topic: &str, any: Any| {
+            let events = events.clone();
+            let topic = topic.to_string();
+            async move { events.publish("ns", &topic, any, None).unwrap().await }
+        };
+        let create = |id: &str| {
+            pack(&ev::TaskCreate {
+                container_id: id.into(),
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        let start = |id: &str| {
+            pack(&ev::TaskStart {
+                container_id: id.into(),
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        let delete = |id: &str| {
+            pack(&ev::TaskDelete {
+                container_id: id.into(),
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        publish("/tasks/create", create("both")).await;
+        publish("/tasks/start", start("both")).await;
+        publish("/tasks/create", create("created")).await;
+        // "again" ran once, was deleted, and was created anew without a start yet.
+        publish("/tasks/create", create("again")).await;
+        publish("/tasks/start", start("again")).await;
+        publish("/tasks/delete", delete("again")).await;
+        publish("/tasks/create", create("again")).await;
+        // "gone" was deleted: a task of that id now has neither.
+        publish("/tasks/create", create("gone")).await;
+        publish("/tasks/delete", delete("gone")).await;
+
+        let logged = LoggedLifecycle::read(&events);
+        assert_eq!(logged.retained_since_ns, None, "nothing was dropped");
+        assert_eq!(logged.missing("ns", "both", 1), (false, false));
+        assert_eq!(logged.missing("ns", "created", 1), (false, true));
+        assert_eq!(logged.missing("ns", "again", 1), (false, true));
+        assert_eq!(logged.missing("ns", "gone", 1), (true, true));
+        assert_eq!(logged.missing("other", "both", 1), (true, true));
     }
 
     #[tokio::test]

@@ -313,7 +313,7 @@ impl Tasks {
     /// probe, which happens in the background. Bundles with no task record (a crash
     /// during create) are cleaned up, and the periodic reconciler starts. Returns how
     /// many tasks were restored.
-    pub async fn restore_all(&self) -> Result<usize> {
+    pub async fn restore_all(&self, logged: &crate::monitor::LoggedLifecycle) -> Result<usize> {
         // Work directories of checkpoints a crash interrupted; none can be under way.
         let work = self.env.state_dir.join("checkpoints");
         if let Err(e) = std::fs::remove_dir_all(&work) {
@@ -342,6 +342,7 @@ impl Tasks {
         let restored = found.len();
         for (ns, record, exit, runtime, execs) in found {
             let id = record.id.clone();
+            let unannounced = logged.missing(&ns, &id, record.created_ns);
             let cmd = self.shim_command(&ns, &id, runtime.as_deref());
             // The shim logs into the bundle's FIFO: drain it again at once.
             let log = if cmd.bundle.exists() {
@@ -371,6 +372,7 @@ impl Tasks {
                 execs,
                 _log: log,
                 probe_backoff: Duration::ZERO,
+                unannounced,
             };
             let addr = TaskActor::start_in_arbiter(&self.arbiter, |_| actor);
             self.live
@@ -504,6 +506,12 @@ impl Tasks {
             }
             Err((e, shim)) => {
                 tracing::warn!(namespace = %ns, task_id = %id, error = %e, "task create failed; cleaning up");
+                // The record goes first, so that a crash during the cleanup leaves an
+                // orphan for the next start to clean up, not a task that never ran.
+                let meta = self.env.meta.clone();
+                let (n2, i2) = (ns.clone(), id.clone());
+                let _ =
+                    blocking(move || meta.delete_task(&n2, &i2).and_then(|()| meta.flush())).await;
                 if let Some(shim) = shim {
                     let _ = shim
                         .delete(
@@ -526,9 +534,6 @@ impl Tasks {
                 }
                 let _ = remove_bundle(&bundle);
                 self.cgroups.remove(&ns, &id).await;
-                let meta = self.env.meta.clone();
-                let _ =
-                    blocking(move || meta.delete_task(&ns, &id).and_then(|()| meta.flush())).await;
                 Err(e)
             }
         }
@@ -682,6 +687,7 @@ impl Tasks {
             execs: HashMap::new(),
             _log: Some(log),
             probe_backoff: Duration::ZERO,
+            unannounced: (false, false),
         };
         let addr = TaskActor::start_in_arbiter(&self.arbiter, |_| actor);
         Ok(TaskHandle::new(id.clone(), addr))
@@ -704,11 +710,15 @@ struct TaskActor {
     tasks: Tasks,
     exit: Option<ExitRecord>,
     waiters: Vec<oneshot::Sender<ExitRecord>>,
-    /// Processes added with Exec, by exec id (not kept across a keeld restart).
+    /// Processes added with Exec, by exec id.
     execs: HashMap<String, exec::ExecProcess>,
     _log: Option<LogFifo>,
     /// Pause before the next probe of a shim that did not answer.
     probe_backoff: Duration,
+    /// Restored: whether `/tasks/create` and `/tasks/start` are missing from the
+    /// event log (keeld died before they reached it); published once the shim
+    /// shows the task exists.
+    unannounced: (bool, bool),
 }
 
 impl Actor for TaskActor {
@@ -805,6 +815,38 @@ impl TaskActor {
             stderr: self.record.stderr.clone(),
             terminal: self.record.terminal,
             exit: self.exit.clone(),
+        }
+    }
+
+    /// Publishes the `/tasks/create` and `/tasks/start` of a restored task that a
+    /// crash kept from the event log, before anything later of it.
+    fn announce_missed(&mut self) {
+        let (create, start) = std::mem::take(&mut self.unannounced);
+        let mut missed = Vec::new();
+        if create {
+            let e = ev::TaskCreate {
+                container_id: self.id.clone(),
+                bundle: self.record.bundle.clone(),
+                pid: self.record.pid,
+                ..Default::default()
+            };
+            missed.push(("/tasks/create", pack(&e)));
+        }
+        if start && self.record.started {
+            let e = ev::TaskStart {
+                container_id: self.id.clone(),
+                pid: self.record.pid,
+                ..Default::default()
+            };
+            missed.push(("/tasks/start", pack(&e)));
+        }
+        for (topic, event) in missed {
+            tracing::warn!(namespace = %self.ns, task_id = %self.id, topic, "publishing an event a crash kept from the log");
+            match event {
+                // Queued now, in order; delivery needs no waiting for.
+                Ok(any) => drop(self.env.monitor.publish(&self.ns, topic, any)),
+                Err(e) => tracing::error!(topic, error = %e, "encoding a missed event"),
+            }
         }
     }
 
@@ -966,15 +1008,20 @@ impl Handler<Probed> for TaskActor {
                 self.deleting = true;
                 AtomicResponse::new(Box::pin(
                     async move {
-                        // As for an orphan: the shim was never given a container.
-                        restore::cleanup_orphan(&cmd).await;
+                        // The record goes first: a crash during the cleanup then
+                        // leaves an orphan (cleaned up at the next start), never a
+                        // record whose shim is gone, which would come back as a
+                        // task that stopped without ever having run.
                         let (n2, i2) = (ns.clone(), id.clone());
                         if let Err(e) =
                             blocking(move || meta.delete_task(&n2, &i2).and_then(|()| meta.flush()))
                                 .await
                         {
                             tracing::error!(task_id = %id, error = %e, "removing the task record");
+                            return;
                         }
+                        // As for an orphan: the shim was never given a container.
+                        restore::cleanup_orphan(&cmd).await;
                     }
                     .into_actor(self)
                     .map(|(), act, ctx| {
@@ -1013,6 +1060,7 @@ impl Handler<Probed> for TaskActor {
                     tracing::warn!(task_id = %id, error = %e, "updating the task record");
                 }
                 tracing::info!(namespace = %ns, task_id = %id, state = %self.state, pid, "task restored");
+                self.announce_missed();
                 self.watch(ctx);
                 // Exec processes that were running when keeld stopped: their exits,
                 // including those that happened meanwhile, come from the shim's Wait.

@@ -138,7 +138,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     tasks.abort_interrupted_checkpoints(&storage).await;
     // Every persisted task is listed (unknown until its shim answers) before the
     // API serves; the shims are probed in the background.
-    let restored = tasks.restore_all().await?;
+    let logged = keel_actors::monitor::LoggedLifecycle::read(&events);
+    let restored = tasks.restore_all(&logged).await?;
     tracing::info!(tasks = restored, "restoring tasks");
 
     let auth = Arc::new(Auth::new(&cfg.allowed_uids));

@@ -391,6 +391,55 @@ fn kill_9_at_random_points_under_churn_leaves_every_task_consistent() {
             );
         }
     }
+    // Every listed task's `/tasks/create` is in the log once, and every running
+    // one's `/tasks/start`: those a crash kept from the log are published at the
+    // restore. No task has either twice.
+    let log = log_to_marker(&k, 0);
+    let mut lifecycle: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for e in &log {
+        let topic = e["topic"].as_str().unwrap_or_default();
+        if topic == "/tasks/create" || topic == "/tasks/start" {
+            let id = e["event"]["containerId"].as_str().unwrap_or_default();
+            *lifecycle
+                .entry((id.to_string(), topic.to_string()))
+                .or_default() += 1;
+        }
+    }
+    let count = |id: &str, topic: &str| {
+        lifecycle
+            .get(&(id.to_string(), topic.to_string()))
+            .copied()
+            .unwrap_or(0)
+    };
+    let keeld_log = k.log();
+    let about = |id: &str| -> String {
+        let tag = format!("task_id={id}");
+        keeld_log
+            .lines()
+            .filter(|l| l.contains(&tag) && !l.contains("keel::shim"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    for (id, t) in &listed {
+        assert_eq!(
+            count(id, "/tasks/create"),
+            1,
+            "{id} ({}); keeld said:\n{}",
+            status(t),
+            about(id)
+        );
+        if status(t) == "RUNNING" {
+            assert_eq!(count(id, "/tasks/start"), 1, "{id} ({})", status(t));
+        }
+    }
+    assert!(
+        lifecycle.values().all(|n| *n == 1),
+        "published twice: {:?}",
+        lifecycle
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .collect::<Vec<_>>()
+    );
     eprintln!(
         "{} tasks left: {:?}",
         listed.len(),
