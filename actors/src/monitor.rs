@@ -144,10 +144,24 @@ pub struct Reconciled {
 /// log (its exit would never be published). The first gets its record back from the
 /// event; the second gets its event published now.
 /// Resolves once the events it published are delivered.
-pub async fn reconcile_exits(meta: &Meta, events: &EventSink) -> Result<Reconciled> {
+/// The same pass over the log also tells which tasks' create and start it holds
+/// ([`LoggedLifecycle`]), for the restore that follows.
+pub async fn reconcile_exits(
+    meta: &Meta,
+    events: &EventSink,
+) -> Result<(Reconciled, LoggedLifecycle)> {
     use std::collections::{HashMap, HashSet};
 
     let (trimmed_upto, retained) = events.retained();
+    let mut lifecycle = LoggedLifecycle {
+        retained_since_ns: (trimmed_upto > 0).then(|| {
+            retained
+                .first()
+                .and_then(|e| e.timestamp.as_ref())
+                .map_or(u64::MAX, |t| nanos(system_time(t)))
+        }),
+        ..LoggedLifecycle::default()
+    };
     // The newest logged exit of every process of every task's current incarnation: a
     // create or delete starts a task afresh, and adding an exec process starts that
     // process afresh (a deleted exec's id may be used again).
@@ -178,12 +192,26 @@ pub async fn reconcile_exits(meta: &Meta, events: &EventSink) -> Result<Reconcil
                 }
             }
             "/tasks/create" | "/tasks/delete" => {
-                let id = match env.topic.as_str() {
-                    "/tasks/create" => unpack::<ev::TaskCreate>(payload).map(|e| e.container_id),
-                    _ => unpack::<ev::TaskDelete>(payload).map(|e| e.container_id),
+                let create = env.topic == "/tasks/create";
+                let id = if create {
+                    unpack::<ev::TaskCreate>(payload).map(|e| e.container_id)
+                } else {
+                    unpack::<ev::TaskDelete>(payload).map(|e| e.container_id)
                 };
                 if let Ok(id) = id {
                     logged.retain(|(ns, cid, _), _| !(ns == &env.namespace && cid == &id));
+                    let key = (env.namespace.clone(), id);
+                    if create {
+                        lifecycle.tasks.entry(key).or_default().0 = true;
+                    } else {
+                        lifecycle.tasks.remove(&key);
+                    }
+                }
+            }
+            "/tasks/start" => {
+                if let Ok(e) = unpack::<ev::TaskStart>(payload) {
+                    let key = (env.namespace.clone(), e.container_id);
+                    lifecycle.tasks.entry(key).or_default().1 = true;
                 }
             }
             _ => {}
@@ -233,11 +261,12 @@ pub async fn reconcile_exits(meta: &Meta, events: &EventSink) -> Result<Reconcil
     for d in delivered {
         d.await;
     }
-    Ok(done)
+    Ok((done, lifecycle))
 }
 
 /// Which lifecycle events of each task's current incarnation the event log holds,
-/// so that a restore can publish those a crash kept from the log.
+/// so that a restore can publish those a crash kept from the log. Read by
+/// [`reconcile_exits`].
 #[derive(Debug, Default)]
 pub struct LoggedLifecycle {
     /// Timestamp (ns) of the oldest retained event, when retention has dropped
@@ -249,43 +278,6 @@ pub struct LoggedLifecycle {
 }
 
 impl LoggedLifecycle {
-    /// Reads the retained event log.
-    pub fn read(events: &EventSink) -> Self {
-        let (trimmed_upto, retained) = events.retained();
-        let mut out = Self {
-            retained_since_ns: (trimmed_upto > 0).then(|| {
-                retained
-                    .first()
-                    .and_then(|e| e.timestamp.as_ref())
-                    .map_or(u64::MAX, |t| nanos(system_time(t)))
-            }),
-            ..Self::default()
-        };
-        for env in &retained {
-            let payload = env.event.get_or_default();
-            let key = |id: String| (env.namespace.clone(), id);
-            match env.topic.as_str() {
-                "/tasks/create" => {
-                    if let Ok(e) = unpack::<ev::TaskCreate>(payload) {
-                        out.tasks.entry(key(e.container_id)).or_default().0 = true;
-                    }
-                }
-                "/tasks/start" => {
-                    if let Ok(e) = unpack::<ev::TaskStart>(payload) {
-                        out.tasks.entry(key(e.container_id)).or_default().1 = true;
-                    }
-                }
-                "/tasks/delete" => {
-                    if let Ok(e) = unpack::<ev::TaskDelete>(payload) {
-                        out.tasks.remove(&key(e.container_id));
-                    }
-                }
-                _ => {}
-            }
-        }
-        out
-    }
-
     /// For a task created at `created_ns`: whether its `/tasks/create` and
     /// `/tasks/start` are missing from the log (never both a drop by retention).
     pub fn missing(&self, ns: &str, id: &str, created_ns: u64) -> (bool, bool) {
@@ -438,7 +430,7 @@ mod tests {
             )
             .unwrap()
             .await;
-        let done = reconcile_exits(&meta, &events).await.unwrap();
+        let done = reconcile_exits(&meta, &events).await.unwrap().0;
         assert_eq!(
             done,
             Reconciled {
@@ -450,7 +442,7 @@ mod tests {
         assert_eq!((r.seq, r.exit_status, r.pid), (seq, 7, 2));
         assert_eq!(r.exited_ns, 1_000_000_007);
         assert_eq!(
-            reconcile_exits(&meta, &events).await.unwrap(),
+            reconcile_exits(&meta, &events).await.unwrap().0,
             Reconciled::default()
         );
         // The restored task's own report of that exit is now a duplicate.
@@ -487,7 +479,7 @@ mod tests {
         drop(events);
         drop(meta);
         let (meta, events) = open(dir.path());
-        let done = reconcile_exits(&meta, &events).await.unwrap();
+        let done = reconcile_exits(&meta, &events).await.unwrap().0;
         assert_eq!(
             done,
             Reconciled {
@@ -499,7 +491,7 @@ mod tests {
         let r = meta.exit("ns", "t", "").unwrap().unwrap();
         assert!(r.seq > 0 && r.seq != lost, "the record names the new event");
         assert_eq!(
-            reconcile_exits(&meta, &events).await.unwrap(),
+            reconcile_exits(&meta, &events).await.unwrap().0,
             Reconciled::default()
         );
         // Reopened (the republished event and the record's new number are durable).
@@ -507,7 +499,7 @@ mod tests {
         drop(meta);
         let (meta, events) = open(dir.path());
         assert_eq!(
-            reconcile_exits(&meta, &events).await.unwrap(),
+            reconcile_exits(&meta, &events).await.unwrap().0,
             Reconciled::default()
         );
         assert_eq!(logged_exits(&events, "t"), vec![3]);
@@ -569,7 +561,7 @@ mod tests {
             )
             .unwrap()
             .await;
-        let done = reconcile_exits(&meta, &events).await.unwrap();
+        let done = reconcile_exits(&meta, &events).await.unwrap().0;
         assert_eq!(done.recorded, 1, "{done:?}");
         assert_eq!(
             meta.exit("ns", "t", "kept").unwrap().unwrap().exit_status,
@@ -585,7 +577,7 @@ mod tests {
     #[tokio::test]
     async fn the_log_tells_which_lifecycle_events_of_a_task_are_missing() {
         let dir = tempfile::tempdir().unwrap();
-        let (_meta, events) = open(dir.path());
+        let (meta, events) = open(dir.path());
         let publish = |topic: &str, any: Any| {
             let events = events.clone();
             let topic = topic.to_string();
@@ -624,7 +616,7 @@ mod tests {
         publish("/tasks/create", create("gone")).await;
         publish("/tasks/delete", delete("gone")).await;
 
-        let logged = LoggedLifecycle::read(&events);
+        let logged = reconcile_exits(&meta, &events).await.unwrap().1;
         assert_eq!(logged.retained_since_ns, None, "nothing was dropped");
         assert_eq!(logged.missing("ns", "both", 1), (false, false));
         assert_eq!(logged.missing("ns", "created", 1), (false, true));
@@ -657,14 +649,14 @@ mod tests {
         // The same id, created again, still running.
         task(&meta, "t");
         assert_eq!(
-            reconcile_exits(&meta, &events).await.unwrap(),
+            reconcile_exits(&meta, &events).await.unwrap().0,
             Reconciled::default()
         );
         assert!(meta.exit("ns", "t", "").unwrap().is_none());
         // Records from before exits named their events are trusted as they are.
         meta.record_exit("ns", &exit("t", 5)).unwrap();
         assert_eq!(
-            reconcile_exits(&meta, &events).await.unwrap(),
+            reconcile_exits(&meta, &events).await.unwrap().0,
             Reconciled::default()
         );
         assert_eq!(logged_exits(&events, "t").len(), 1);

@@ -240,6 +240,15 @@ async fn blocking<T: Send + 'static>(
     blocking_io(move || f().map_err(Error::from)).await
 }
 
+/// [`blocking`] store work that no event follows, flushed before it returns.
+async fn durably(
+    meta: &Meta,
+    f: impl FnOnce(&Meta) -> keel_storage::Result<()> + Send + 'static,
+) -> Result<()> {
+    let meta = meta.clone();
+    blocking(move || f(&meta).and_then(|()| meta.flush())).await
+}
+
 /// The registry of live task actors, and the way to create one.
 #[derive(Clone)]
 pub struct Tasks {
@@ -314,13 +323,6 @@ impl Tasks {
     /// during create) are cleaned up, and the periodic reconciler starts. Returns how
     /// many tasks were restored.
     pub async fn restore_all(&self, logged: &crate::monitor::LoggedLifecycle) -> Result<usize> {
-        // Work directories of checkpoints a crash interrupted; none can be under way.
-        let work = self.env.state_dir.join("checkpoints");
-        if let Err(e) = std::fs::remove_dir_all(&work) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(path = %work.display(), error = %e, "removing checkpoint work directories failed");
-            }
-        }
         let meta = self.env.meta.clone();
         let found = blocking(move || {
             let mut v = Vec::new();
@@ -508,10 +510,8 @@ impl Tasks {
                 tracing::warn!(namespace = %ns, task_id = %id, error = %e, "task create failed; cleaning up");
                 // The record goes first, so that a crash during the cleanup leaves an
                 // orphan for the next start to clean up, not a task that never ran.
-                let meta = self.env.meta.clone();
                 let (n2, i2) = (ns.clone(), id.clone());
-                let _ =
-                    blocking(move || meta.delete_task(&n2, &i2).and_then(|()| meta.flush())).await;
+                let _ = durably(&self.env.meta, move |m| m.delete_task(&n2, &i2)).await;
                 if let Some(shim) = shim {
                     let _ = shim
                         .delete(
@@ -1013,10 +1013,7 @@ impl Handler<Probed> for TaskActor {
                         // record whose shim is gone, which would come back as a
                         // task that stopped without ever having run.
                         let (n2, i2) = (ns.clone(), id.clone());
-                        if let Err(e) =
-                            blocking(move || meta.delete_task(&n2, &i2).and_then(|()| meta.flush()))
-                                .await
-                        {
+                        if let Err(e) = durably(&meta, move |m| m.delete_task(&n2, &i2)).await {
                             tracing::error!(task_id = %id, error = %e, "removing the task record");
                             return;
                         }

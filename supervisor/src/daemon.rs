@@ -129,16 +129,16 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
 
     // A crash can leave an exit's record and its event out of step; settle that
     // before any restored task reports its exit.
-    let reconciled = keel_actors::monitor::reconcile_exits(&meta, &events).await?;
+    let (reconciled, logged) = keel_actors::monitor::reconcile_exits(&meta, &events).await?;
     if reconciled != Default::default() {
         tracing::warn!(?reconciled, "exit records and exit events reconciled");
     }
 
-    // Checkpoints a crash interrupted leave half-written content behind.
-    tasks.abort_interrupted_checkpoints(&storage).await;
+    // Checkpoints a crash interrupted leave work directories and half-written
+    // content behind.
+    tasks.clean_interrupted_checkpoints(&storage).await;
     // Every persisted task is listed (unknown until its shim answers) before the
     // API serves; the shims are probed in the background.
-    let logged = keel_actors::monitor::LoggedLifecycle::read(&events);
     let restored = tasks.restore_all(&logged).await?;
     tracing::info!(tasks = restored, "restoring tasks");
 

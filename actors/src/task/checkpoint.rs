@@ -431,9 +431,10 @@ impl Tasks {
         Ok((digest, size))
     }
 
-    /// Aborts the content ingests of checkpoints that a crash interrupted (their work
-    /// directories are still there); none can be under way before keeld serves.
-    pub async fn abort_interrupted_checkpoints(&self, storage: &StorageHandle) {
+    /// Cleans up after checkpoints that a crash interrupted (their work directories
+    /// are still there): aborts their content ingests, then removes the work
+    /// directories. None can be under way before keeld serves.
+    pub async fn clean_interrupted_checkpoints(&self, storage: &StorageHandle) {
         let root = self.env.state_dir.join("checkpoints");
         let Ok(namespaces) = std::fs::read_dir(&root) else {
             return;
@@ -447,6 +448,9 @@ impl Tasks {
                     abort_ingests(storage, &ns_name, id, stamp).await;
                 }
             }
+        }
+        if let Err(e) = std::fs::remove_dir_all(&root) {
+            tracing::warn!(path = %root.display(), error = %e, "removing checkpoint work directories failed");
         }
     }
 }

@@ -8,22 +8,17 @@ use super::*;
 
 /// An exec process as its task actor tracks it.
 pub(super) struct ExecProcess {
-    pid: u32,
-    started: bool,
-    stdio: (String, String, String),
-    terminal: bool,
+    /// What is stored of it: pid, whether it started, stdio.
+    rec: ExecRecord,
     exit: Option<ExitRecord>,
     waiters: Vec<oneshot::Sender<ExitRecord>>,
 }
 
 impl ExecProcess {
     /// An exec process as it was stored, with its exit if one was recorded.
-    pub(super) fn restored(r: ExecRecord, exit: Option<ExitRecord>) -> Self {
+    pub(super) fn restored(rec: ExecRecord, exit: Option<ExitRecord>) -> Self {
         Self {
-            pid: r.pid,
-            started: r.started,
-            stdio: (r.stdin, r.stdout, r.stderr),
-            terminal: r.terminal,
+            rec,
             exit,
             waiters: Vec::new(),
         }
@@ -31,19 +26,7 @@ impl ExecProcess {
 
     /// Started and not known to have exited: its exit is still to be learned.
     pub(super) fn pending(&self) -> bool {
-        self.started && self.exit.is_none()
-    }
-
-    fn record(&self, exec_id: &str) -> ExecRecord {
-        ExecRecord {
-            exec_id: exec_id.to_string(),
-            pid: self.pid,
-            started: self.started,
-            stdin: self.stdio.0.clone(),
-            stdout: self.stdio.1.clone(),
-            stderr: self.stdio.2.clone(),
-            terminal: self.terminal,
-        }
+        self.rec.started && self.exit.is_none()
     }
 }
 
@@ -93,11 +76,7 @@ impl TaskActor {
         let Some(p) = self.execs.get(exec_id) else {
             return;
         };
-        if let Err(e) = self
-            .env
-            .meta
-            .put_exec(&self.ns, &self.id, &p.record(exec_id))
-        {
+        if let Err(e) = self.env.meta.put_exec(&self.ns, &self.id, &p.rec) {
             tracing::error!(task_id = %self.id, exec_id, error = %e, "persisting exec process failed");
         }
     }
@@ -140,8 +119,15 @@ impl Handler<AddExec> for TaskActor {
             Err(e) => return AtomicResponse::new(err(self, e)),
         };
         let exec_id = spec.exec_id.clone();
-        let stdio = (spec.stdin.clone(), spec.stdout.clone(), spec.stderr.clone());
-        let terminal = spec.terminal;
+        let rec = ExecRecord {
+            exec_id: spec.exec_id.clone(),
+            pid: 0,
+            started: false,
+            stdin: spec.stdin.clone(),
+            stdout: spec.stdout.clone(),
+            stderr: spec.stderr.clone(),
+            terminal: spec.terminal,
+        };
         let req = api::ExecProcessRequest {
             id: self.id.clone(),
             exec_id: spec.exec_id,
@@ -162,10 +148,7 @@ impl Handler<AddExec> for TaskActor {
                     act.execs.insert(
                         exec_id.clone(),
                         ExecProcess {
-                            pid: 0,
-                            started: false,
-                            stdio,
-                            terminal,
+                            rec,
                             exit: None,
                             waiters: Vec::new(),
                         },
@@ -200,7 +183,7 @@ impl Handler<StartExec> for TaskActor {
     fn handle(&mut self, StartExec(exec_id): StartExec, _: &mut Self::Context) -> Self::Result {
         let id = self.id.clone();
         let check = self.exec_process(&exec_id).and_then(|p| {
-            if p.started {
+            if p.rec.started {
                 Err(Error::FailedPrecondition(format!(
                     "cannot start exec {exec_id} of task {id}: it was started already"
                 )))
@@ -230,8 +213,8 @@ impl Handler<StartExec> for TaskActor {
                         Err(e) => return err(act, Error::from(e)),
                     };
                     if let Some(p) = act.execs.get_mut(&exec_id) {
-                        p.started = true;
-                        p.pid = pid;
+                        p.rec.started = true;
+                        p.rec.pid = pid;
                     }
                     act.store_exec(&exec_id);
                     watch_exec(ctx.address(), waiter, id.clone(), exec_id.clone());
@@ -295,12 +278,7 @@ impl Handler<ExecGone> for TaskActor {
         self.execs.remove(&exec_id);
         let (meta, ns, id) = (self.env.meta.clone(), self.ns.clone(), self.id.clone());
         actix::spawn(async move {
-            if let Err(e) = blocking(move || {
-                meta.delete_exec(&ns, &id, &exec_id)
-                    .and_then(|()| meta.flush())
-            })
-            .await
-            {
+            if let Err(e) = durably(&meta, move |m| m.delete_exec(&ns, &id, &exec_id)).await {
                 tracing::error!(error = %e, "removing the exec record");
             }
         });
@@ -330,7 +308,7 @@ impl Handler<ExecExited> for TaskActor {
         let rec = ExitRecord {
             container_id: self.id.clone(),
             exec_id: m.exec_id.clone(),
-            pid: p.pid,
+            pid: p.rec.pid,
             exit_status: m.status,
             exited_ns: nanos(m.at),
             seq: 0,
@@ -366,7 +344,7 @@ impl Handler<DeleteExec> for TaskActor {
     fn handle(&mut self, DeleteExec(exec_id): DeleteExec, _: &mut Self::Context) -> Self::Result {
         let id = self.id.clone();
         let check = self.exec_process(&exec_id).and_then(|p| {
-            if p.started && p.exit.is_none() {
+            if p.pending() {
                 Err(Error::FailedPrecondition(format!(
                     "cannot delete exec {exec_id} of task {id}: it is running; kill it first"
                 )))
@@ -394,11 +372,7 @@ impl Handler<DeleteExec> for TaskActor {
                 };
                 let (ns2, id2, exec2) = (ns, id.clone(), exec_id.clone());
                 // No event follows: flushed here, so a restart cannot bring it back.
-                blocking(move || {
-                    meta.delete_exec(&ns2, &id2, &exec2)
-                        .and_then(|()| meta.flush())
-                })
-                .await?;
+                durably(&meta, move |m| m.delete_exec(&ns2, &id2, &exec2)).await?;
                 Ok(exit.unwrap_or_else(|| ExitRecord {
                     container_id: id,
                     exec_id,
@@ -465,7 +439,7 @@ impl Handler<GetExec> for TaskActor {
         let p = self.exec_process(&exec_id)?;
         let state = if p.exit.is_some() {
             TaskState::Stopped
-        } else if !p.started {
+        } else if !p.rec.started {
             TaskState::Created
         } else if matches!(task_state, TaskState::Paused | TaskState::Pausing) {
             task_state
@@ -474,12 +448,12 @@ impl Handler<GetExec> for TaskActor {
         };
         Ok(TaskInfo {
             id: exec_id,
-            pid: p.pid,
+            pid: p.rec.pid,
             state,
-            stdin: p.stdio.0.clone(),
-            stdout: p.stdio.1.clone(),
-            stderr: p.stdio.2.clone(),
-            terminal: p.terminal,
+            stdin: p.rec.stdin.clone(),
+            stdout: p.rec.stdout.clone(),
+            stderr: p.rec.stderr.clone(),
+            terminal: p.rec.terminal,
             exit: p.exit.clone(),
         })
     }
