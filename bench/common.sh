@@ -21,3 +21,15 @@ remove_dir() {
     umount -R "$1"/* 2>/dev/null || true
     rm -rf "$1"
 }
+
+# floor_spec OUT STATE ROOTFS KEELCTL…: copies to OUT the config.json keeld (its
+# --state is STATE) writes for `run --rootfs ROOTFS … /bin/busybox true`, the spec
+# tests/examples/shim_floor.rs runs.
+floor_spec() {
+    local out=$1 state=$2 rootfs=$3
+    shift 3
+    "$@" run -d --rootfs "$rootfs" floorspec /bin/busybox true >/dev/null
+    cp "$state/tasks/default/floorspec/config.json" "$out"
+    "$@" tasks rm -f floorspec >/dev/null
+    "$@" containers rm floorspec >/dev/null
+}

@@ -194,16 +194,22 @@ pub(crate) fn remove_bundle(bundle: &Path) -> Result<()> {
     std::fs::remove_dir(bundle).map_err(|e| Error::Io(format!("remove {}: {e}", bundle.display())))
 }
 
-/// Removes a task's cgroup (`/keel/<ns>/<id>`) on every v1 controller, if runc left
-/// it; with `parent`, also the namespace's `/keel/<ns>` once it is empty. Only
-/// [`CgroupParents::remove`] passes `parent`: runc creates the parent of a new task's
-/// cgroup, which must not vanish under it.
+/// Removes a task's cgroup (`/keel/<ns>/<id>`), if runc left it, from the unified
+/// hierarchy or from every v1 controller; with `parent`, also the namespace's
+/// `/keel/<ns>` once it is empty. Only [`CgroupParents::remove`] passes `parent`: runc
+/// creates the parent of a new task's cgroup, which must not vanish under it.
 pub(crate) fn remove_cgroups(ns: &str, id: &str, parent: bool) {
-    let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") else {
-        return;
+    let root = Path::new("/sys/fs/cgroup");
+    let hierarchies: Vec<PathBuf> = if root.join("cgroup.controllers").exists() {
+        vec![root.to_path_buf()]
+    } else {
+        match std::fs::read_dir(root) {
+            Ok(entries) => entries.flatten().map(|c| c.path()).collect(),
+            Err(_) => return,
+        }
     };
-    for ctrl in entries.flatten() {
-        let base = ctrl.path().join("keel").join(ns);
+    for h in hierarchies {
+        let base = h.join("keel").join(ns);
         let _ = std::fs::remove_dir(base.join(id));
         if parent {
             let _ = std::fs::remove_dir(&base);

@@ -5,8 +5,9 @@ use keel_supervisor::ctl::{run, Cli};
 
 fn main() {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: a command's work is a few requests in a row, and on a busy host
+    // every extra thread is one more to be scheduled.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");

@@ -391,12 +391,17 @@ fn detached(id: &str) -> CreateTaskRequest {
 
 /// Creates the task and starts it.
 async fn create_and_start(client: &Client, req: CreateTaskRequest) -> anyhow::Result<()> {
-    let start = StartRequest {
-        container_id: req.container_id.clone(),
+    client.tasks.create(client.ctx(), &req).await?;
+    start(client, &req.container_id).await
+}
+
+/// Starts task `id`'s init process.
+async fn start(client: &Client, id: &str) -> anyhow::Result<()> {
+    let req = StartRequest {
+        container_id: id.to_string(),
         ..Default::default()
     };
-    client.tasks.create(client.ctx(), &req).await?;
-    client.tasks.start(client.ctx(), &start).await?;
+    client.tasks.start(client.ctx(), &req).await?;
     Ok(())
 }
 
@@ -627,10 +632,24 @@ pub async fn run(client: &Client, a: RunArgs) -> anyhow::Result<i32> {
             checkpoint,
             ..Default::default()
         };
-        create_and_start(client, req).await?;
-        io.follow_size(client, &id, "")?;
-        io.forward_stdin(client, &id, "")?;
-        wait_for(client, &id, "").await
+        // Waiting from before the start, as ctr does: the exit is answered as soon
+        // as keel has it, with no request to make after the start returns.
+        client.tasks.create(client.ctx(), &req).await?;
+        let waiting = {
+            let (client, id) = (client.clone(), id.clone());
+            tokio::spawn(async move { wait_for(&client, &id, "").await })
+        };
+        let started = async {
+            start(client, &id).await?;
+            io.follow_size(client, &id, "")?;
+            io.forward_stdin(client, &id, "")
+        }
+        .await;
+        if let Err(e) = started {
+            waiting.abort();
+            return Err(e);
+        }
+        waiting.await?
     }
     .await;
     io.finish().await;
