@@ -52,6 +52,5 @@ for i in $(seq "$ROUNDS"); do
     $K containers rm "r$i" >/dev/null
     echo "$i $(( (t1 - t0) / 1000000 )) $frozen $size $(( (t3 - t2) / 1000000 ))"
 done | tee "$DIR/rounds.txt"
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 col() { awk -v c="$1" '{print $c}' "$DIR/rounds.txt" | median; }
 echo "median over $ROUNDS rounds: checkpoint $(col 2) ms, counter frozen $(col 3) ms (ticks every 50), image $(col 4) bytes, restore $(col 5) ms"

@@ -8,6 +8,10 @@ busybox_rootfs() {
     ln -sf busybox "$1/bin/sleep"
 }
 
+# median: the median of the numbers on stdin, one per line (the lower of an even
+# count's two middle values).
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
 # remove_tasks KEELCTL…: force-removes every task the given keelctl lists.
 remove_tasks() {
     local id

@@ -43,7 +43,6 @@ start_keeld
 for i in $(seq "$TASKS"); do $K run -d --rootfs "$R" "idle$i" sleep 100000 >/dev/null; done
 kill -9 "$KEELD"; wait "$KEELD" 2>/dev/null || true
 target/release/examples/restore_bench "${KEELD_CMD[@]}" -- "$DIR/keel.sock" bench "$ROUNDS" | tee "$DIR/rounds.json"
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 api=$(sed -n 's/.*"api_ms":\([0-9.]*\).*/\1/p' "$DIR/rounds.json" | median)
 ok=$(sed -n 's/.*"correct_ms":\([0-9.]*\).*/\1/p' "$DIR/rounds.json" | median)
 echo "median over $ROUNDS restarts with $TASKS tasks: API answering ${api} ms, tasks ls fully correct ${ok} ms"

@@ -69,7 +69,6 @@ awk '
         }
     }' "$DIR/trace.txt" >"$DIR/phases.txt"
 
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 echo "phase medians over $(grep -c '^keelctl ' "$DIR/phases.txt") keel runs and" \
     "$(grep -c '^floor ' "$DIR/phases.txt") floor runs (ms):"
 printf '%8s %8s %8s\n' keel floor added

@@ -53,7 +53,6 @@ F="target/release/examples/shim_floor $DIR/floor.json $R $DIR/floor 1"
 C="ctr --address $DIR/ctd.sock"
 # µs a command takes; the clock is read without starting a process.
 us() { local s=$EPOCHREALTIME e; "$@" >/dev/null 2>&1; e=$EPOCHREALTIME; echo $((${e/./} - ${s/./})); }
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 # keeld's CPU time so far in ns, over its threads (from the scheduler's own
 # accounting, not clock ticks; those of its blocking pool that have ended are not
 # counted), and its context switches.
