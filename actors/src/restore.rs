@@ -19,6 +19,11 @@ use crate::shim::ShimCommand;
 /// Deadline of one probe step (connect, Connect, State).
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Scans of /proc for an orphan's shim processes, and the pause after each kill
+/// (a second to be rid of a `start` and the daemon it forks, at the most).
+const ORPHAN_KILL_ROUNDS: usize = 50;
+const ORPHAN_KILL_PAUSE: Duration = Duration::from_millis(20);
+
 /// What a probe found.
 pub enum Found {
     /// The shim answers and knows the task.
@@ -197,13 +202,23 @@ pub fn shim_processes(keel_socket: &Path) -> Vec<ShimProcess> {
 /// `delete`), the shim's socket, the bundle and the task's cgroup.
 pub async fn cleanup_orphan(cmd: &ShimCommand) {
     let (ns, id) = (&cmd.namespace, &cmd.id);
-    for p in shim_processes(&cmd.keel_socket) {
-        if &p.namespace == ns && &p.id == id {
+    // A shim `start` that was still running when keeld died can fork the daemon shim
+    // between a scan of /proc and the kill: scan again until none is left.
+    for _ in 0..ORPHAN_KILL_ROUNDS {
+        let found: Vec<ShimProcess> = shim_processes(&cmd.keel_socket)
+            .into_iter()
+            .filter(|p| &p.namespace == ns && &p.id == id)
+            .collect();
+        if found.is_empty() {
+            break;
+        }
+        for p in found {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(p.pid),
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+        tokio::time::sleep(ORPHAN_KILL_PAUSE).await;
     }
     if cmd.bundle.exists() {
         if let Err(e) = cmd.delete().await {
