@@ -10,6 +10,7 @@
 use std::future::Future;
 
 use actix::prelude::*;
+use keel_protocol::containerd::events::container as cev;
 use keel_protocol::containerd::events::task as ev;
 use keel_protocol::types::{pack, system_time, timestamp, unpack};
 use keel_storage::meta::{from_nanos, nanos, ExitRecord};
@@ -77,7 +78,7 @@ impl Handler<Exit> for MonitorActor {
             // The compare-and-swap does not wait for the disk; the exit event's flush,
             // which follows it in the same database, makes both durable before either
             // is seen. A crash can still leave one on disk without the other:
-            // `reconcile_exits` settles that at the next start.
+            // `reconcile_log` settles that at the next start.
             self.meta.record_exit(&m.namespace, r)
         });
         let earlier = match published {
@@ -128,25 +129,37 @@ fn publish_exit(
     })
 }
 
-/// What [`reconcile_exits`] did.
+/// What [`reconcile_log`] did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Reconciled {
     /// Exits whose event was logged but whose record was lost, now recorded.
     pub recorded: usize,
     /// Exits whose record was kept but whose event was lost, now published.
     pub republished: usize,
+    /// Deletes (of a task or a container) whose records went but whose event was
+    /// lost, now published.
+    pub deletes_published: usize,
+    /// Deletes whose event was logged but whose records were kept, now finished.
+    pub deletes_finished: usize,
 }
 
-/// Makes exit records and logged `/tasks/exit` events agree after a crash, before any
-/// task is restored. A record and its event reach the disk in separate writes; a
-/// crash between them leaves either an event nobody recorded (the restored task
-/// would publish its exit a second time) or a record whose event never reached the
-/// log (its exit would never be published). The first gets its record back from the
-/// event; the second gets its event published now.
+/// Makes records and the logged events that describe them agree after a crash,
+/// before any task is restored. A record and its event reach the disk in separate
+/// writes, and a crash between them leaves one without the other:
+/// - an exit event nobody recorded (the restored task would publish its exit a
+///   second time) gets its record back from the event; an exit record whose event
+///   never reached the log (its exit would never be published) gets its event
+///   published now;
+/// - a task or container whose records are gone while the log still shows it
+///   created (its `/tasks/delete` or `/containers/delete` was lost) gets that event
+///   published now; one whose delete is logged while its record, older than the
+///   delete, was kept (it would come back as a stopped task, announced again) has
+///   its records removed.
+///
 /// Resolves once the events it published are delivered.
 /// The same pass over the log also tells which tasks' create and start it holds
 /// ([`LoggedLifecycle`]), for the restore that follows.
-pub async fn reconcile_exits(
+pub async fn reconcile_log(
     meta: &Meta,
     events: &EventSink,
 ) -> Result<(Reconciled, LoggedLifecycle)> {
@@ -168,8 +181,12 @@ pub async fn reconcile_exits(
     type Key = (String, String, String);
     let mut logged: HashMap<Key, (u64, ev::TaskExit)> = HashMap::new();
     let mut logged_seqs = HashSet::new();
+    // The last lifecycle event logged for each task and each container.
+    let mut last_task: HashMap<(String, String), Last> = HashMap::new();
+    let mut last_container: HashMap<(String, String), Last> = HashMap::new();
     for env in &retained {
         let payload = env.event.get_or_default();
+        let at_ns = env.timestamp.as_ref().map_or(0, |t| nanos(system_time(t)));
         match env.topic.as_str() {
             "/tasks/exit" => {
                 let Ok(e) = unpack::<ev::TaskExit>(payload) else {
@@ -194,13 +211,16 @@ pub async fn reconcile_exits(
             "/tasks/create" | "/tasks/delete" => {
                 let create = env.topic == "/tasks/create";
                 let id = if create {
-                    unpack::<ev::TaskCreate>(payload).map(|e| e.container_id)
+                    unpack::<ev::TaskCreate>(payload)
+                        .map(|e| (e.container_id, Last::Created(e.pid)))
                 } else {
-                    unpack::<ev::TaskDelete>(payload).map(|e| e.container_id)
+                    unpack::<ev::TaskDelete>(payload)
+                        .map(|e| (e.container_id, Last::Deleted(at_ns)))
                 };
-                if let Ok(id) = id {
+                if let Ok((id, last)) = id {
                     logged.retain(|(ns, cid, _), _| !(ns == &env.namespace && cid == &id));
                     let key = (env.namespace.clone(), id);
+                    last_task.insert(key.clone(), last);
                     if create {
                         lifecycle.tasks.entry(key).or_default().0 = true;
                     } else {
@@ -212,6 +232,16 @@ pub async fn reconcile_exits(
                 if let Ok(e) = unpack::<ev::TaskStart>(payload) {
                     let key = (env.namespace.clone(), e.container_id);
                     lifecycle.tasks.entry(key).or_default().1 = true;
+                }
+            }
+            "/containers/create" => {
+                if let Ok(e) = unpack::<cev::ContainerCreate>(payload) {
+                    last_container.insert((env.namespace.clone(), e.id), Last::Created(0));
+                }
+            }
+            "/containers/delete" => {
+                if let Ok(e) = unpack::<cev::ContainerDelete>(payload) {
+                    last_container.insert((env.namespace.clone(), e.id), Last::Deleted(at_ns));
                 }
             }
             _ => {}
@@ -257,6 +287,58 @@ pub async fn reconcile_exits(
         delivered.extend(published);
         done.republished += 1;
     }
+
+    for ((ns, id), last) in &last_task {
+        let record = meta.task(ns, id)?;
+        match (last, record) {
+            (Last::Created(pid), None) => {
+                // The task's last exit in the log, if it ran; as a delete reports it.
+                let exit = logged.get(&(ns.clone(), id.clone(), String::new()));
+                let event = ev::TaskDelete {
+                    container_id: id.clone(),
+                    id: id.clone(),
+                    pid: exit.map_or(*pid, |(_, e)| e.pid),
+                    exit_status: exit.map_or(0, |(_, e)| e.exit_status),
+                    exited_at: exit.map_or_else(
+                        || MessageField::some(timestamp(std::time::SystemTime::now())),
+                        |(_, e)| e.exited_at.clone(),
+                    ),
+                    ..Default::default()
+                };
+                tracing::warn!(namespace = %ns, task_id = %id, "publishing a task delete whose event was lost");
+                delivered.push(events.publish(ns, "/tasks/delete", pack(&event)?, None)?);
+                done.deletes_published += 1;
+            }
+            (Last::Deleted(at_ns), Some(t)) if t.created_ns < *at_ns => {
+                tracing::warn!(namespace = %ns, task_id = %id, "finishing a task delete whose records were kept");
+                meta.delete_task(ns, id)?;
+                done.deletes_finished += 1;
+            }
+            _ => {}
+        }
+    }
+    for ((ns, id), last) in &last_container {
+        let record = meta.container(ns, id)?;
+        match (last, record) {
+            (Last::Created(_), None) => {
+                let event = cev::ContainerDelete {
+                    id: id.clone(),
+                    ..Default::default()
+                };
+                tracing::warn!(namespace = %ns, container_id = %id, "publishing a container delete whose event was lost");
+                delivered.push(events.publish(ns, "/containers/delete", pack(&event)?, None)?);
+                done.deletes_published += 1;
+            }
+            (Last::Deleted(at_ns), Some(c))
+                if c.created_ns < *at_ns && meta.task(ns, id)?.is_none() =>
+            {
+                tracing::warn!(namespace = %ns, container_id = %id, "finishing a container delete whose record was kept");
+                meta.delete_container(ns, id)?;
+                done.deletes_finished += 1;
+            }
+            _ => {}
+        }
+    }
     meta.flush()?;
     for d in delivered {
         d.await;
@@ -264,9 +346,18 @@ pub async fn reconcile_exits(
     Ok((done, lifecycle))
 }
 
+/// The last lifecycle event the log holds for a task or a container.
+#[derive(Debug, Clone, Copy)]
+enum Last {
+    /// Created (for a task, with its init pid).
+    Created(u32),
+    /// Deleted, at this time (ns).
+    Deleted(u64),
+}
+
 /// Which lifecycle events of each task's current incarnation the event log holds,
 /// so that a restore can publish those a crash kept from the log. Read by
-/// [`reconcile_exits`].
+/// [`reconcile_log`].
 #[derive(Debug, Default)]
 pub struct LoggedLifecycle {
     /// Timestamp (ns) of the oldest retained event, when retention has dropped
@@ -386,10 +477,41 @@ mod tests {
             stderr: String::new(),
             terminal: false,
             log_path: None,
-            created_ns: 1,
+            created_ns: nanos(std::time::SystemTime::now()),
             started: true,
         };
         meta.put_task("ns", &t).unwrap();
+    }
+
+    fn container(meta: &Meta, id: &str) {
+        let now = nanos(std::time::SystemTime::now());
+        let c = keel_storage::meta::ContainerRecord {
+            id: id.into(),
+            labels: Default::default(),
+            runtime: "io.containerd.runc.v2".into(),
+            runtime_options: None,
+            spec: Vec::new(),
+            rootfs: Vec::new(),
+            created_ns: now,
+            updated_ns: now,
+        };
+        meta.create_container("ns", &c).unwrap();
+    }
+
+    async fn publish(events: &EventSink, topic: &str, event: &impl protobuf::MessageFull) {
+        events
+            .publish("ns", topic, pack(event).unwrap(), None)
+            .unwrap()
+            .await;
+    }
+
+    fn logged(events: &EventSink, topic: &str) -> Vec<Any> {
+        let retained = events.retained().1;
+        retained
+            .into_iter()
+            .filter(|e| e.topic == topic)
+            .map(|e| e.event.get_or_default().clone())
+            .collect()
     }
 
     fn exit(id: &str, status: u32) -> ExitRecord {
@@ -430,19 +552,19 @@ mod tests {
             )
             .unwrap()
             .await;
-        let done = reconcile_exits(&meta, &events).await.unwrap().0;
+        let done = reconcile_log(&meta, &events).await.unwrap().0;
         assert_eq!(
             done,
             Reconciled {
                 recorded: 1,
-                republished: 0
+                ..Default::default()
             }
         );
         let r = meta.exit("ns", "t", "").unwrap().unwrap();
         assert_eq!((r.seq, r.exit_status, r.pid), (seq, 7, 2));
         assert_eq!(r.exited_ns, 1_000_000_007);
         assert_eq!(
-            reconcile_exits(&meta, &events).await.unwrap().0,
+            reconcile_log(&meta, &events).await.unwrap().0,
             Reconciled::default()
         );
         // The restored task's own report of that exit is now a duplicate.
@@ -479,19 +601,19 @@ mod tests {
         drop(events);
         drop(meta);
         let (meta, events) = open(dir.path());
-        let done = reconcile_exits(&meta, &events).await.unwrap().0;
+        let done = reconcile_log(&meta, &events).await.unwrap().0;
         assert_eq!(
             done,
             Reconciled {
-                recorded: 0,
-                republished: 1
+                republished: 1,
+                ..Default::default()
             }
         );
         assert_eq!(logged_exits(&events, "t"), vec![3]);
         let r = meta.exit("ns", "t", "").unwrap().unwrap();
         assert!(r.seq > 0 && r.seq != lost, "the record names the new event");
         assert_eq!(
-            reconcile_exits(&meta, &events).await.unwrap().0,
+            reconcile_log(&meta, &events).await.unwrap().0,
             Reconciled::default()
         );
         // Reopened (the republished event and the record's new number are durable).
@@ -499,7 +621,7 @@ mod tests {
         drop(meta);
         let (meta, events) = open(dir.path());
         assert_eq!(
-            reconcile_exits(&meta, &events).await.unwrap().0,
+            reconcile_log(&meta, &events).await.unwrap().0,
             Reconciled::default()
         );
         assert_eq!(logged_exits(&events, "t"), vec![3]);
@@ -561,7 +683,7 @@ mod tests {
             )
             .unwrap()
             .await;
-        let done = reconcile_exits(&meta, &events).await.unwrap().0;
+        let done = reconcile_log(&meta, &events).await.unwrap().0;
         assert_eq!(done.recorded, 1, "{done:?}");
         assert_eq!(
             meta.exit("ns", "t", "kept").unwrap().unwrap().exit_status,
@@ -604,6 +726,9 @@ mod tests {
             })
             .unwrap()
         };
+        for id in ["both", "created", "again"] {
+            task(&meta, id);
+        }
         publish("/tasks/create", create("both")).await;
         publish("/tasks/start", start("both")).await;
         publish("/tasks/create", create("created")).await;
@@ -616,7 +741,7 @@ mod tests {
         publish("/tasks/create", create("gone")).await;
         publish("/tasks/delete", delete("gone")).await;
 
-        let logged = reconcile_exits(&meta, &events).await.unwrap().1;
+        let logged = reconcile_log(&meta, &events).await.unwrap().1;
         assert_eq!(logged.retained_since_ns, None, "nothing was dropped");
         assert_eq!(logged.missing("ns", "both", 1), (false, false));
         assert_eq!(logged.missing("ns", "created", 1), (false, true));
@@ -649,16 +774,160 @@ mod tests {
         // The same id, created again, still running.
         task(&meta, "t");
         assert_eq!(
-            reconcile_exits(&meta, &events).await.unwrap().0,
+            reconcile_log(&meta, &events).await.unwrap().0,
             Reconciled::default()
         );
         assert!(meta.exit("ns", "t", "").unwrap().is_none());
         // Records from before exits named their events are trusted as they are.
         meta.record_exit("ns", &exit("t", 5)).unwrap();
         assert_eq!(
-            reconcile_exits(&meta, &events).await.unwrap().0,
+            reconcile_log(&meta, &events).await.unwrap().0,
             Reconciled::default()
         );
         assert_eq!(logged_exits(&events, "t").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_task_delete_whose_event_was_lost_is_published_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (meta, events) = open(dir.path());
+        task(&meta, "t");
+        let create = ev::TaskCreate {
+            container_id: "t".into(),
+            pid: 2,
+            ..Default::default()
+        };
+        publish(&events, "/tasks/create", &create).await;
+        publish(&events, "/tasks/exit", &exit_event(&exit("t", 7))).await;
+        // As if keeld died after the delete removed the records (and sled wrote them
+        // out) but before its event reached the log.
+        meta.delete_task("ns", "t").unwrap();
+        meta.flush().unwrap();
+        drop(events);
+        drop(meta);
+        let (meta, events) = open(dir.path());
+
+        let done = reconcile_log(&meta, &events).await.unwrap().0;
+        assert_eq!(
+            done,
+            Reconciled {
+                deletes_published: 1,
+                ..Default::default()
+            }
+        );
+        let deletes = logged(&events, "/tasks/delete");
+        assert_eq!(deletes.len(), 1);
+        let d = unpack::<ev::TaskDelete>(&deletes[0]).unwrap();
+        assert_eq!((d.container_id.as_str(), d.pid, d.exit_status), ("t", 2, 7));
+        assert_eq!(
+            d.exited_at.as_ref().map(|t| nanos(system_time(t))),
+            Some(1_000_000_007),
+            "the delete reports the logged exit"
+        );
+        // Durable: a second start finds the task's lifecycle closed.
+        drop(events);
+        drop(meta);
+        let (meta, events) = open(dir.path());
+        assert_eq!(
+            reconcile_log(&meta, &events).await.unwrap().0,
+            Reconciled::default()
+        );
+        assert_eq!(logged(&events, "/tasks/delete").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_logged_task_delete_whose_records_were_kept_is_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let (meta, events) = open(dir.path());
+        task(&meta, "t");
+        task(&meta, "u");
+        let ids = |id: &str| ev::TaskCreate {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        publish(&events, "/tasks/create", &ids("t")).await;
+        publish(&events, "/tasks/create", &ids("u")).await;
+        meta.record_exit("ns", &exit("t", 1)).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        // t's delete reached the log, its records' removal did not.
+        for id in ["t", "u"] {
+            let delete = ev::TaskDelete {
+                container_id: id.into(),
+                ..Default::default()
+            };
+            publish(&events, "/tasks/delete", &delete).await;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        // u was created again after its delete (its create not logged yet).
+        task(&meta, "u");
+
+        let done = reconcile_log(&meta, &events).await.unwrap().0;
+        assert_eq!(
+            done,
+            Reconciled {
+                deletes_finished: 1,
+                ..Default::default()
+            }
+        );
+        assert!(meta.task("ns", "t").unwrap().is_none());
+        assert!(meta.exit("ns", "t", "").unwrap().is_none());
+        assert!(
+            meta.task("ns", "u").unwrap().is_some(),
+            "the newer task stays"
+        );
+        assert_eq!(
+            logged(&events, "/tasks/delete").len(),
+            2,
+            "nothing published"
+        );
+    }
+
+    #[tokio::test]
+    async fn container_deletes_are_made_up_or_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let (meta, events) = open(dir.path());
+        let create = |id: &str| cev::ContainerCreate {
+            id: id.into(),
+            ..Default::default()
+        };
+        let delete = |id: &str| cev::ContainerDelete {
+            id: id.into(),
+            ..Default::default()
+        };
+        // "lost": removed, its delete event lost. "kept": delete logged, record
+        // kept. "again": deleted, then created anew. "busy": a live container.
+        for id in ["lost", "kept", "again", "busy"] {
+            container(&meta, id);
+            publish(&events, "/containers/create", &create(id)).await;
+        }
+        meta.delete_container("ns", "lost").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        publish(&events, "/containers/delete", &delete("kept")).await;
+        publish(&events, "/containers/delete", &delete("again")).await;
+        meta.delete_container("ns", "again").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        container(&meta, "again");
+
+        let done = reconcile_log(&meta, &events).await.unwrap().0;
+        assert_eq!(
+            done,
+            Reconciled {
+                deletes_published: 1,
+                deletes_finished: 1,
+                ..Default::default()
+            }
+        );
+        let deleted: Vec<String> = logged(&events, "/containers/delete")
+            .iter()
+            .map(|a| unpack::<cev::ContainerDelete>(a).unwrap().id)
+            .collect();
+        assert_eq!(deleted, ["kept", "again", "lost"]);
+        assert!(meta.container("ns", "kept").unwrap().is_none());
+        assert!(meta.container("ns", "again").unwrap().is_some());
+        assert!(meta.container("ns", "busy").unwrap().is_some());
+        assert_eq!(
+            reconcile_log(&meta, &events).await.unwrap().0,
+            Reconciled::default()
+        );
     }
 }

@@ -130,11 +130,11 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         actix::Arbiter::current(),
     );
 
-    // A crash can leave an exit's record and its event out of step; settle that
-    // before any restored task reports its exit.
-    let (reconciled, logged) = keel_actors::monitor::reconcile_exits(&meta, &events).await?;
+    // A crash can leave a record (an exit, a task, a container) and its event out of
+    // step; settle that before any restored task reports its exit.
+    let (reconciled, logged) = keel_actors::monitor::reconcile_log(&meta, &events).await?;
     if reconciled != Default::default() {
-        tracing::warn!(?reconciled, "exit records and exit events reconciled");
+        tracing::warn!(?reconciled, "records and logged events reconciled");
     }
 
     // Checkpoints a crash interrupted leave work directories and half-written

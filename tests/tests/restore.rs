@@ -440,6 +440,50 @@ fn kill_9_at_random_points_under_churn_leaves_every_task_consistent() {
             .filter(|(_, n)| **n > 1)
             .collect::<Vec<_>>()
     );
+    // Every task and container the log shows created has its delete logged once if
+    // it is gone (a crash between removing its records and logging the delete has
+    // it published at the restore), and none if it is still there.
+    let containers: BTreeSet<String> = k
+        .ctl_ok(&["containers", "ls", "--format", "json"])
+        .lines()
+        .map(|l| {
+            let c: Value = serde_json::from_str(l).expect("json container line");
+            c["id"].as_str().unwrap_or_default().to_string()
+        })
+        .collect();
+    let mut deletes: BTreeMap<(&str, String), (usize, usize)> = BTreeMap::new();
+    for e in &log {
+        let (kind, id) = match e["topic"].as_str().unwrap_or_default() {
+            "/tasks/create" | "/tasks/delete" => ("task", &e["event"]["containerId"]),
+            "/containers/create" | "/containers/delete" => ("container", &e["event"]["id"]),
+            _ => continue,
+        };
+        let id = id.as_str().unwrap_or_default();
+        if !id.starts_with('c') {
+            continue;
+        }
+        let n = deletes.entry((kind, id.to_string())).or_default();
+        if e["topic"].as_str().unwrap_or_default().ends_with("/create") {
+            n.0 += 1;
+        } else {
+            n.1 += 1;
+        }
+    }
+    for ((kind, id), (created, deleted)) in &deletes {
+        let there = if *kind == "task" {
+            listed.contains_key(id)
+        } else {
+            containers.contains(id)
+        };
+        if *created > 0 {
+            assert_eq!(
+                *deleted,
+                usize::from(!there),
+                "{kind} {id} (there: {there}) has {deleted} deletes logged; keeld said:\n{}",
+                about(id)
+            );
+        }
+    }
     eprintln!(
         "{} tasks left: {:?}",
         listed.len(),
