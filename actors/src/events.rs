@@ -1,7 +1,7 @@
 //! keel's event exchange: sequence numbers, durability, retention and replay.
 //!
 //! Publishing stages an event: it takes the next sequence number and is appended to
-//! the sled event log, all under one lock, so sequence order is publication order.
+//! the event log, all under one lock, so sequence order is publication order.
 //! An event is *delivered* (appended to the retained ring that subscribers read, and
 //! announced on a watch channel) strictly in sequence order, and an event whose topic
 //! is durable (`/tasks/*`, `/containers/*`) only after a flush has put it on disk. One
@@ -73,6 +73,8 @@ struct State {
     staged: VecDeque<Staged>,
     /// Highest staged sequence number that needs a flush.
     flush_wanted: u64,
+    /// Events of topics that are not durable were appended since the last flush.
+    unflushed: bool,
     /// Dropped from the ring since the log was last trimmed.
     untrimmed: usize,
 }
@@ -150,6 +152,7 @@ impl EventSink {
                     trimmed_upto: loaded.trimmed_upto,
                     staged: VecDeque::new(),
                     flush_wanted: 0,
+                    unflushed: false,
                     untrimmed: 0,
                 }),
                 delivered,
@@ -234,6 +237,7 @@ impl EventSink {
             // Full means a wake-up is already pending; it will see this event too.
             let _ = self.inner.flush.try_send(());
         } else {
+            st.unflushed = true;
             self.deliver(&mut st);
         }
         drop(st);
@@ -312,17 +316,37 @@ impl EventSink {
     }
 }
 
+/// How long an event of a topic that is not durable may stay in memory, delivered
+/// but not written out, when no durable event's flush takes it along: what a crash
+/// can lose of such events.
+pub const LAZY_FLUSH: Duration = Duration::from_secs(1);
+
 /// The flusher thread: flushes the log whenever durable events wait, then delivers
 /// them. Events staged while a flush runs share the next one. One thread does every
-/// flush, so no other thread ever blocks on the disk for an event. Ends when the
-/// exchange is dropped.
+/// flush, so no other thread ever blocks on the disk for an event. Events that are
+/// not durable are flushed along, or after [`LAZY_FLUSH`] without a durable event.
+/// Ends when the exchange is dropped.
 fn flusher(inner: &Weak<Inner>, wake: &std::sync::mpsc::Receiver<()>) {
-    while wake.recv().is_ok() {
+    use std::sync::mpsc::RecvTimeoutError;
+    loop {
+        let woken = match wake.recv_timeout(LAZY_FLUSH) {
+            Ok(()) => true,
+            Err(RecvTimeoutError::Timeout) => false,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
         let Some(inner) = inner.upgrade() else {
             return;
         };
         let sink = EventSink { inner };
-        let target = sink.state().flush_wanted;
+        let target = {
+            let mut st = sink.state();
+            if !woken && !st.unflushed {
+                continue;
+            }
+            // What is appended from here on is taken by the next flush.
+            st.unflushed = false;
+            st.flush_wanted
+        };
         while let Err(e) = sink.inner.log.flush() {
             tracing::error!(error = %e, "flushing the event log; retrying");
             std::thread::sleep(Duration::from_secs(1));

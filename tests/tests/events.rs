@@ -283,6 +283,25 @@ fn a_subscriber_resuming_after_kill_9_gets_every_missed_task_event_once() {
 }
 
 #[test]
+fn an_event_of_any_topic_survives_kill_9_a_moment_after_it_is_published() {
+    let mut k = Keeld::start();
+    // The first event takes a block of sequence numbers, which is flushed at once.
+    publish(&k, "/app/first", &[serde_json::json!({ "i": 0 })]);
+    std::thread::sleep(Duration::from_millis(200));
+    // Not a task or container event: delivered at once, and written out by the
+    // next flush, which nothing else asks for here: keeld writes such events out
+    // within a second (keel_actors::events::LAZY_FLUSH).
+    publish(&k, "/app/note", &[serde_json::json!({ "i": 1 })]);
+    std::thread::sleep(Duration::from_secs(3));
+    k.kill9();
+    k.spawn();
+    let mut sub = Subscriber::spawn(&k, &["--since", "0"]);
+    let got = sub.until(Duration::from_secs(10), |e| topic(e) == "/app/note");
+    let got = got.expect("the /app/note event is in the log after kill -9");
+    assert_eq!(field_i(got.last().unwrap()), 1);
+}
+
+#[test]
 fn replay_older_than_retention_starts_with_a_gap_notice() {
     let k = Keeld::start_with_config("[events]\nretain = 50\n");
     let payloads: Vec<Value> = (0..120).map(|i| serde_json::json!({ "i": i })).collect();
