@@ -357,9 +357,22 @@ impl StorageHandle {
         &self,
         namespace: &str,
         reference: &str,
-        mut src: impl tokio::io::AsyncRead + Unpin,
+        src: impl tokio::io::AsyncRead + Unpin,
         labels: BTreeMap<String, String>,
     ) -> Result<(Digest, u64)> {
+        let (digest, size, _) = self.put_new(namespace, reference, src, labels).await?;
+        Ok((digest, size))
+    }
+
+    /// [`StorageHandle::put`], also telling whether the blob is new to the namespace
+    /// (false when the same content was already stored).
+    pub async fn put_new(
+        &self,
+        namespace: &str,
+        reference: &str,
+        mut src: impl tokio::io::AsyncRead + Unpin,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(Digest, u64, bool)> {
         use sha2::Digest as _;
         use tokio::io::AsyncReadExt;
         let (lease, status) = self.open_writer(namespace, reference, 0, None).await?;
@@ -386,8 +399,10 @@ impl StorageHandle {
         }
         let digest = Digest::from_sha256(&hasher.finalize());
         match lease.commit(offset, Some(digest.clone()), labels).await {
-            Err(Error::Storage(keel_storage::Error::AlreadyExists(_))) => Ok((digest, offset)),
-            r => r,
+            Err(Error::Storage(keel_storage::Error::AlreadyExists(_))) => {
+                Ok((digest, offset, false))
+            }
+            r => r.map(|(d, size)| (d, size, true)),
         }
     }
 }

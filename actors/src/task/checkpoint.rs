@@ -332,9 +332,33 @@ impl Tasks {
         let (dir, tp) = (image_dir.clone(), tar_path.clone());
         blocking_io(move || pack_image(&dir, &tp)).await?;
 
-        let stored = self
-            .store_checkpoint(storage, ns, container, &tar_path, stamp)
+        let tar = tokio::fs::File::open(&tar_path)
+            .await
+            .map_err(io_err("open", &tar_path))?;
+        let image = storage
+            .put_new(
+                ns,
+                &ingest_ref(ns, id, stamp, "image"),
+                tar,
+                BTreeMap::new(),
+            )
             .await;
+        let stored = match image {
+            Ok((digest, size, new)) => {
+                if new {
+                    // For the cleanup after a crash before the index is stored.
+                    let _ = std::fs::write(work.join(NEW_IMAGE_FILE), digest.to_string());
+                }
+                let stored = self
+                    .store_checkpoint(storage, ns, container, (digest.clone(), size), stamp)
+                    .await;
+                if stored.is_err() && new {
+                    drop_unreferenced(storage, ns, digest).await;
+                }
+                stored
+            }
+            Err(e) => Err(e),
+        };
         if stored.is_err() {
             abort_ingests(storage, ns, id, stamp).await;
         }
@@ -356,14 +380,15 @@ impl Tasks {
         Ok(Some((digest, size)))
     }
 
-    /// Writes a dumped checkpoint into the content store: the CRIU image tar, the
-    /// container's spec, the runtime options, then the index that references them.
+    /// Writes the rest of a dumped checkpoint into the content store, its CRIU image
+    /// tar being stored: the container's spec, the runtime options, then the index
+    /// that references them all.
     async fn store_checkpoint(
         &self,
         storage: &StorageHandle,
         ns: &str,
         container: &ContainerRecord,
-        tar_path: &Path,
+        (image_digest, image_size): (Digest, u64),
         stamp: u64,
     ) -> Result<(Digest, u64)> {
         let id = &container.id;
@@ -376,12 +401,6 @@ impl Tasks {
                     .await
             }
         };
-        let tar = tokio::fs::File::open(tar_path)
-            .await
-            .map_err(io_err("open", tar_path))?;
-        let (image_digest, image_size) = storage
-            .put(ns, &reference("image"), tar, BTreeMap::new())
-            .await?;
         let (config_digest, config_size) =
             put_bytes("config", layout::config_blob(&container.spec)?).await?;
         let options = self.runc_options()?;
@@ -446,6 +465,9 @@ impl Tasks {
                 if let Some((id, stamp)) = work_dir_task(&name) {
                     tracing::warn!(namespace = %ns_name, task_id = id, "a checkpoint was interrupted; aborting its ingests");
                     abort_ingests(storage, &ns_name, id, stamp).await;
+                    if let Some(image) = new_image(&work.path()) {
+                        drop_unreferenced(storage, &ns_name, image).await;
+                    }
                 }
             }
         }
@@ -465,6 +487,46 @@ fn ingest_ref(ns: &str, id: &str, stamp: u64, what: &str) -> String {
 fn work_dir_task(name: &str) -> Option<(&str, u64)> {
     let (id, stamp) = name.rsplit_once('-')?;
     Some((id, stamp.parse().ok()?))
+}
+
+/// Names, in a checkpoint's work directory, the CRIU image blob the checkpoint added
+/// to the content store, until the index that references it is stored.
+const NEW_IMAGE_FILE: &str = "new-image";
+
+/// The image blob an interrupted checkpoint added, from its work directory.
+fn new_image(work: &Path) -> Option<Digest> {
+    let s = std::fs::read_to_string(work.join(NEW_IMAGE_FILE)).ok()?;
+    Digest::parse("new image", s.trim()).ok()
+}
+
+/// Deletes blob `digest` of a checkpoint that failed, unless a stored index
+/// references it (the same image stored by another checkpoint).
+async fn drop_unreferenced(storage: &StorageHandle, ns: &str, digest: Digest) {
+    let (store, ns2, d) = (storage.store().clone(), ns.to_string(), digest.to_string());
+    let referenced = blocking_io(move || {
+        let all = keel_protocol::filters::Filter::parse_all::<&str>(&[])
+            .map_err(|e| Error::Io(format!("filter: {e}")))?;
+        Ok(store.list(&ns2, &all)?.iter().any(|info| {
+            info.labels
+                .iter()
+                .any(|(k, v)| k.starts_with("containerd.io/gc.ref.content.") && *v == d)
+        }))
+    })
+    .await;
+    match referenced {
+        Ok(true) => {}
+        Ok(false) => match storage.delete(ns, digest.clone()).await {
+            Ok(()) | Err(Error::Storage(keel_storage::Error::NotFound(_))) => {
+                tracing::info!(namespace = ns, %digest, "removed the image blob of a failed checkpoint");
+            }
+            Err(e) => {
+                tracing::warn!(namespace = ns, %digest, error = %e, "removing the image blob of a failed checkpoint failed")
+            }
+        },
+        Err(e) => {
+            tracing::warn!(namespace = ns, %digest, error = %e, "image blob of a failed checkpoint left in place")
+        }
+    }
 }
 
 /// Aborts whatever a checkpoint left half written in the content store.
@@ -525,6 +587,45 @@ mod tests {
             std::fs::read(out.join("sub/descriptors.json")).unwrap(),
             b"[]"
         );
+    }
+
+    #[actix_rt::test]
+    async fn a_failed_checkpoints_new_image_goes_unless_an_index_references_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = keel_storage::open_db(dir.path()).unwrap();
+        let (store, _) =
+            ContentStore::open(dir.path(), db, &keel_storage::ContentOptions::default()).unwrap();
+        let storage = StorageHandle::start(store);
+        let put = |r: &'static str, bytes: &'static [u8], labels| {
+            let storage = storage.clone();
+            async move { storage.put_new("ns", r, bytes, labels).await.unwrap() }
+        };
+        let (kept, _, new) = put("a", b"image of a stored checkpoint", BTreeMap::new()).await;
+        assert!(new);
+        let labels = BTreeMap::from([(
+            "containerd.io/gc.ref.content.m.0".to_string(),
+            kept.to_string(),
+        )]);
+        put("index", b"its index", labels).await;
+        let (_, _, again) = put("b", b"image of a stored checkpoint", BTreeMap::new()).await;
+        assert!(!again, "the same content is not new");
+        let (orphan, _, _) = put("c", b"image of a failed checkpoint", BTreeMap::new()).await;
+
+        // As a crash leaves it: the work directory names the new image.
+        let work = dir.path().join("work");
+        std::fs::create_dir_all(&work).unwrap();
+        std::fs::write(work.join(NEW_IMAGE_FILE), orphan.to_string()).unwrap();
+        assert_eq!(new_image(&work), Some(orphan.clone()));
+        drop_unreferenced(&storage, "ns", orphan.clone()).await;
+        drop_unreferenced(&storage, "ns", kept.clone()).await;
+
+        let store = storage.store();
+        assert!(
+            store.info("ns", &orphan).is_err(),
+            "the orphan image is gone"
+        );
+        assert!(store.info("ns", &kept).is_ok(), "a referenced image stays");
+        assert_eq!(new_image(dir.path()), None);
     }
 
     #[test]
