@@ -465,6 +465,21 @@ mod tests {
         (meta, events)
     }
 
+    /// Closes and opens the database again, as a restart does.
+    fn reopen(dir: &std::path::Path, meta: Meta, events: EventSink) -> (Meta, EventSink) {
+        drop(events);
+        drop(meta);
+        open(dir)
+    }
+
+    /// Asserts that records and the log agree: reconciling finds nothing to do.
+    async fn assert_settled(meta: &Meta, events: &EventSink) {
+        assert_eq!(
+            reconcile_log(meta, events).await.unwrap().0,
+            Reconciled::default()
+        );
+    }
+
     fn task(meta: &Meta, id: &str) {
         let t = TaskRecord {
             id: id.into(),
@@ -563,10 +578,7 @@ mod tests {
         let r = meta.exit("ns", "t", "").unwrap().unwrap();
         assert_eq!((r.seq, r.exit_status, r.pid), (seq, 7, 2));
         assert_eq!(r.exited_ns, 1_000_000_007);
-        assert_eq!(
-            reconcile_log(&meta, &events).await.unwrap().0,
-            Reconciled::default()
-        );
+        assert_settled(&meta, &events).await;
         // The restored task's own report of that exit is now a duplicate.
         let standing = MonitorHandle::start(meta.clone(), events.clone())
             .exit("ns", exit("t", 137))
@@ -598,9 +610,7 @@ mod tests {
         )
         .unwrap();
         meta.flush().unwrap();
-        drop(events);
-        drop(meta);
-        let (meta, events) = open(dir.path());
+        let (meta, events) = reopen(dir.path(), meta, events);
         let done = reconcile_log(&meta, &events).await.unwrap().0;
         assert_eq!(
             done,
@@ -612,18 +622,10 @@ mod tests {
         assert_eq!(logged_exits(&events, "t"), vec![3]);
         let r = meta.exit("ns", "t", "").unwrap().unwrap();
         assert!(r.seq > 0 && r.seq != lost, "the record names the new event");
-        assert_eq!(
-            reconcile_log(&meta, &events).await.unwrap().0,
-            Reconciled::default()
-        );
+        assert_settled(&meta, &events).await;
         // Reopened (the republished event and the record's new number are durable).
-        drop(events);
-        drop(meta);
-        let (meta, events) = open(dir.path());
-        assert_eq!(
-            reconcile_log(&meta, &events).await.unwrap().0,
-            Reconciled::default()
-        );
+        let (meta, events) = reopen(dir.path(), meta, events);
+        assert_settled(&meta, &events).await;
         assert_eq!(logged_exits(&events, "t"), vec![3]);
     }
 
@@ -773,17 +775,11 @@ mod tests {
             .await;
         // The same id, created again, still running.
         task(&meta, "t");
-        assert_eq!(
-            reconcile_log(&meta, &events).await.unwrap().0,
-            Reconciled::default()
-        );
+        assert_settled(&meta, &events).await;
         assert!(meta.exit("ns", "t", "").unwrap().is_none());
         // Records from before exits named their events are trusted as they are.
         meta.record_exit("ns", &exit("t", 5)).unwrap();
-        assert_eq!(
-            reconcile_log(&meta, &events).await.unwrap().0,
-            Reconciled::default()
-        );
+        assert_settled(&meta, &events).await;
         assert_eq!(logged_exits(&events, "t").len(), 1);
     }
 
@@ -803,9 +799,7 @@ mod tests {
         // out) but before its event reached the log.
         meta.delete_task("ns", "t").unwrap();
         meta.flush().unwrap();
-        drop(events);
-        drop(meta);
-        let (meta, events) = open(dir.path());
+        let (meta, events) = reopen(dir.path(), meta, events);
 
         let done = reconcile_log(&meta, &events).await.unwrap().0;
         assert_eq!(
@@ -825,13 +819,8 @@ mod tests {
             "the delete reports the logged exit"
         );
         // Durable: a second start finds the task's lifecycle closed.
-        drop(events);
-        drop(meta);
-        let (meta, events) = open(dir.path());
-        assert_eq!(
-            reconcile_log(&meta, &events).await.unwrap().0,
-            Reconciled::default()
-        );
+        let (meta, events) = reopen(dir.path(), meta, events);
+        assert_settled(&meta, &events).await;
         assert_eq!(logged(&events, "/tasks/delete").len(), 1);
     }
 
@@ -925,9 +914,6 @@ mod tests {
         assert!(meta.container("ns", "kept").unwrap().is_none());
         assert!(meta.container("ns", "again").unwrap().is_some());
         assert!(meta.container("ns", "busy").unwrap().is_some());
-        assert_eq!(
-            reconcile_log(&meta, &events).await.unwrap().0,
-            Reconciled::default()
-        );
+        assert_settled(&meta, &events).await;
     }
 }
