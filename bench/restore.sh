@@ -5,6 +5,8 @@
 # correct (all 200 RUNNING with their real pids).
 #
 # usage: sudo bench/restore.sh [ROUNDS] [TASKS]    (default 10 rounds, 200 tasks)
+#   KEEL_BIN=DIR takes keeld and keelctl from DIR instead of building them (to
+#   compare two builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . deploy/env.sh
@@ -12,12 +14,13 @@ cd "$(dirname "$0")/.."
 ROUNDS=${1:-10}
 TASKS=${2:-200}
 DIR=${KEEL_BENCH_DIR:-/var/tmp/keel-bench-restore}
-cargo build --release --locked --bins >&2
+BIN=${KEEL_BIN:-target/release}
+[ -n "${KEEL_BIN:-}" ] || cargo build --release --locked --bins >&2
 cargo build --release --locked -p keel-tests --example restore_bench >&2
 rm -rf "$DIR"
 mkdir -p "$DIR"
-KEELD_CMD=(target/release/keeld --root "$DIR/root" --state "$DIR/state" --address "$DIR/keel.sock")
-K="target/release/keelctl --address $DIR/keel.sock --namespace bench"
+KEELD_CMD=("$BIN/keeld" --root "$DIR/root" --state "$DIR/state" --address "$DIR/keel.sock")
+K="$BIN/keelctl --address $DIR/keel.sock --namespace bench"
 start_keeld() {
     "${KEELD_CMD[@]}" 2>>"$DIR/keeld.log" &
     KEELD=$!
