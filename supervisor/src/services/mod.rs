@@ -22,9 +22,10 @@ impl<T, E: Into<Error>> Rpc<T> for Result<T, E> {
 }
 
 /// Runs blocking store work (sled reads, file metadata, hashing) off the RPC threads.
-pub(crate) async fn blocking<T, F>(f: F) -> ttrpc::Result<T>
+pub(crate) async fn blocking<T, E, F>(f: F) -> ttrpc::Result<T>
 where
-    F: FnOnce() -> Result<T, keel_storage::Error> + Send + 'static,
+    F: FnOnce() -> Result<T, E> + Send + 'static,
+    E: Into<Error> + Send + 'static,
     T: Send + 'static,
 {
     tokio::task::spawn_blocking(f)

@@ -186,12 +186,7 @@ impl tasks_ttrpc::Tasks for TasksService {
                 }
                 let (store, ns2, digest) =
                     (self.storage.store().clone(), ns.clone(), d.digest.clone());
-                let verified =
-                    tokio::task::spawn_blocking(move || verify_checkpoint(&store, &ns2, &digest))
-                        .await
-                        .map_err(|e| Error::Internal(format!("blocking task failed: {e}")))
-                        .rpc()?;
-                Some(verified.rpc()?)
+                Some(blocking(move || verify_checkpoint(&store, &ns2, &digest)).await?)
             }
             None => None,
         };
