@@ -42,6 +42,8 @@ pub use exec::ExecSpec;
 
 /// Deadline for one shim RPC other than Wait.
 const SHIM_RPC_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait before dialling a live shim again after its connection broke.
+const REDIAL_PAUSE: Duration = Duration::from_millis(100);
 /// How long a forced delete waits for the killed task to exit.
 const FORCE_KILL_WAIT: Duration = Duration::from_secs(10);
 /// Requests one task may have waiting before more are refused.
@@ -763,8 +765,10 @@ impl TaskActor {
         // Second way, and the exit itself: a pending Wait.
         let id = self.id.clone();
         let shim_pid = self.record.shim_pid;
+        let (address, ns) = (self.record.shim_address.clone(), self.ns.clone());
         let addr = ctx.address();
         actix::spawn(async move {
+            let mut shim = shim;
             loop {
                 let req = api::WaitRequest {
                     id: id.clone(),
@@ -786,6 +790,22 @@ impl TaskActor {
                         tracing::warn!(task_id = %id, shim_pid, error = %e, "shim is gone");
                         addr.do_send(ShimDied);
                         return;
+                    }
+                    // The connection broke while the shim lives: dial it again, and
+                    // hand the new connection to the actor for every later request.
+                    Err(e @ keel_protocol::Error::Transport(_)) => {
+                        tracing::warn!(task_id = %id, shim_pid, error = %e, "connection to the shim broke; connecting again");
+                        tokio::time::sleep(REDIAL_PAUSE).await;
+                        match ShimClient::connect(&address, &ns).await {
+                            Ok(fresh) => {
+                                shim = fresh.clone();
+                                addr.do_send(Redialled(fresh));
+                            }
+                            Err(e) => {
+                                tracing::warn!(task_id = %id, shim_pid, error = %e, "connecting to the shim again failed; retrying");
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                            }
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(task_id = %id, shim_pid, error = %e, "wait on shim failed; retrying");
@@ -904,6 +924,22 @@ impl Handler<Exited> for TaskActor {
 
     fn handle(&mut self, m: Exited, _: &mut Self::Context) -> Self::Result {
         AtomicResponse::new(self.exited(m.status, m.at))
+    }
+}
+
+/// A new connection to the live shim, after the last one broke.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Redialled(ShimClient);
+
+impl Handler<Redialled> for TaskActor {
+    type Result = ();
+
+    fn handle(&mut self, m: Redialled, _: &mut Self::Context) {
+        if self.shim_alive {
+            tracing::info!(task_id = %self.id, "connected to the shim again");
+            self.shim = Some(m.0);
+        }
     }
 }
 

@@ -202,6 +202,100 @@ fn memory_limit_exceeded_exits_137() {
     assert_no_leaks(&k, &k.namespace, "rt-oom");
 }
 
+/// Shuts down, in process `pid`, every socket connected to the unix socket `path`
+/// (each duplicated with pidfd_getfd: shutdown acts on the connection, which both
+/// descriptors share). Returns how many.
+fn shut_down_connections(pid: u32, path: &std::path::Path) -> usize {
+    use nix::sys::socket::{getpeername, shutdown, Shutdown, UnixAddr};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let pid = libc::pid_t::try_from(pid).unwrap();
+    // SAFETY: pidfd_open takes a pid and flags; a new descriptor or -1 comes back.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    assert!(
+        pidfd >= 0,
+        "pidfd_open: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: the descriptor was just returned to us and is owned here alone.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(i32::try_from(pidfd).unwrap()) };
+    let mut n = 0;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        let is_socket = std::fs::read_link(entry.path())
+            .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"));
+        let Some(target) = entry
+            .file_name()
+            .to_str()
+            .and_then(|f| f.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if !is_socket {
+            continue;
+        }
+        // SAFETY: pidfd_getfd takes a pidfd, a descriptor number in that process and
+        // flags; a new descriptor of ours or -1 comes back.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) };
+        if fd < 0 {
+            continue;
+        }
+        // SAFETY: as above, a fresh descriptor owned here alone.
+        let fd = unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).unwrap()) };
+        let peer = getpeername::<UnixAddr>(fd.as_raw_fd()).ok();
+        if peer.as_ref().and_then(UnixAddr::path) == Some(path) {
+            shutdown(fd.as_raw_fd(), Shutdown::Both).unwrap();
+            n += 1;
+        }
+    }
+    n
+}
+
+#[test]
+fn a_broken_connection_to_a_live_shim_is_dialled_again() {
+    require_runtime();
+    let k = Keeld::start();
+    let mut sub = subscribe(&k, &["topic==/tasks/exit", "topic==/containers/delete"]);
+    assert!(run(&k, &["-d", "rt-redial", "sleep", "600"])
+        .status
+        .success());
+    let keeld = k.pid().expect("keeld runs");
+    let broken = shut_down_connections(keeld, &k.shim_socket("rt-redial"));
+    assert_eq!(broken, 1, "keeld's one connection to the shim");
+    // The task keeps running and its shim answers through a new connection.
+    eventually(Duration::from_secs(20), "the shim to answer again", || {
+        k.ctl(&["tasks", "ps", "rt-redial"])
+            .status
+            .success()
+            .then_some(())
+    });
+    let info = k.ctl_ok(&["tasks", "ls", "--format", "json"]);
+    assert!(info.contains("\"RUNNING\""), "{info}");
+    k.ctl_ok(&["tasks", "kill", "-s", "KILL", "rt-redial"]);
+    let w = k.ctl(&["tasks", "wait", "rt-redial"]);
+    assert_eq!(w.status.code(), Some(137), "{}", describe(&w));
+    let exits = sub
+        .until(Duration::from_secs(10), |e| {
+            e["topic"] == "/tasks/exit" && e["event"]["containerId"] == "rt-redial"
+        })
+        .expect("exit event of rt-redial");
+    let mut exits: Vec<_> = exits
+        .into_iter()
+        .filter(|e| e["event"]["containerId"] == "rt-redial")
+        .collect();
+    exits.extend(
+        sub.take(16, Duration::from_secs(2))
+            .into_iter()
+            .filter(|e| e["event"]["containerId"] == "rt-redial"),
+    );
+    assert_eq!(exits.len(), 1, "one exit: {exits:#?}");
+    assert_eq!(exits[0]["event"]["exitStatus"], 137);
+    k.ctl_ok(&["tasks", "rm", "rt-redial"]);
+    k.ctl_ok(&["containers", "rm", "rt-redial"]);
+    assert_no_leaks(&k, &k.namespace, "rt-redial");
+}
+
 #[test]
 fn sigkill_of_the_shim_stops_the_task_with_137_and_cleans_up() {
     require_runtime();
