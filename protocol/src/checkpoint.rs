@@ -38,6 +38,9 @@ pub const ANNOTATION_CREATED: &str = "org.opencontainers.image.created";
 pub const LABEL_CHECKPOINT: &str = "containerd.io/checkpoint";
 /// Content label making a blob a root that is never collected.
 pub const LABEL_GC_ROOT: &str = "containerd.io/gc.root";
+/// Prefix of the content labels by which a blob references another (the value is
+/// the referenced digest).
+pub const LABEL_GC_REF_CONTENT: &str = "containerd.io/gc.ref.content.";
 
 /// One blob of a checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,10 +129,7 @@ impl Checkpoint {
             (LABEL_GC_ROOT.to_string(), self.created.clone()),
         ]);
         for (i, b) in self.blobs().into_iter().enumerate() {
-            labels.insert(
-                format!("containerd.io/gc.ref.content.m.{i}"),
-                b.digest.clone(),
-            );
+            labels.insert(format!("{LABEL_GC_REF_CONTENT}m.{i}"), b.digest.clone());
         }
         labels
     }

@@ -130,15 +130,25 @@ fn head(k: &Keeld) -> u64 {
     *seqs(&log_to_marker(k, 0)).last().unwrap()
 }
 
+/// The ids of the containers keeld lists.
+fn containers(k: &Keeld) -> BTreeSet<String> {
+    k.ctl_ok(&["containers", "ls", "--format", "json"])
+        .lines()
+        .map(|l| {
+            let c: Value = serde_json::from_str(l).expect("json container line");
+            c["id"].as_str().expect("container id").to_string()
+        })
+        .collect()
+}
+
 /// Removes every task and container, then asserts nothing of tasks `ids` is left:
 /// no shim, mount, bundle or shim socket.
 fn remove_all_and_check_leaks(k: &Keeld, ids: &[String]) {
     for id in tasks(k).keys() {
         k.ctl_ok(&["tasks", "rm", "-f", id]);
     }
-    for line in k.ctl_ok(&["containers", "ls", "--format", "json"]).lines() {
-        let c: Value = serde_json::from_str(line).expect("json container line");
-        k.ctl_ok(&["containers", "rm", c["id"].as_str().unwrap()]);
+    for id in containers(k) {
+        k.ctl_ok(&["containers", "rm", &id]);
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -443,14 +453,7 @@ fn kill_9_at_random_points_under_churn_leaves_every_task_consistent() {
     // Every task and container the log shows created has its delete logged once if
     // it is gone (a crash between removing its records and logging the delete has
     // it published at the restore), and none if it is still there.
-    let containers: BTreeSet<String> = k
-        .ctl_ok(&["containers", "ls", "--format", "json"])
-        .lines()
-        .map(|l| {
-            let c: Value = serde_json::from_str(l).expect("json container line");
-            c["id"].as_str().unwrap_or_default().to_string()
-        })
-        .collect();
+    let containers = containers(&k);
     let mut deletes: BTreeMap<(&str, String), (usize, usize)> = BTreeMap::new();
     for e in &log {
         let (kind, id) = match e["topic"].as_str().unwrap_or_default() {

@@ -504,12 +504,11 @@ fn new_image(work: &Path) -> Option<Digest> {
 async fn drop_unreferenced(storage: &StorageHandle, ns: &str, digest: Digest) {
     let (store, ns2, d) = (storage.store().clone(), ns.to_string(), digest.to_string());
     let referenced = blocking_io(move || {
-        let all = keel_protocol::filters::Filter::parse_all::<&str>(&[])
-            .map_err(|e| Error::Io(format!("filter: {e}")))?;
+        let all = keel_protocol::filters::Filter::default();
         Ok(store.list(&ns2, &all)?.iter().any(|info| {
             info.labels
                 .iter()
-                .any(|(k, v)| k.starts_with("containerd.io/gc.ref.content.") && *v == d)
+                .any(|(k, v)| k.starts_with(layout::LABEL_GC_REF_CONTENT) && *v == d)
         }))
     })
     .await;
