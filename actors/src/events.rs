@@ -11,7 +11,8 @@
 //!
 //! Subscribers read the shared ring by sequence number; nothing is copied per
 //! subscriber, so a stalled subscriber costs no memory. The ring keeps the newest
-//! `retain` events, as does the log on disk.
+//! `retain` events that fit in `retain_bytes`, as does the log on disk; an event's
+//! size is its record in the log (the encoded envelope and its 4-byte length).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,8 +28,10 @@ use tokio::sync::watch;
 
 use crate::{Error, Result};
 
-/// Events dropped from the ring between trims of the log on disk.
+/// Events dropped from the ring between trims of the log on disk…
 const TRIM_BATCH: usize = 1024;
+/// …or bytes of them, whichever comes first.
+const TRIM_BATCH_BYTES: u64 = keel_storage::events::SEGMENT_BYTES;
 
 /// Topic of the notice that starts a replay whose start is no longer retained.
 pub const GAP_TOPIC: &str = "/keel/events/gap";
@@ -38,17 +41,34 @@ pub const GAP_TOPIC: &str = "/keel/events/gap";
 pub struct EventOptions {
     /// Events kept for replay, in memory and on disk.
     pub retain: usize,
+    /// Bytes of events kept for replay (what the ring may hold in memory, and what a
+    /// start reads back from disk).
+    pub retain_bytes: u64,
     /// Events a live subscriber may fall behind before it is disconnected.
     pub subscriber_buffer: usize,
+    /// Bytes of events a live subscriber may fall behind before it is disconnected.
+    pub subscriber_buffer_bytes: u64,
 }
 
 impl Default for EventOptions {
     fn default() -> Self {
         Self {
             retain: 100_000,
+            retain_bytes: 128 << 20,
             subscriber_buffer: 16_384,
+            subscriber_buffer_bytes: 32 << 20,
         }
     }
+}
+
+/// A delivered event as the ring holds it.
+struct Retained {
+    env: Arc<Envelope>,
+    /// Its size (its record in the log).
+    size: u64,
+    /// Bytes delivered since the exchange opened, up to and including this event:
+    /// the difference of two is the size of the events between them.
+    upto: u64,
 }
 
 /// Whether events of a topic must be on disk before anyone sees them.
@@ -58,6 +78,7 @@ pub fn is_durable(topic: &str) -> bool {
 
 struct Staged {
     env: Arc<Envelope>,
+    size: u64,
     /// Deliverable without waiting for a flush.
     ready: bool,
 }
@@ -65,8 +86,12 @@ struct Staged {
 struct State {
     next: u64,
     reserved: u64,
-    /// Delivered events, oldest first, at most `retain`.
-    ring: VecDeque<Arc<Envelope>>,
+    /// Delivered events, oldest first, at most `retain` and `retain_bytes`.
+    ring: VecDeque<Retained>,
+    /// Sum of the ring's sizes.
+    ring_bytes: u64,
+    /// Bytes delivered since the exchange opened.
+    delivered_bytes: u64,
     /// Highest sequence number retention has dropped.
     trimmed_upto: u64,
     /// Staged, not yet delivered, in sequence order.
@@ -75,8 +100,9 @@ struct State {
     flush_wanted: u64,
     /// Events of topics that are not durable were appended since the last flush.
     unflushed: bool,
-    /// Dropped from the ring since the log was last trimmed.
+    /// Dropped from the ring since the log was last trimmed (events, bytes).
     untrimmed: usize,
+    untrimmed_bytes: u64,
 }
 
 struct Inner {
@@ -119,23 +145,30 @@ impl EventSink {
     /// Opens the exchange over the event log in `dir` (its marks in `db`, which its
     /// flushes also flush), reloading retained events, and starts its flusher thread.
     pub fn open(dir: &std::path::Path, db: sled::Db, opts: EventOptions) -> Result<Self> {
-        let sequence_of = |b: &[u8]| {
-            Envelope::parse_from_bytes(b)
-                .ok()
-                .map(|e| e.sequence)
-                .filter(|s| *s > 0)
-        };
-        let (log, loaded) = EventLog::open(dir, db, opts.retain, &sequence_of)?;
+        let (log, mut loaded) =
+            EventLog::open(dir, db, opts.retain, opts.retain_bytes, &sequence_of)?;
         let mut ring = VecDeque::with_capacity(loaded.events.len());
-        for (seq, bytes) in loaded.events {
+        let mut ring_bytes = 0;
+        // One record at a time, so the raw and the decoded copies never both hold
+        // the whole retained log.
+        while let Some((seq, bytes)) = loaded.events.pop_front() {
+            let size = record_size(bytes.len());
             match Envelope::parse_from_bytes(&bytes) {
-                Ok(env) => ring.push_back(Arc::new(env)),
+                Ok(env) => {
+                    ring_bytes += size;
+                    ring.push_back(Retained {
+                        env: Arc::new(env),
+                        size,
+                        upto: ring_bytes,
+                    });
+                }
                 Err(e) => tracing::error!(seq, error = %e, "unreadable event in the log; skipped"),
             }
         }
-        let last = ring.back().map_or(0, |e| e.sequence);
+        let last = ring.back().map_or(0, |e| e.env.sequence);
         tracing::info!(
             retained = ring.len(),
+            retained_bytes = ring_bytes,
             next_seq = loaded.next_seq,
             "event log loaded"
         );
@@ -149,11 +182,14 @@ impl EventSink {
                     next: loaded.next_seq,
                     reserved: loaded.reserved,
                     ring,
+                    ring_bytes,
+                    delivered_bytes: ring_bytes,
                     trimmed_upto: loaded.trimmed_upto,
                     staged: VecDeque::new(),
                     flush_wanted: 0,
                     unflushed: false,
                     untrimmed: 0,
+                    untrimmed_bytes: 0,
                 }),
                 delivered,
                 flush,
@@ -230,6 +266,7 @@ impl EventSink {
         st.next += 1;
         st.staged.push_back(Staged {
             env: Arc::new(env),
+            size: record_size(bytes.len()),
             ready: !durable,
         });
         if durable {
@@ -255,16 +292,30 @@ impl EventSink {
         while st.staged.front().is_some_and(|s| s.ready) {
             let s = st.staged.pop_front().expect("front exists");
             newest = Some(s.env.sequence);
-            st.ring.push_back(s.env);
+            st.ring_bytes += s.size;
+            st.delivered_bytes += s.size;
+            let upto = st.delivered_bytes;
+            st.ring.push_back(Retained {
+                env: s.env,
+                size: s.size,
+                upto,
+            });
         }
-        while st.ring.len() > self.inner.opts.retain {
+        let opts = self.inner.opts;
+        // The newest event always stays, whatever its size.
+        while st.ring.len() > opts.retain
+            || (st.ring_bytes > opts.retain_bytes && st.ring.len() > 1)
+        {
             let old = st.ring.pop_front().expect("ring is not empty");
-            st.trimmed_upto = old.sequence;
+            st.trimmed_upto = old.env.sequence;
+            st.ring_bytes -= old.size;
             st.untrimmed += 1;
+            st.untrimmed_bytes += old.size;
         }
         // The log on disk follows now and then (reopening it trims it exactly).
-        if st.untrimmed >= TRIM_BATCH {
+        if st.untrimmed >= TRIM_BATCH || st.untrimmed_bytes >= TRIM_BATCH_BYTES {
             st.untrimmed = 0;
+            st.untrimmed_bytes = 0;
             if let Err(e) = self.inner.log.trim(st.trimmed_upto) {
                 tracing::error!(error = %e, "trimming the event log");
             }
@@ -290,30 +341,71 @@ impl EventSink {
         let st = self.state();
         if after < st.trimmed_upto {
             return Err(Behind {
-                first_retained: st.ring.front().map_or(st.next, |e| e.sequence),
+                first_retained: st.ring.front().map_or(st.next, |e| e.env.sequence),
             });
         }
-        let from = st.ring.partition_point(|e| e.sequence <= after);
-        Ok(st.ring.range(from..).take(max).cloned().collect())
+        let from = st.ring.partition_point(|e| e.env.sequence <= after);
+        Ok(st
+            .ring
+            .range(from..)
+            .take(max)
+            .map(|r| r.env.clone())
+            .collect())
     }
 
     /// Every retained event, oldest first, and the highest sequence number retention
     /// dropped: an event numbered above it is retained unless it never reached the log.
     pub fn retained(&self) -> (u64, Vec<Arc<Envelope>>) {
         let st = self.state();
-        (st.trimmed_upto, st.ring.iter().cloned().collect())
+        (
+            st.trimmed_upto,
+            st.ring.iter().map(|r| r.env.clone()).collect(),
+        )
     }
 
-    /// How many delivered events come after sequence `after`.
-    pub fn backlog_after(&self, after: u64) -> usize {
+    /// How many delivered events come after sequence `after`, and their bytes.
+    pub fn backlog_after(&self, after: u64) -> (usize, u64) {
         let st = self.state();
-        st.ring.len() - st.ring.partition_point(|e| e.sequence <= after)
+        let from = st.ring.partition_point(|e| e.env.sequence <= after);
+        let bytes = match (st.ring.get(from), st.ring.back()) {
+            (Some(first), Some(last)) => last.upto - first.upto + first.size,
+            _ => 0,
+        };
+        (st.ring.len() - from, bytes)
+    }
+
+    /// Events and bytes the ring holds.
+    pub fn retained_size(&self) -> (usize, u64) {
+        let st = self.state();
+        (st.ring.len(), st.ring_bytes)
     }
 
     /// Counts a subscriber disconnected for falling behind; returns the total.
     pub fn count_lagged(&self) -> u64 {
         self.inner.lagged.fetch_add(1, Ordering::Relaxed) + 1
     }
+}
+
+/// The sequence number of an encoded envelope (field 5), read without decoding (or
+/// copying) the rest of it; `None` when the bytes are not an envelope with one.
+pub fn sequence_of(bytes: &[u8]) -> Option<u64> {
+    use protobuf::rt::WireType;
+    let mut is = protobuf::CodedInputStream::from_bytes(bytes);
+    let mut sequence = None;
+    while let Some(tag) = is.read_raw_tag_or_eof().ok()? {
+        let (field, wire) = (tag >> 3, WireType::new(tag & 7)?);
+        if field == 5 && wire == WireType::Varint {
+            sequence = Some(is.read_uint64().ok()?);
+        } else {
+            is.skip_field(wire).ok()?;
+        }
+    }
+    sequence.filter(|s| *s > 0)
+}
+
+/// An event's size as retention counts it: its record in the log.
+fn record_size(encoded: usize) -> u64 {
+    encoded as u64 + 4
 }
 
 /// How long an event of a topic that is not durable may stay in memory, delivered
@@ -384,15 +476,19 @@ mod tests {
                 Err(e) => panic!("{e}"),
             }
         };
-        EventSink::open(
-            &dir.join("events"),
+        open_with(
+            dir,
             db,
             EventOptions {
                 retain,
                 subscriber_buffer: 8,
+                ..EventOptions::default()
             },
         )
-        .unwrap()
+    }
+
+    fn open_with(dir: &std::path::Path, db: sled::Db, opts: EventOptions) -> EventSink {
+        EventSink::open(&dir.join("events"), db, opts).unwrap()
     }
 
     fn seqs(events: &[Arc<Envelope>]) -> Vec<u64> {
@@ -414,7 +510,7 @@ mod tests {
             let got = sink.read_after(0, 10).unwrap();
             assert_eq!(seqs(&got), vec![a, b, c]);
             assert_eq!(sink.head(), c);
-            assert_eq!(sink.backlog_after(a), 2);
+            assert_eq!(sink.backlog_after(a).0, 2);
         }
         let sink = open(dir.path(), 100);
         let got = sink.read_after(0, 10).unwrap();
@@ -458,6 +554,74 @@ mod tests {
             vec![last - 2, last - 1, last]
         );
         assert!(sink.read_after(last - 4, 10).is_err());
+    }
+
+    #[tokio::test]
+    async fn retention_counts_bytes_too_and_so_does_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = || json_any("example.Big", vec![7; 100_000]);
+        let opts = EventOptions {
+            retain: 1000,
+            retain_bytes: 350_000,
+            subscriber_buffer: 8,
+            subscriber_buffer_bytes: 1,
+        };
+        let db = keel_storage::open_db(dir.path()).unwrap();
+        let sink = open_with(dir.path(), db, opts);
+        let mut last = 0;
+        for _ in 0..10 {
+            last = sink.publish("ns", "/x", big(), None).unwrap().await;
+        }
+        let (events, bytes) = sink.retained_size();
+        assert_eq!(events, 3, "three events of ~100 kB fit in 350 kB");
+        assert!(bytes <= 350_000 && bytes > 300_000, "{bytes}");
+        let (n, b) = sink.backlog_after(last - 2);
+        assert_eq!(n, 2);
+        assert!(b > 200_000 && b < 201_000, "two events' records: {b}");
+        assert_eq!(sink.backlog_after(last), (0, 0));
+        assert!(matches!(sink.read_after(last - 4, 10), Err(Behind { .. })));
+        // One event over the whole budget still stays, alone.
+        let huge = sink
+            .publish("ns", "/x", json_any("example.Big", vec![0; 400_000]), None)
+            .unwrap()
+            .await;
+        assert_eq!(seqs(&sink.read_after(huge - 1, 10).unwrap()), vec![huge]);
+        assert_eq!(sink.retained_size().0, 1);
+        let small = sink.publish("ns", "/x", any(), None).unwrap().await;
+        drop(sink);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let db = loop {
+            match keel_storage::open_db(dir.path()) {
+                Ok(db) => break db,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let sink = open_with(dir.path(), db, opts);
+        assert_eq!(
+            seqs(&sink.read_after(huge - 1, 10).unwrap_or_default()),
+            Vec::<u64>::new(),
+            "the huge one no longer fits beside the newer one"
+        );
+        assert_eq!(seqs(&sink.read_after(huge, 10).unwrap()), vec![small]);
+    }
+
+    #[test]
+    fn sequence_numbers_are_read_without_decoding_the_rest() {
+        let env = Envelope {
+            namespace: "ns".into(),
+            topic: "/x".into(),
+            event: MessageField::some(json_any("t", vec![1; 1000])),
+            sequence: 77,
+            ..Default::default()
+        };
+        let bytes = env.write_to_bytes().unwrap();
+        assert_eq!(sequence_of(&bytes), Some(77));
+        assert_eq!(sequence_of(&bytes[..bytes.len() - 3]), None, "torn");
+        assert_eq!(sequence_of(b""), None);
+        assert_eq!(sequence_of(&[0xff; 12]), None);
     }
 
     #[tokio::test]

@@ -237,8 +237,13 @@ pub async fn cleanup_orphan(cmd: &ShimCommand) {
 
 /// Bundles under `<state>/tasks/<ns>/<id>`, as (namespace, id).
 pub fn bundles(state_dir: &Path) -> Vec<(String, String)> {
+    task_dirs(&state_dir.join("tasks"))
+}
+
+/// Directories `<dir>/<ns>/<id>`, as (namespace, id).
+pub fn task_dirs(dir: &Path) -> Vec<(String, String)> {
     let mut out = Vec::new();
-    let Ok(namespaces) = std::fs::read_dir(state_dir.join("tasks")) else {
+    let Ok(namespaces) = std::fs::read_dir(dir) else {
         return out;
     };
     for ns in namespaces.flatten() {

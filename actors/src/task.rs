@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -67,9 +68,20 @@ pub struct TaskEnv {
     pub state_dir: PathBuf,
     /// keeld's socket: the shims' `-address` and `TTRPC_ADDRESS`.
     pub keel_socket: PathBuf,
+    /// A directory on disk (under keeld's root, not the state tmpfs) for large
+    /// scratch work: the CRIU image a task is restored from waits here for Start.
+    pub scratch_dir: PathBuf,
+    /// Bounds on what clients send (checkpoint images among them).
+    pub limits: keel_protocol::limits::Limits,
 }
 
 impl TaskEnv {
+    /// Where the CRIU image of a task restored from a checkpoint is unpacked, until
+    /// its Start has restored it.
+    fn restore_dir(&self, ns: &str, id: &str) -> PathBuf {
+        self.scratch_dir.join("restore").join(ns).join(id)
+    }
+
     fn bundle(&self, ns: &str, id: &str) -> PathBuf {
         self.state_dir.join("tasks").join(ns).join(id)
     }
@@ -263,6 +275,9 @@ pub struct Tasks {
     env: Arc<TaskEnv>,
     arbiter: ArbiterHandle,
     live: Arc<Mutex<HashMap<(String, String), TaskHandle>>>,
+    /// Ids held by a create under way (or a container delete): taken under the
+    /// `live` lock, so an id is never both reserved twice or reserved and live.
+    reserved: Arc<Mutex<std::collections::HashSet<TaskKey>>>,
     /// Bounds how many shims are probed at once during a restore.
     probes: Arc<tokio::sync::Semaphore>,
     cgroups: CgroupParents,
@@ -274,6 +289,22 @@ pub struct Tasks {
 
 /// A task's namespace and id.
 type TaskKey = (String, String);
+
+/// A task id held by [`Tasks::reserve`]; released when dropped.
+#[derive(Debug)]
+pub struct Reservation {
+    reserved: Arc<Mutex<std::collections::HashSet<TaskKey>>>,
+    key: TaskKey,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.reserved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
 
 impl std::fmt::Debug for Tasks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -288,6 +319,7 @@ impl Tasks {
             env: Arc::new(env),
             arbiter,
             live: Arc::default(),
+            reserved: Arc::default(),
             probes: Arc::new(tokio::sync::Semaphore::new(PARALLEL_PROBES)),
             cgroups: CgroupParents::default(),
             orphans: Arc::default(),
@@ -316,6 +348,25 @@ impl Tasks {
             .collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
         v
+    }
+
+    /// Holds task id `id` of `ns` until the reservation is dropped: AlreadyExists
+    /// while the task exists or another reservation holds it. A create takes one
+    /// before any side effect, so of two concurrent creates of an id one gets
+    /// AlreadyExists and touches nothing.
+    pub fn reserve(&self, ns: &str, id: &str) -> Result<Reservation> {
+        let key = (ns.to_string(), id.to_string());
+        let live = self.live.lock().expect("task registry");
+        let mut reserved = self.reserved.lock().expect("task reservations");
+        if live.contains_key(&key) || !reserved.insert(key.clone()) {
+            return Err(Error::AlreadyExists(format!(
+                "task {id} already exists in namespace {ns}"
+            )));
+        }
+        Ok(Reservation {
+            reserved: self.reserved.clone(),
+            key,
+        })
     }
 
     fn forget(&self, ns: &str, id: &str) {
@@ -353,6 +404,8 @@ impl Tasks {
         for (ns, record, exit, runtime, execs) in found {
             let id = record.id.clone();
             let unannounced = logged.missing(&ns, &id, record.created_ns);
+            // Known once the shim answers the probe.
+            let shim_pid = Arc::new(AtomicU32::new(0));
             let cmd = self.shim_command(&ns, &id, runtime.as_deref());
             // The shim logs into the bundle's FIFO: drain it again at once.
             let log = if cmd.bundle.exists() {
@@ -382,13 +435,14 @@ impl Tasks {
                 execs,
                 _log: log,
                 probe_backoff: Duration::ZERO,
+                shim_pid: shim_pid.clone(),
                 unannounced,
             };
             let addr = TaskActor::start_in_arbiter(&self.arbiter, |_| actor);
             self.live
                 .lock()
                 .expect("task registry")
-                .insert((ns, id.clone()), TaskHandle::new(id, addr));
+                .insert((ns, id.clone()), TaskHandle::new(id, addr, shim_pid));
         }
 
         // Orphans: bundles and shims of this keeld with no task record.
@@ -424,6 +478,15 @@ impl Tasks {
                 orphans.lock().expect("orphan registry").remove(&key);
                 let _ = done.send(true);
             });
+        }
+
+        // CRIU images unpacked for a restore whose task is gone.
+        for (ns, id) in restore::task_dirs(&self.env.scratch_dir.join("restore")) {
+            if self.get(&ns, &id).is_err() {
+                let dir = self.env.restore_dir(&ns, &id);
+                tracing::info!(namespace = %ns, task_id = %id, "removing the unpacked checkpoint of a task that is gone");
+                let _ = std::fs::remove_dir_all(dir);
+            }
         }
 
         let tasks = self.clone();
@@ -473,17 +536,16 @@ impl Tasks {
     }
 
     /// Creates the task: bundle, shim, Create. On failure nothing is left behind.
-    pub async fn create(&self, req: CreateTask) -> Result<TaskHandle> {
+    /// `reservation` holds the task's id (taken before the container was read).
+    pub async fn create(&self, reservation: Reservation, req: CreateTask) -> Result<TaskHandle> {
         let ns = req.namespace.clone();
         let id = req.container.id.clone();
         let key = (ns.clone(), id.clone());
-        {
-            let live = self.live.lock().expect("task registry");
-            if live.contains_key(&key) {
-                return Err(Error::AlreadyExists(format!(
-                    "task {id} already exists in namespace {ns}"
-                )));
-            }
+        if reservation.key != key {
+            return Err(Error::InvalidArgument(format!(
+                "task {id}: the reservation is for {:?}",
+                reservation.key
+            )));
         }
         let meta = self.env.meta.clone();
         let (n2, i2) = (ns.clone(), id.clone());
@@ -512,6 +574,7 @@ impl Tasks {
                     .lock()
                     .expect("task registry")
                     .insert(key, handle.clone());
+                drop(reservation);
                 Ok(handle)
             }
             Err((e, shim)) => {
@@ -541,6 +604,7 @@ impl Tasks {
                         .await;
                 }
                 let _ = remove_bundle(&bundle);
+                let _ = std::fs::remove_dir_all(self.env.restore_dir(&ns, &id));
                 self.cgroups.remove(&ns, &id).await;
                 Err(e)
             }
@@ -568,9 +632,10 @@ impl Tasks {
         let log = LogFifo::open(bundle, ns, id).map_err(fail)?;
         let checkpoint_dir = match &req.checkpoint {
             Some(tar) => {
-                let (tar, dir) = (tar.clone(), bundle.join(checkpoint::CHECKPOINT_DIR));
-                let d = dir.clone();
-                blocking_io(move || checkpoint::unpack_image(&tar, &d))
+                let (tar, dir) = (tar.clone(), self.env.restore_dir(ns, id));
+                let (d, limits) = (dir.clone(), self.env.limits.clone());
+                let _ = std::fs::remove_dir_all(&dir);
+                blocking_io(move || checkpoint::unpack_image(&tar, &d, &limits))
                     .await
                     .map_err(fail)?;
                 Some(dir)
@@ -679,6 +744,7 @@ impl Tasks {
             tracing::error!(namespace = %ns, task_id = %id, error = %e, "publishing /tasks/create failed");
         }
 
+        let shim_pid = Arc::new(AtomicU32::new(record.shim_pid));
         let actor = TaskActor {
             ns: ns.clone(),
             id: id.clone(),
@@ -695,10 +761,11 @@ impl Tasks {
             execs: HashMap::new(),
             _log: Some(log),
             probe_backoff: Duration::ZERO,
+            shim_pid: shim_pid.clone(),
             unannounced: (false, false),
         };
         let addr = TaskActor::start_in_arbiter(&self.arbiter, |_| actor);
-        Ok(TaskHandle::new(id.clone(), addr))
+        Ok(TaskHandle::new(id.clone(), addr, shim_pid))
     }
 }
 
@@ -723,6 +790,8 @@ struct TaskActor {
     _log: Option<LogFifo>,
     /// Pause before the next probe of a shim that did not answer.
     probe_backoff: Duration,
+    /// The shim's pid as the handle shows it (for checking who forwards events).
+    shim_pid: Arc<AtomicU32>,
     /// Restored: whether `/tasks/create` and `/tasks/start` are missing from the
     /// event log (keeld died before they reached it); published once the shim
     /// shows the task exists.
@@ -1078,6 +1147,7 @@ impl Handler<Probed> for TaskActor {
             } => {
                 self.shim = Some(shim.clone());
                 self.record.shim_pid = shim_pid;
+                self.shim_pid.store(shim_pid, Ordering::Relaxed);
                 if pid != 0 {
                     self.record.pid = pid;
                 }
@@ -1162,7 +1232,7 @@ impl Handler<Start> for TaskActor {
             ..Default::default()
         };
         // A task created from a checkpoint is restored by CRIU at Start.
-        let image = self.cmd.bundle.join(checkpoint::CHECKPOINT_DIR);
+        let image = self.env.restore_dir(&self.ns, &self.id);
         let restoring = image.exists();
         let timeout = if restoring {
             Some(checkpoint::CRIU_RPC_TIMEOUT)
@@ -1670,8 +1740,10 @@ impl Handler<Delete> for TaskActor {
                     let log_path = act.record.log_path.clone();
                     let address = act.record.shim_address.clone();
                     let cgroups = act.tasks.cgroups.clone();
+                    let restore_image = act.env.restore_dir(&ns, &id);
                     async move {
                         remove_bundle(&bundle)?;
+                        let _ = std::fs::remove_dir_all(restore_image);
                         cgroups.remove(&ns, &id).await;
                         if let Some(p) = log_path {
                             let _ = std::fs::remove_file(p);
@@ -1739,6 +1811,8 @@ impl Handler<Delete> for TaskActor {
 pub struct TaskHandle {
     pub id: String,
     addr: Addr<TaskActor>,
+    /// The pid of the task's shim as its actor last learned it (0: not yet known).
+    shim_pid: Arc<AtomicU32>,
     /// Requests in flight to the actor, bounded here: actix's own mailbox bound does
     /// not hold for every way of sending.
     in_flight: Arc<tokio::sync::Semaphore>,
@@ -1751,12 +1825,19 @@ impl std::fmt::Debug for TaskHandle {
 }
 
 impl TaskHandle {
-    fn new(id: String, addr: Addr<TaskActor>) -> Self {
+    fn new(id: String, addr: Addr<TaskActor>, shim_pid: Arc<AtomicU32>) -> Self {
         Self {
             id,
             addr,
+            shim_pid,
             in_flight: Arc::new(tokio::sync::Semaphore::new(TASK_REQUESTS_IN_FLIGHT)),
         }
+    }
+
+    /// The pid of the shim keel launched for this task (0 while not known, as for
+    /// a restored task whose shim has not answered yet).
+    pub fn shim_pid(&self) -> u32 {
+        self.shim_pid.load(Ordering::Relaxed)
     }
 
     /// Sends a request and waits for its answer; Unavailable when the task already

@@ -22,6 +22,10 @@ pub enum Error {
     Unavailable(String),
     #[error("permission denied: {0}")]
     PermissionDenied(String),
+    /// A bound on what one client may hold or ask for (requests in flight, writers,
+    /// bytes) is reached; the message names the bound.
+    #[error("resource exhausted: {0}")]
+    ResourceExhausted(String),
     #[error("deadline exceeded: {0}")]
     DeadlineExceeded(String),
     #[error("unimplemented: {0}")]
@@ -47,6 +51,7 @@ impl Error {
             Error::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
             Error::Unavailable(_) | Error::Transport(_) => Code::UNAVAILABLE,
             Error::PermissionDenied(_) => Code::PERMISSION_DENIED,
+            Error::ResourceExhausted(_) => Code::RESOURCE_EXHAUSTED,
             Error::DeadlineExceeded(_) => Code::DEADLINE_EXCEEDED,
             Error::Unimplemented(_) => Code::UNIMPLEMENTED,
             Error::Cancelled(_) => Code::CANCELLED,
@@ -63,6 +68,7 @@ impl Error {
             | Error::FailedPrecondition(m)
             | Error::Unavailable(m)
             | Error::PermissionDenied(m)
+            | Error::ResourceExhausted(m)
             | Error::DeadlineExceeded(m)
             | Error::Unimplemented(m)
             | Error::Cancelled(m)
@@ -79,7 +85,8 @@ impl Error {
             Code::NOT_FOUND => Error::NotFound(m),
             Code::ALREADY_EXISTS => Error::AlreadyExists(m),
             Code::FAILED_PRECONDITION | Code::ABORTED => Error::FailedPrecondition(m),
-            Code::UNAVAILABLE | Code::RESOURCE_EXHAUSTED => Error::Unavailable(m),
+            Code::UNAVAILABLE => Error::Unavailable(m),
+            Code::RESOURCE_EXHAUSTED => Error::ResourceExhausted(m),
             Code::PERMISSION_DENIED | Code::UNAUTHENTICATED => Error::PermissionDenied(m),
             Code::DEADLINE_EXCEEDED => Error::DeadlineExceeded(m),
             Code::UNIMPLEMENTED => Error::Unimplemented(m),
@@ -130,6 +137,10 @@ mod tests {
             ),
             (Error::Unavailable("x".into()), Code::UNAVAILABLE),
             (Error::PermissionDenied("x".into()), Code::PERMISSION_DENIED),
+            (
+                Error::ResourceExhausted("x".into()),
+                Code::RESOURCE_EXHAUSTED,
+            ),
             (Error::DeadlineExceeded("x".into()), Code::DEADLINE_EXCEEDED),
             (Error::Unimplemented("x".into()), Code::UNIMPLEMENTED),
             (Error::Cancelled("x".into()), Code::CANCELLED),

@@ -16,10 +16,16 @@
 //! regular expression `/tasks/.+` (containerd's scanner rejects it).
 //! An empty filter string matches everything. Regular expressions are compiled at parse
 //! time, so a bad one is an error before any matching starts.
+//!
+//! Parsing is bounded ([`FilterLimits`]): the length of each filter, the number of
+//! filters and of selectors, and the compiled size of each regular expression (the
+//! regex crate's size limits, so a pathological pattern fails instead of growing).
+//! Even bounded, compiling many regular expressions takes milliseconds: keeld parses
+//! filters on its blocking pool, never on the thread that serves requests.
 
 use std::fmt;
 
-use regex::Regex;
+use regex::{Regex, RegexBuilder};
 
 use crate::Error;
 
@@ -66,25 +72,88 @@ pub struct Filter {
     any: Vec<Vec<Selector>>,
 }
 
+/// Bounds on what one request's filters may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FilterLimits {
+    /// Bytes of one filter string.
+    pub filter_bytes: usize,
+    /// Filters in one request.
+    pub filters: usize,
+    /// Selectors in one filter.
+    pub selectors: usize,
+    /// Compiled size of one regular expression.
+    pub regex_bytes: usize,
+}
+
+impl Default for FilterLimits {
+    fn default() -> Self {
+        crate::limits::Limits::default().filters()
+    }
+}
+
 impl Filter {
-    /// Parses several filters (OR-ed); none, or an empty one, matches everything.
+    /// Parses several filters (OR-ed) under keel's default bounds; none, or an
+    /// empty one, matches everything.
     pub fn parse_all<S: AsRef<str>>(filters: &[S]) -> Result<Self, Error> {
+        Self::parse_all_within(filters, &FilterLimits::default())
+    }
+
+    /// Parses several filters (OR-ed) under `limits`; none, or an empty one, matches
+    /// everything. A bound passed is an InvalidArgument naming the filter.
+    pub fn parse_all_within<S: AsRef<str>>(
+        filters: &[S],
+        limits: &FilterLimits,
+    ) -> Result<Self, Error> {
+        if filters.len() > limits.filters {
+            return Err(Error::InvalidArgument(format!(
+                "filters: {} filters given, the limit is {}",
+                filters.len(),
+                limits.filters
+            )));
+        }
+        let name = |i: usize| {
+            if filters.len() > 1 {
+                format!("filter {}", i + 1)
+            } else {
+                "filter".to_string()
+            }
+        };
+        for (i, f) in filters.iter().enumerate() {
+            let len = f.as_ref().len();
+            if len > limits.filter_bytes {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: {len} bytes, the limit is {}",
+                    name(i),
+                    limits.filter_bytes
+                )));
+            }
+        }
         let mut any = Vec::with_capacity(filters.len());
         for (i, f) in filters.iter().enumerate() {
             let f = f.as_ref();
             if f.trim().is_empty() {
                 return Ok(Filter::default());
             }
-            let sel = Parser::new(f).selectors().map_err(|e| {
-                Error::InvalidArgument(if filters.len() > 1 {
-                    format!("filter {}: {e}", i + 1)
-                } else {
-                    format!("filter: {e}")
-                })
-            })?;
+            let sel = Parser::new(f, limits)
+                .selectors()
+                .map_err(|e| Error::InvalidArgument(format!("{}: {e}", name(i))))?;
             any.push(sel);
         }
         Ok(Filter { any })
+    }
+
+    /// Whether any selector looks into an event's payload (`event.<field>`), which
+    /// costs a decode of the payload per event matched.
+    pub fn reads_payload(&self) -> bool {
+        self.any
+            .iter()
+            .flatten()
+            .any(|s| s.path.first().is_some_and(|f| f == "event"))
+    }
+
+    /// Selectors over all filters.
+    pub fn selectors(&self) -> usize {
+        self.any.iter().map(Vec::len).sum()
     }
 
     /// Parses one filter.
@@ -133,6 +202,7 @@ impl fmt::Display for ParseError {
 struct Parser<'a> {
     input: &'a str,
     pos: usize,
+    limits: &'a FilterLimits,
 }
 
 fn is_field_char(c: char) -> bool {
@@ -144,8 +214,12 @@ fn is_quote(c: char) -> bool {
 }
 
 impl<'a> Parser<'a> {
-    fn new(input: &'a str) -> Self {
-        Self { input, pos: 0 }
+    fn new(input: &'a str, limits: &'a FilterLimits) -> Self {
+        Self {
+            input,
+            pos: 0,
+            limits,
+        }
     }
 
     fn err(&self, pos: usize, msg: impl Into<String>) -> ParseError {
@@ -180,6 +254,12 @@ impl<'a> Parser<'a> {
             match self.peek() {
                 None => return Ok(out),
                 Some(',') => {
+                    if out.len() == self.limits.selectors {
+                        return Err(self.err(
+                            self.pos,
+                            format!("more than {} selectors", self.limits.selectors),
+                        ));
+                    }
                     self.pos += 1;
                     out.push(self.selector()?);
                 }
@@ -237,12 +317,18 @@ impl<'a> Parser<'a> {
         let value_pos = self.pos;
         let value = self.value()?;
         let re = if op == Op::Matches {
-            Some(Regex::new(&value).map_err(|e| {
-                self.err(
-                    value_pos,
-                    format!("invalid regular expression {value:?}: {e}"),
-                )
-            })?)
+            Some(
+                RegexBuilder::new(&value)
+                    .size_limit(self.limits.regex_bytes)
+                    .dfa_size_limit(self.limits.regex_bytes)
+                    .build()
+                    .map_err(|e| {
+                        self.err(
+                            value_pos,
+                            format!("invalid regular expression {value:?}: {e}"),
+                        )
+                    })?,
+            )
         } else {
             None
         };
@@ -299,6 +385,7 @@ impl<'a> Parser<'a> {
                 let mut probe = Parser {
                     input: self.input,
                     pos: self.pos,
+                    limits: self.limits,
                 };
                 match probe.quoted() {
                     Ok(v) if q != '/' || matches!(probe.after_space(), None | Some(',')) => {
@@ -470,6 +557,34 @@ mod tests {
                 "{input}: points at the error: {msg}"
             );
         }
+    }
+
+    #[test]
+    fn bounds_are_invalid_arguments_naming_the_filter() {
+        let limits = FilterLimits {
+            filter_bytes: 64,
+            filters: 2,
+            selectors: 3,
+            regex_bytes: 4096,
+        };
+        let cases: &[(&[&str], &str)] = &[
+            (&["a", "b", "c"], "filters: 3 filters given, the limit is 2"),
+            (&[&"x".repeat(65)], "filter: 65 bytes, the limit is 64"),
+            (&["a", &"x".repeat(65)], "filter 2: 65 bytes"),
+            (&["a,b,c,d"], "more than 3 selectors"),
+            (&["topic~=(a|b|c){200}{200}"], "invalid regular expression"),
+        ];
+        for (filters, want) in cases {
+            let err = Filter::parse_all_within(filters, &limits).unwrap_err();
+            assert!(
+                matches!(&err, Error::InvalidArgument(m) if m.contains(want)),
+                "{filters:?}: {err:?}"
+            );
+        }
+        let ok = Filter::parse_all_within(&["a,b,c", "topic~=x"], &limits).unwrap();
+        assert_eq!(ok.selectors(), 4);
+        assert!(!ok.reads_payload());
+        assert!(Filter::parse("event.id==x").unwrap().reads_payload());
     }
 
     #[test]

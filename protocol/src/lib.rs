@@ -6,8 +6,10 @@ pub mod client;
 pub mod error;
 pub mod filters;
 pub mod identifiers;
+pub mod limits;
 pub mod shim;
 pub mod types;
+pub mod validate;
 
 pub use client::Client;
 pub use error::{Error, Result};

@@ -152,29 +152,67 @@ pub fn event_from_json(type_name: &str, json: &str) -> Result<Any, Error> {
     Ok(any)
 }
 
+/// An event payload decoded once, so that several filter selectors can read its
+/// fields without decoding it again each time.
+pub enum DecodedEvent {
+    /// A `google.protobuf.Struct` (`keelctl events publish`).
+    Struct(protobuf::well_known_types::struct_::Struct),
+    /// One of the types [`event_type`] knows.
+    Message(Box<dyn protobuf::MessageDyn>),
+    /// A type keel cannot decode, or bytes that do not decode: it has no fields.
+    Opaque,
+}
+
+impl std::fmt::Debug for DecodedEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodedEvent::Struct(_) => f.write_str("Struct"),
+            DecodedEvent::Message(m) => write!(f, "{}", m.descriptor_dyn().full_name()),
+            DecodedEvent::Opaque => f.write_str("Opaque"),
+        }
+    }
+}
+
+impl DecodedEvent {
+    pub fn decode(any: &Any) -> Self {
+        if any.type_url.rsplit('/').next() == Some(STRUCT_TYPE_URL) {
+            return protobuf::well_known_types::struct_::Struct::parse_from_bytes(&any.value)
+                .map_or(DecodedEvent::Opaque, DecodedEvent::Struct);
+        }
+        decode_event(any).map_or(DecodedEvent::Opaque, DecodedEvent::Message)
+    }
+
+    /// One field, as text (`container_id`, `exit_status`…; a top-level key of a
+    /// Struct).
+    pub fn field(&self, field: &str) -> Option<String> {
+        use protobuf::well_known_types::struct_::value::Kind;
+        match self {
+            DecodedEvent::Struct(s) => match s.fields.get(field)?.kind.as_ref()? {
+                Kind::StringValue(v) => Some(v.clone()),
+                Kind::NumberValue(n) => Some(n.to_string()),
+                Kind::BoolValue(b) => Some(b.to_string()),
+                Kind::NullValue(_) => Some("null".into()),
+                _ => None,
+            },
+            DecodedEvent::Message(msg) => {
+                let fd = msg.descriptor_dyn().field_by_name(field)?;
+                if fd.is_repeated() || fd.is_map() {
+                    return None;
+                }
+                fd.get_singular(&**msg).map(|v| match v {
+                    protobuf::reflect::ReflectValueRef::String(s) => s.to_string(),
+                    other => other.to_string(),
+                })
+            }
+            DecodedEvent::Opaque => None,
+        }
+    }
+}
+
 /// One field of a decoded event payload, as text (`container_id`, `exit_status`…;
 /// a top-level key of a Struct payload).
 pub fn event_field(any: &Any, field: &str) -> Option<String> {
-    if any.type_url.rsplit('/').next() == Some(STRUCT_TYPE_URL) {
-        use protobuf::well_known_types::struct_::{value::Kind, Struct};
-        let s = Struct::parse_from_bytes(&any.value).ok()?;
-        return match s.fields.get(field)?.kind.as_ref()? {
-            Kind::StringValue(v) => Some(v.clone()),
-            Kind::NumberValue(n) => Some(n.to_string()),
-            Kind::BoolValue(b) => Some(b.to_string()),
-            Kind::NullValue(_) => Some("null".into()),
-            _ => None,
-        };
-    }
-    let msg = decode_event(any)?;
-    let fd = msg.descriptor_dyn().field_by_name(field)?;
-    if fd.is_repeated() || fd.is_map() {
-        return None;
-    }
-    fd.get_singular(&*msg).map(|v| match v {
-        protobuf::reflect::ReflectValueRef::String(s) => s.to_string(),
-        other => other.to_string(),
-    })
+    DecodedEvent::decode(any).field(field)
 }
 
 /// An event payload as JSON: containerd's JSON mapping for its own types, otherwise

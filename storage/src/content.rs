@@ -803,8 +803,9 @@ impl ContentStore {
     }
 }
 
-/// Chunks queued for a writer's hasher thread, at most.
-const HASH_QUEUE: usize = 16;
+/// Chunks queued for a writer's hasher thread, at most (a chunk is one write, at
+/// most a 4 MiB ttrpc frame: this bounds what one writer holds to 16 MiB).
+const HASH_QUEUE: usize = 4;
 
 /// Hashes a writer's bytes on a thread of its own, so writing and hashing overlap.
 /// It first hashes what is already on disk (a resumed ingest), then every chunk the

@@ -27,8 +27,11 @@ use crate::{Error, Result};
 
 /// How many sequence numbers one reservation covers.
 pub const RESERVE_BLOCK: u64 = 1 << 16;
-/// Events per segment file.
+/// Events per segment file…
 pub const SEGMENT_EVENTS: u64 = 4096;
+/// …or bytes, whichever is reached first (so that retention by bytes can remove
+/// whole segments of large events).
+pub const SEGMENT_BYTES: u64 = 16 << 20;
 /// Largest encoded event accepted back from disk.
 const MAX_EVENT: usize = 16 << 20;
 
@@ -39,7 +42,7 @@ const TRIMMED: &[u8] = b"trimmed";
 #[derive(Debug, Default)]
 pub struct Loaded {
     /// The retained events, oldest first: (sequence, encoded envelope).
-    pub events: Vec<(u64, Vec<u8>)>,
+    pub events: VecDeque<(u64, Vec<u8>)>,
     /// The first sequence number to hand out.
     pub next_seq: u64,
     /// Highest sequence number dropped by retention (0: none).
@@ -58,6 +61,8 @@ struct Writer {
     segments: VecDeque<Segment>,
     out: Option<BufWriter<File>>,
     in_current: u64,
+    /// Bytes in the segment being written.
+    current_bytes: u64,
     /// Appended since the last flush.
     dirty: bool,
 }
@@ -98,60 +103,84 @@ fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(io("fsync", dir))
 }
 
-/// A segment as read back.
+/// What a segment held, read back record by record.
 struct SegmentRead {
-    /// (sequence, encoded event), in order.
-    records: Vec<(u64, Vec<u8>)>,
     /// Length of the valid prefix.
     valid: u64,
     /// Whether anything follows the valid prefix.
     torn: bool,
+    /// The last sequence number read (`after` when none).
+    last: u64,
+    /// Records read.
+    records: u64,
 }
 
-/// Reads a segment's records, stopping at the first one that is torn or out of
-/// order. `sequence_of` extracts an encoded envelope's sequence number.
+/// Reads a segment's records in order, handing each to `keep`, and stops at the
+/// first one that is torn or out of order. Reads through a buffer: a segment is
+/// never held in memory whole. `sequence_of` extracts an encoded envelope's
+/// sequence number.
 fn read_segment(
     path: &Path,
     after: u64,
     sequence_of: &dyn Fn(&[u8]) -> Option<u64>,
+    keep: &mut dyn FnMut(u64, Vec<u8>),
 ) -> Result<SegmentRead> {
-    let mut data = Vec::new();
-    File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut data))
-        .map_err(io("read", path))?;
-    let mut out = Vec::new();
-    let (mut pos, mut last) = (0usize, after);
-    while pos + 4 <= data.len() {
-        let len = u32::from_le_bytes(data[pos..pos + 4].try_into().expect("4 bytes")) as usize;
-        let end = pos + 4 + len;
-        if len == 0 || len > MAX_EVENT || end > data.len() {
+    let file = File::open(path).map_err(io("read", path))?;
+    let total = file.metadata().map_err(io("stat", path))?.len();
+    let mut r = std::io::BufReader::with_capacity(256 << 10, file);
+    let (mut pos, mut last, mut records) = (0u64, after, 0u64);
+    loop {
+        let mut len = [0u8; 4];
+        match r.read_exact(&mut len) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(io("read", path)(e)),
+        }
+        let len = u32::from_le_bytes(len) as usize;
+        if len == 0 || len > MAX_EVENT || pos + 4 + len as u64 > total {
             break;
         }
-        let bytes = &data[pos + 4..end];
-        match sequence_of(bytes) {
+        let mut bytes = vec![0u8; len];
+        match r.read_exact(&mut bytes) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(io("read", path)(e)),
+        }
+        match sequence_of(&bytes) {
             Some(seq) if seq > last => {
-                out.push((seq, bytes.to_vec()));
+                keep(seq, bytes);
                 last = seq;
-                pos = end;
+                records += 1;
+                pos += 4 + len as u64;
             }
             _ => break,
         }
     }
     Ok(SegmentRead {
-        records: out,
-        valid: pos as u64,
-        torn: pos < data.len(),
+        valid: pos,
+        torn: pos < total,
+        last,
+        records,
     })
 }
 
+/// The size of an event's record: the encoded event and its length.
+fn record_size(encoded: usize) -> u64 {
+    encoded as u64 + 4
+}
+
 impl EventLog {
-    /// Opens the log in `dir`, keeps the newest `retain` events, cuts off a torn
-    /// tail, and reserves a first block of sequence numbers (flushed before
-    /// returning). `sequence_of` reads an encoded event's sequence number.
+    /// Opens the log in `dir`, keeps the newest `retain` events that fit in
+    /// `retain_bytes` (their records' sizes), cuts off a torn tail, and reserves a
+    /// first block of sequence numbers (flushed before returning). Reads only the
+    /// newest segments that can hold what is kept: older ones hold nothing within
+    /// the byte budget, and are removed unread. `sequence_of` reads an encoded
+    /// event's sequence number.
     pub fn open(
         dir: &Path,
         db: sled::Db,
         retain: usize,
+        retain_bytes: u64,
         sequence_of: &dyn Fn(&[u8]) -> Option<u64>,
     ) -> Result<(Self, Loaded)> {
         std::fs::create_dir_all(dir).map_err(io("create", dir))?;
@@ -171,36 +200,54 @@ impl EventLog {
             .collect();
         segments.sort_by_key(|s| s.first);
 
+        // The newest segments whose sizes reach the budget: every event older than
+        // them is beyond it.
+        let mut from = segments.len();
+        let mut newest_bytes = 0u64;
+        while from > 0 && newest_bytes < retain_bytes {
+            from -= 1;
+            newest_bytes += std::fs::metadata(&segments[from].path)
+                .map_err(io("stat", &segments[from].path))?
+                .len();
+        }
+        if from > 0 {
+            trimmed_upto = trimmed_upto.max(segments[from].first - 1);
+        }
+
         let mut events: VecDeque<(u64, Vec<u8>)> = VecDeque::new();
-        let (mut last, mut in_current) = (0, 0);
+        let mut kept_bytes = 0u64;
+        let (mut last, mut in_current, mut current_bytes) = (0, 0, 0);
         let count = segments.len();
-        for (i, seg) in segments.iter().enumerate() {
-            let SegmentRead {
-                records,
-                valid,
-                torn,
-            } = read_segment(&seg.path, last, sequence_of)?;
-            if torn {
-                tracing::warn!(segment = %seg.path.display(), valid_bytes = valid, "event log: cut off a torn or invalid tail");
+        for (i, seg) in segments.iter().enumerate().skip(from) {
+            let mut keep = |seq: u64, bytes: Vec<u8>| {
+                // Dropped by retention before, in a segment that also holds newer ones.
+                if seq <= trimmed_upto {
+                    return;
+                }
+                kept_bytes += record_size(bytes.len());
+                events.push_back((seq, bytes));
+                while events.len() > retain || (kept_bytes > retain_bytes && events.len() > 1) {
+                    let (s, b) = events.pop_front().expect("not empty");
+                    kept_bytes -= record_size(b.len());
+                    trimmed_upto = trimmed_upto.max(s);
+                }
+            };
+            let read = read_segment(&seg.path, last, sequence_of, &mut keep)?;
+            if read.torn {
+                tracing::warn!(segment = %seg.path.display(), valid_bytes = read.valid, "event log: cut off a torn or invalid tail");
                 let f = OpenOptions::new()
                     .write(true)
                     .open(&seg.path)
                     .map_err(io("open", &seg.path))?;
-                f.set_len(valid).map_err(io("truncate", &seg.path))?;
+                f.set_len(read.valid).map_err(io("truncate", &seg.path))?;
                 f.sync_all().map_err(io("fsync", &seg.path))?;
                 if i + 1 < count {
                     tracing::error!(segment = %seg.path.display(), "event log: a segment other than the newest was damaged");
                 }
             }
-            if let Some((s, _)) = records.last() {
-                last = *s;
-            }
-            in_current = records.len() as u64;
-            events.extend(records);
-            while events.len() > retain {
-                let (s, _) = events.pop_front().expect("not empty");
-                trimmed_upto = trimmed_upto.max(s);
-            }
+            last = read.last;
+            in_current = read.records;
+            current_bytes = read.valid;
         }
         // Whole segments older than what is kept go.
         let first_kept = events.front().map_or(last + 1, |(s, _)| *s);
@@ -229,6 +276,7 @@ impl EventLog {
                 segments,
                 out,
                 in_current,
+                current_bytes,
                 dirty: false,
             }),
         };
@@ -238,7 +286,7 @@ impl EventLog {
         Ok((
             log,
             Loaded {
-                events: events.into(),
+                events,
                 next_seq,
                 trimmed_upto,
                 reserved,
@@ -259,7 +307,7 @@ impl EventLog {
     /// Appends one encoded event (buffered; on disk after the next flush).
     pub fn append(&self, seq: u64, envelope: &[u8]) -> Result<()> {
         let mut w = self.writer();
-        if w.out.is_none() || w.in_current >= SEGMENT_EVENTS {
+        if w.out.is_none() || w.in_current >= SEGMENT_EVENTS || w.current_bytes >= SEGMENT_BYTES {
             // The finished segment is made durable before the new one is started.
             if let Some(mut out) = w.out.take() {
                 out.flush().map_err(io("write", &self.dir))?;
@@ -275,6 +323,7 @@ impl EventLog {
             w.segments.push_back(Segment { first: seq, path });
             w.out = Some(BufWriter::with_capacity(64 << 10, file));
             w.in_current = 0;
+            w.current_bytes = 0;
         }
         let len = u32::try_from(envelope.len())
             .map_err(|_| Error::InvalidArgument("event larger than 4 GiB".into()))?;
@@ -283,6 +332,7 @@ impl EventLog {
             .and_then(|()| out.write_all(envelope))
             .map_err(io("write", &self.dir))?;
         w.in_current += 1;
+        w.current_bytes += record_size(envelope.len());
         w.dirty = true;
         Ok(())
     }
@@ -341,7 +391,7 @@ mod tests {
 
     fn open(dir: &Path, retain: usize) -> (EventLog, Loaded) {
         let db = crate::open_db(&dir.join("root")).unwrap();
-        EventLog::open(&dir.join("events"), db, retain, &seq_of).unwrap()
+        EventLog::open(&dir.join("events"), db, retain, u64::MAX, &seq_of).unwrap()
     }
 
     #[test]
@@ -397,6 +447,50 @@ mod tests {
     }
 
     #[test]
+    fn retention_by_bytes_reads_only_the_newest_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = || crate::open_db(&dir.path().join("root")).unwrap();
+        let big = |seq: u64| {
+            let mut v = seq.to_be_bytes().to_vec();
+            v.resize(1 << 20, b'x');
+            v
+        };
+        let total = 40u64;
+        {
+            let (log, _) =
+                EventLog::open(&dir.path().join("events"), db(), 1000, u64::MAX, &seq_of).unwrap();
+            for s in 1..=total {
+                log.append(s, &big(s)).unwrap();
+            }
+            log.flush().unwrap();
+        }
+        let files = || {
+            std::fs::read_dir(dir.path().join("events"))
+                .unwrap()
+                .count()
+        };
+        assert_eq!(files(), 3, "a segment rolls at {SEGMENT_BYTES} bytes");
+        // A budget of 5 events' records and a bit.
+        let budget = 5 * record_size(1 << 20) + 100;
+        let read = std::cell::Cell::new(0u64);
+        let counting = |b: &[u8]| {
+            read.set(read.get() + 1);
+            seq_of(b)
+        };
+        let (_log, l) =
+            EventLog::open(&dir.path().join("events"), db(), 1000, budget, &counting).unwrap();
+        let seqs: Vec<u64> = l.events.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, (total - 4..=total).collect::<Vec<_>>());
+        assert_eq!(l.trimmed_upto, total - 5);
+        assert!(
+            read.get() <= 16,
+            "read {} records: only the newest segment, not all {total}",
+            read.get()
+        );
+        assert_eq!(files(), 1, "segments holding nothing kept are removed");
+    }
+
+    #[test]
     fn whole_segments_go_once_retention_passes_them() {
         let dir = tempfile::tempdir().unwrap();
         let (log, _) = open(dir.path(), 10);
@@ -417,8 +511,12 @@ mod tests {
         assert_eq!(files(), 2, "the second still holds one kept event");
         drop(log);
         let (_, l) = open(dir.path(), 10);
-        assert_eq!(l.events.len(), 10);
-        assert_eq!(l.events[9].0, total);
+        let seqs: Vec<u64> = l.events.iter().map(|(s, _)| *s).collect();
+        assert_eq!(
+            seqs,
+            (SEGMENT_EVENTS * 2..=total).collect::<Vec<_>>(),
+            "what retention dropped (the mark) stays dropped"
+        );
         assert_eq!(
             files(),
             2,

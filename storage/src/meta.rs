@@ -183,8 +183,30 @@ impl Meta {
         }
     }
 
-    pub fn update_container(&self, ns: &str, c: &ContainerRecord) -> Result<()> {
-        self.put(&self.containers, key(&[ns, &c.id]), c)
+    /// Replaces container `old` with `new`, unless it changed or went meanwhile
+    /// (NotFound when it is gone, FailedPrecondition when another update won).
+    pub fn update_container(
+        &self,
+        ns: &str,
+        old: &ContainerRecord,
+        new: &ContainerRecord,
+    ) -> Result<()> {
+        let was = serde_json::to_vec(old).expect("record serialises");
+        let now = serde_json::to_vec(new).expect("record serialises");
+        match self
+            .containers
+            .compare_and_swap(key(&[ns, &new.id]), Some(was), Some(now))?
+        {
+            Ok(()) => Ok(()),
+            Err(e) if e.current.is_none() => Err(Error::NotFound(format!(
+                "container {} not found in namespace {ns}",
+                new.id
+            ))),
+            Err(_) => Err(Error::FailedPrecondition(format!(
+                "container {} was changed by another request meanwhile; read it again",
+                new.id
+            ))),
+        }
     }
 
     pub fn delete_container(&self, ns: &str, id: &str) -> Result<bool> {

@@ -28,13 +28,44 @@ pub struct FileConfig {
     pub address: Option<PathBuf>,
     pub log_level: Option<String>,
     pub log_format: Option<LogFormat>,
-    /// uids besides 0 that may use the API.
+    /// uids besides 0 that may use the API as admins (the older form of
+    /// `[[access]]` with `role = "admin"`).
     #[serde(default)]
     pub allowed_uids: Vec<u32>,
+    /// Who besides root may use the API, and how.
+    #[serde(default)]
+    pub access: Vec<AccessEntry>,
     #[serde(default)]
     pub content: ContentSection,
     #[serde(default)]
     pub events: EventsSection,
+    /// Bounds on what one client may send or hold.
+    #[serde(default)]
+    pub limits: keel_protocol::limits::Limits,
+}
+
+/// What a caller may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Every call. Root-equivalent on the host: an admin can run a container with
+    /// host mounts, OCI hooks or full privileges, and write checkpoint images
+    /// anywhere.
+    Admin,
+    /// Reads only: list and get containers and tasks, wait, metrics, subscribe to
+    /// events, read content.
+    Reader,
+}
+
+/// One `[[access]]` entry: a uid, its role and, optionally, the only namespaces it
+/// may use.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessEntry {
+    pub uid: u32,
+    pub role: Role,
+    /// Namespaces the uid may use; every namespace when absent.
+    pub namespaces: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -42,8 +73,12 @@ pub struct FileConfig {
 pub struct EventsSection {
     /// Events kept for replay (`Subscribe` with `since`), in memory and on disk.
     pub retain: Option<usize>,
+    /// Bytes of events kept for replay, in memory and on disk.
+    pub retain_bytes: Option<u64>,
     /// Events a live subscriber may fall behind before it is disconnected.
     pub subscriber_buffer: Option<usize>,
+    /// Bytes of events a live subscriber may fall behind before it is disconnected.
+    pub subscriber_buffer_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -84,9 +119,12 @@ pub struct Config {
     pub address: PathBuf,
     pub log_level: String,
     pub log_format: LogFormat,
-    pub allowed_uids: Vec<u32>,
+    /// Who besides root may call keeld (the `allowed_uids` as admins, then
+    /// `[[access]]`).
+    pub access: Vec<AccessEntry>,
     pub ingest_max_age: Duration,
     pub events: keel_actors::events::EventOptions,
+    pub limits: keel_protocol::limits::Limits,
 }
 
 impl Config {
@@ -118,7 +156,18 @@ impl Config {
                 .or(file.log_level)
                 .unwrap_or_else(|| "info".into()),
             log_format: flags.log_format.or(file.log_format).unwrap_or_default(),
-            allowed_uids: file.allowed_uids,
+            access: file
+                .allowed_uids
+                .iter()
+                // Root is always an admin; listing it here was always harmless.
+                .filter(|&&uid| uid != 0)
+                .map(|&uid| AccessEntry {
+                    uid,
+                    role: Role::Admin,
+                    namespaces: None,
+                })
+                .chain(file.access)
+                .collect(),
             ingest_max_age: Duration::from_secs(
                 file.content.ingest_max_age_secs.unwrap_or(7 * 24 * 3600),
             ),
@@ -126,10 +175,42 @@ impl Config {
                 let d = keel_actors::events::EventOptions::default();
                 keel_actors::events::EventOptions {
                     retain: file.events.retain.unwrap_or(d.retain),
+                    retain_bytes: file.events.retain_bytes.unwrap_or(d.retain_bytes),
                     subscriber_buffer: file.events.subscriber_buffer.unwrap_or(d.subscriber_buffer),
+                    subscriber_buffer_bytes: file
+                        .events
+                        .subscriber_buffer_bytes
+                        .unwrap_or(d.subscriber_buffer_bytes),
                 }
             },
+            limits: file.limits,
         };
+        cfg.limits.check().map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(
+            cfg.events.retain_bytes >= keel_protocol::limits::FRAME_BYTES as u64,
+            "events.retain_bytes must hold one event of the largest size ({} bytes)",
+            keel_protocol::limits::FRAME_BYTES
+        );
+        anyhow::ensure!(
+            cfg.events.subscriber_buffer_bytes > 0,
+            "events.subscriber_buffer_bytes must be at least 1"
+        );
+        let mut seen = std::collections::HashSet::new();
+        for a in &cfg.access {
+            anyhow::ensure!(
+                a.uid != 0,
+                "access: uid 0 is always an admin; remove its entry"
+            );
+            anyhow::ensure!(
+                seen.insert(a.uid),
+                "access: uid {} is listed twice (allowed_uids counts as an admin entry)",
+                a.uid
+            );
+            for ns in a.namespaces.iter().flatten() {
+                keel_protocol::identifiers::validate("access.namespaces", ns)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
+        }
         anyhow::ensure!(cfg.events.retain > 0, "events.retain must be at least 1");
         anyhow::ensure!(
             cfg.events.subscriber_buffer > 0,
@@ -177,7 +258,14 @@ mod tests {
         assert_eq!(c.root, PathBuf::from("/srv/keel"), "file beats default");
         assert_eq!(c.state, PathBuf::from("/run/flag"), "flag beats file");
         assert_eq!(c.address, PathBuf::from(DEFAULT_ADDRESS));
-        assert_eq!(c.allowed_uids, vec![1000]);
+        assert_eq!(
+            c.access,
+            vec![AccessEntry {
+                uid: 1000,
+                role: Role::Admin,
+                namespaces: None
+            }]
+        );
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.ingest_max_age, Duration::from_secs(60));
         assert_eq!(c.events.retain, 500);
@@ -185,6 +273,53 @@ mod tests {
             c.events.subscriber_buffer, 16_384,
             "default where the file is silent"
         );
+    }
+
+    #[test]
+    fn access_entries_and_limits_are_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("keel.toml");
+        let load = |text: &str| {
+            std::fs::write(&f, text).unwrap();
+            Config::load(&Flags::parse_from([
+                "keeld",
+                "--config",
+                f.to_str().unwrap(),
+            ]))
+        };
+        let c = load(
+            "allowed_uids = [1000]\n[[access]]\nuid = 1001\nrole = \"reader\"\nnamespaces = [\"prod\"]\n[limits]\nwriters = 4\n",
+        )
+        .unwrap();
+        assert_eq!(c.access.len(), 2);
+        assert_eq!(c.access[1].role, Role::Reader);
+        assert_eq!(
+            c.access[1].namespaces.as_deref(),
+            Some(&["prod".to_string()][..])
+        );
+        assert_eq!(c.limits.writers, 4);
+        assert_eq!(
+            c.limits.connections,
+            keel_protocol::limits::Limits::default().connections
+        );
+        for (text, want) in [
+            ("[[access]]\nuid = 0\nrole = \"admin\"\n", "uid 0"),
+            (
+                "allowed_uids = [7]\n[[access]]\nuid = 7\nrole = \"reader\"\n",
+                "twice",
+            ),
+            ("[[access]]\nuid = 7\nrole = \"root\"\n", "parse config"),
+            (
+                "[[access]]\nuid = 7\nrole = \"reader\"\nnamespaces = [\"../x\"]\n",
+                "namespaces",
+            ),
+            ("[limits]\nwriters = 0\n", "limits.writers"),
+            ("[limits]\nwriterz = 1\n", "parse config"),
+            ("[events]\nretain_bytes = 10\n", "retain_bytes"),
+        ] {
+            let e = format!("{:#}", load(text).unwrap_err());
+            assert!(e.contains(want), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -23,7 +23,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use ttrpc::asynchronous::Server;
 
 use crate::config::Config;
-use crate::server::{prepare_socket, Auth, PeerCredHook};
+use crate::server::{prepare_socket, Auth, ConnHook};
 use crate::services::{
     containers::ContainersService, content::ContentService, events::EventsService,
     shim_events::ShimEventsService, tasks::TasksService, version::VersionService,
@@ -126,6 +126,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             monitor: monitor.clone(),
             state_dir: cfg.state.clone(),
             keel_socket: cfg.address.clone(),
+            scratch_dir: cfg.root.join("scratch"),
+            limits: cfg.limits.clone(),
         },
         actix::Arbiter::current(),
     );
@@ -145,26 +147,27 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let restored = tasks.restore_all(&logged).await?;
     tracing::info!(tasks = restored, "restoring tasks");
 
-    let auth = Arc::new(Auth::new(&cfg.allowed_uids));
+    let auth = Arc::new(Auth::new(&cfg.access));
+    let limits = Arc::new(cfg.limits.clone());
     let version = Arc::new(VersionService { auth: auth.clone() });
     prepare_socket(&cfg.address)?;
     let addr = format!("unix://{}", cfg.address.display());
     let mut server = Server::new()
         .bind(&addr)
         .with_context(|| format!("bind {}", cfg.address.display()))?
-        .set_accept_hook(PeerCredHook)
+        .set_accept_hook(ConnHook::new(&cfg.limits))
         .register_service(version_ttrpc::create_version(version.clone()))
         .register_service(version_ttrpc::create_health(version))
-        .register_service(content_ttrpc::create_content(Arc::new(ContentService {
-            auth: auth.clone(),
-            storage: storage.clone(),
-        })))
+        .register_service(content_ttrpc::create_content(Arc::new(
+            ContentService::new(auth.clone(), storage.clone(), limits.clone()),
+        )))
         .register_service(containers_ttrpc::create_containers(Arc::new(
             ContainersService {
                 auth: auth.clone(),
                 meta: meta.clone(),
                 events: events.clone(),
                 tasks: tasks.clone(),
+                limits: limits.clone(),
             },
         )))
         .register_service(tasks_ttrpc::create_tasks(Arc::new(TasksService {
@@ -172,15 +175,18 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             meta,
             tasks: tasks.clone(),
             storage: storage.clone(),
+            limits: limits.clone(),
         })))
         .register_service(events_ttrpc::create_events(Arc::new(EventsService {
             auth: auth.clone(),
             events: events.clone(),
+            limits: limits.clone(),
         })))
         .register_service(create_events(Arc::new(ShimEventsService {
             auth,
             monitor,
             tasks,
+            limits,
         })));
     fs::set_permissions(&cfg.address, fs::Permissions::from_mode(0o600))
         .with_context(|| format!("chmod {}", cfg.address.display()))?;

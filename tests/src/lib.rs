@@ -619,3 +619,152 @@ pub fn seqs(events: &[serde_json::Value]) -> Vec<u64> {
         .map(|e| e["seq"].as_u64().expect("seq"))
         .collect()
 }
+
+/// A one-thread tokio runtime for a test's own ttrpc calls.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+impl Keeld {
+    /// A ttrpc client of this daemon in namespace `ns` (this daemon's own when `None`).
+    pub async fn client(&self, ns: Option<&str>) -> keel_protocol::Client {
+        keel_protocol::Client::connect(
+            self.socket.to_str().expect("socket path"),
+            Some(ns.unwrap_or(&self.namespace)),
+        )
+        .await
+        .expect("connect to keeld")
+    }
+
+    /// VmRSS of the daemon, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.pid().expect("keeld running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+}
+
+/// Asks keeld for its Version every 20 ms from a connection of its own while a test
+/// does something hostile, timing each answer: the daemon must keep serving
+/// everyone else.
+#[derive(Debug)]
+pub struct VersionWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<Duration>>>,
+}
+
+/// What a [`VersionWatch`] saw.
+#[derive(Debug, Clone)]
+pub struct Latencies {
+    /// Every answer's time, sorted; a call that failed counts as 60 s.
+    pub sorted: Vec<Duration>,
+}
+
+impl Latencies {
+    pub fn quantile(&self, q: f64) -> Duration {
+        if self.sorted.is_empty() {
+            return Duration::ZERO;
+        }
+        // Indices of a few thousand samples are exact in a double.
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss
+        )]
+        let i = ((self.sorted.len() - 1) as f64 * q).round() as usize;
+        self.sorted[i]
+    }
+
+    pub fn max(&self) -> Duration {
+        self.sorted.last().copied().unwrap_or_default()
+    }
+
+    /// Asserts keeld answered throughout: at least `min` answers, the 99th
+    /// percentile within 100 ms and none slower than a second (the machine running
+    /// the tests is shared with other tests, so a single answer may be late; a
+    /// daemon whose serving thread is held up misses both).
+    pub fn assert_responsive(&self, what: &str, min: usize) {
+        eprintln!(
+            "{what}: Version answered {} times, p50 {:?}, p99 {:?}, max {:?}",
+            self.sorted.len(),
+            self.quantile(0.5),
+            self.quantile(0.99),
+            self.max()
+        );
+        assert!(
+            self.sorted.len() >= min,
+            "{what}: only {} Version answers",
+            self.sorted.len()
+        );
+        assert!(
+            self.quantile(0.99) <= Duration::from_millis(100),
+            "{what}: Version p99 {:?} > 100 ms",
+            self.quantile(0.99)
+        );
+        assert!(
+            self.max() <= Duration::from_secs(1),
+            "{what}: a Version took {:?}",
+            self.max()
+        );
+    }
+}
+
+impl VersionWatch {
+    pub fn start(k: &Keeld) -> Self {
+        let socket = k.socket.to_str().expect("socket path").to_string();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = runtime();
+            rt.block_on(async move {
+                let mut seen = Vec::new();
+                let mut client = None;
+                while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                    let t0 = Instant::now();
+                    if client.is_none() {
+                        client = keel_protocol::Client::connect(&socket, None).await.ok();
+                    }
+                    let answered = match &client {
+                        Some(c) => {
+                            tokio::time::timeout(Duration::from_secs(60), c.daemon_version())
+                                .await
+                                .is_ok_and(|r| r.is_ok())
+                        }
+                        None => false,
+                    };
+                    if answered {
+                        seen.push(t0.elapsed());
+                    } else {
+                        seen.push(Duration::from_secs(60));
+                        client = None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                seen
+            })
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn finish(mut self) -> Latencies {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut sorted = self
+            .thread
+            .take()
+            .expect("running")
+            .join()
+            .expect("watch thread");
+        sorted.sort();
+        Latencies { sorted }
+    }
+}

@@ -213,13 +213,99 @@ fn pack_image(dir: &Path, tar_path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Unpacks a CRIU image tar into `dir` (entries cannot escape it).
-pub(super) fn unpack_image(tar_path: &Path, dir: &Path) -> Result<()> {
+/// Checks a CRIU image tar without writing anything: every entry a regular file or
+/// a directory, under a plain relative path, at most `limits.checkpoint_entries` of
+/// them holding at most `limits.checkpoint_bytes`. A CRIU image directory holds only
+/// such files; anything else (a link, a device, a path with `..`) is refused, so
+/// unpacking can neither escape its directory nor fill the disk. FailedPrecondition
+/// naming the first offending entry.
+pub fn check_image_tar(tar: impl Read, limits: &keel_protocol::limits::Limits) -> Result<()> {
+    for_each_image_entry(tar, limits, |_| Ok(()))
+}
+
+/// Walks the entries of a CRIU image tar, checked as [`check_image_tar`] says, and
+/// hands each to `f`.
+fn for_each_image_entry<R: Read>(
+    tar: R,
+    limits: &keel_protocol::limits::Limits,
+    mut f: impl FnMut(&mut tar::Entry<'_, R>) -> Result<()>,
+) -> Result<()> {
+    let bad = |why: String| Error::FailedPrecondition(format!("checkpoint image: {why}"));
+    let mut archive = tar::Archive::new(tar);
+    let entries = archive
+        .entries()
+        .map_err(|e| bad(format!("not a tar: {e}")))?;
+    let (mut count, mut bytes) = (0usize, 0u64);
+    for entry in entries {
+        let mut entry = entry.map_err(|e| bad(format!("not a tar: {e}")))?;
+        count += 1;
+        if count > limits.checkpoint_entries {
+            return Err(bad(format!(
+                "more than {} entries (limits.checkpoint_entries)",
+                limits.checkpoint_entries
+            )));
+        }
+        let path = entry
+            .path()
+            .map_err(|e| bad(format!("entry {count} has no usable path: {e}")))?
+            .into_owned();
+        let plain = path.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::Normal(_) | std::path::Component::CurDir
+            )
+        });
+        if !plain || path.as_os_str().is_empty() {
+            return Err(bad(format!(
+                "entry {:?} is not a plain relative path",
+                path
+            )));
+        }
+        let kind = entry.header().entry_type();
+        if !(kind.is_file() || kind.is_dir()) {
+            return Err(bad(format!(
+                "entry {:?} is a {kind:?}; only files and directories are accepted",
+                path
+            )));
+        }
+        bytes = bytes.saturating_add(entry.header().size().unwrap_or(u64::MAX));
+        if bytes > limits.checkpoint_bytes {
+            return Err(bad(format!(
+                "unpacks to more than {} bytes (limits.checkpoint_bytes)",
+                limits.checkpoint_bytes
+            )));
+        }
+        f(&mut entry)?;
+    }
+    Ok(())
+}
+
+/// Unpacks a CRIU image tar into `dir`, checking it as [`check_image_tar`] says
+/// first, and again entry by entry as it unpacks.
+pub(super) fn unpack_image(
+    tar_path: &Path,
+    dir: &Path,
+    limits: &keel_protocol::limits::Limits,
+) -> Result<()> {
+    let open = || {
+        std::fs::File::open(tar_path)
+            .map(std::io::BufReader::new)
+            .map_err(io_err("open", tar_path))
+    };
+    check_image_tar(open()?, limits)?;
     std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
-    let file = std::fs::File::open(tar_path).map_err(io_err("open", tar_path))?;
-    tar::Archive::new(std::io::BufReader::new(file))
-        .unpack(dir)
-        .map_err(io_err("unpack the checkpoint into", dir))
+    for_each_image_entry(open()?, limits, |entry| {
+        let unpacked = entry
+            .unpack_in(dir)
+            .map_err(io_err("unpack the checkpoint into", dir))?;
+        if unpacked {
+            Ok(())
+        } else {
+            Err(Error::FailedPrecondition(
+                "checkpoint image: an entry would land outside its directory".into(),
+            ))
+        }
+    })
 }
 
 /// The sha256 of a file, streamed.
@@ -258,9 +344,21 @@ fn verified_blob(
     Ok(path)
 }
 
-/// Reads and checks a checkpoint index and every blob it references. Returns the
-/// path of its CRIU image tar in the store.
-pub fn verify_checkpoint(store: &ContentStore, ns: &str, digest: &str) -> Result<PathBuf> {
+/// Reads and checks a checkpoint index (at most `max_index` bytes) and every blob it
+/// references. Returns the path of its CRIU image tar in the store.
+pub fn verify_checkpoint(
+    store: &ContentStore,
+    ns: &str,
+    digest: &str,
+    max_index: usize,
+) -> Result<PathBuf> {
+    let d = Digest::parse("checkpoint", digest)?;
+    let size = store.info(ns, &d)?.size;
+    if size > max_index as u64 {
+        return Err(Error::InvalidArgument(format!(
+            "checkpoint: {digest} is {size} bytes, more than a checkpoint index may be ({max_index}, limits.checkpoint_index_bytes)"
+        )));
+    }
     let index_path = verified_blob(store, ns, digest, None)?;
     let bytes = std::fs::read(&index_path).map_err(io_err("read", &index_path))?;
     let checkpoint = Checkpoint::parse(digest, &bytes)?;
@@ -545,6 +643,7 @@ async fn abort_ingests(storage: &StorageHandle, ns: &str, id: &str, stamp: u64) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keel_protocol::limits::Limits;
 
     #[test]
     fn work_directories_name_their_task_and_stamp() {
@@ -580,12 +679,71 @@ mod tests {
         let tar = dir.path().join("image.tar");
         pack_image(&image, &tar).unwrap();
         let out = dir.path().join("out");
-        unpack_image(&tar, &out).unwrap();
+        unpack_image(&tar, &out, &Limits::default()).unwrap();
         assert_eq!(std::fs::read(out.join("core-1.img")).unwrap(), b"core");
         assert_eq!(
             std::fs::read(out.join("sub/descriptors.json")).unwrap(),
             b"[]"
         );
+        // The same image over a bound is refused before anything is written.
+        let small = Limits {
+            checkpoint_bytes: 5,
+            ..Limits::default()
+        };
+        let out2 = dir.path().join("out2");
+        let e = unpack_image(&tar, &out2, &small).unwrap_err();
+        assert!(e.to_string().contains("limits.checkpoint_bytes"), "{e}");
+        assert!(!out2.exists());
+        let few = Limits {
+            checkpoint_entries: 2,
+            ..Limits::default()
+        };
+        let e = unpack_image(&tar, &out2, &few).unwrap_err();
+        assert!(e.to_string().contains("limits.checkpoint_entries"), "{e}");
+    }
+
+    /// A tar holding one entry of `kind` at `path`.
+    fn tar_with(path: &str, kind: tar::EntryType, target: Option<&str>) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_size(0);
+        h.set_mode(0o644);
+        if let Some(t) = target {
+            h.set_link_name(t).unwrap();
+        }
+        // set_path refuses `..`; a hostile tar is written by hand.
+        let name = h.as_old_mut().name.as_mut();
+        name[..path.len()].copy_from_slice(path.as_bytes());
+        h.set_cksum();
+        b.append(&h, std::io::empty()).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn only_plain_files_and_directories_unpack() {
+        let l = Limits::default();
+        let cases = [
+            tar_with("link", tar::EntryType::Symlink, Some("/etc/passwd")),
+            tar_with("hard", tar::EntryType::Link, Some("/etc/shadow")),
+            tar_with("dev", tar::EntryType::Char, None),
+            tar_with("fifo", tar::EntryType::Fifo, None),
+            tar_with("../escape", tar::EntryType::Regular, None),
+            tar_with("/abs", tar::EntryType::Regular, None),
+            b"not a tar at all, but long enough to be read as one header block or more".repeat(8),
+        ];
+        for t in cases {
+            let e = check_image_tar(&t[..], &l).unwrap_err();
+            assert!(
+                matches!(&e, Error::FailedPrecondition(m) if m.starts_with("checkpoint image:")),
+                "{e:?}"
+            );
+        }
+        check_image_tar(
+            &tar_with("core-1.img", tar::EntryType::Regular, None)[..],
+            &l,
+        )
+        .unwrap();
     }
 
     #[actix_rt::test]
@@ -633,10 +791,10 @@ mod tests {
         let db = keel_storage::open_db(dir.path()).unwrap();
         let (store, _) =
             ContentStore::open(dir.path(), db, &keel_storage::ContentOptions::default()).unwrap();
-        let e = verify_checkpoint(&store, "default", "sha256:nothex").unwrap_err();
+        let e = verify_checkpoint(&store, "default", "sha256:nothex", 1 << 20).unwrap_err();
         assert!(matches!(e, Error::Storage(_)), "{e}");
         let missing = format!("sha256:{}", "0".repeat(64));
-        let e = verify_checkpoint(&store, "default", &missing).unwrap_err();
+        let e = verify_checkpoint(&store, "default", &missing, 1 << 20).unwrap_err();
         assert!(e.to_string().contains("not found"), "{e}");
     }
 }

@@ -11,9 +11,10 @@ use keel_protocol::api::containers::{container::Runtime, *};
 use keel_protocol::api::containers_ttrpc;
 use keel_protocol::api::types::Mount;
 use keel_protocol::containerd::events::container as cev;
-use keel_protocol::filters::{Adaptor, Filter};
+use keel_protocol::filters::Adaptor;
+use keel_protocol::limits::Limits;
 use keel_protocol::types::{json_any, pack, timestamp, SPEC_TYPE_URL};
-use keel_protocol::{identifiers, Error};
+use keel_protocol::{identifiers, validate, Error};
 use keel_storage::meta::{from_nanos, nanos, ContainerRecord, MountRecord};
 use keel_storage::Meta;
 use protobuf::well_known_types::any::Any;
@@ -21,8 +22,12 @@ use protobuf::well_known_types::empty::Empty;
 use protobuf::MessageField;
 use ttrpc::asynchronous::TtrpcContext;
 
-use super::{blocking, Rpc};
+use super::{blocking, filters, Rpc};
 use crate::server::Auth;
+
+/// Specs longer than this are checked on the blocking pool: parsing a large one
+/// takes milliseconds.
+const INLINE_SPEC_BYTES: usize = 64 << 10;
 
 /// The runtime used when a container names none, as in containerd.
 pub const DEFAULT_RUNTIME: &str = "io.containerd.runc.v2";
@@ -33,6 +38,7 @@ pub struct ContainersService {
     pub meta: Meta,
     pub events: EventSink,
     pub tasks: Tasks,
+    pub limits: Arc<Limits>,
 }
 
 fn to_proto(c: &ContainerRecord) -> Container {
@@ -84,48 +90,29 @@ impl Adaptor for ContainerFields<'_> {
     }
 }
 
-/// Checks a spec: JSON of an OCI runtime spec with a process to run.
-fn validate_spec(any: Option<&Any>) -> Result<Vec<u8>, Error> {
-    let any = any.ok_or_else(|| Error::InvalidArgument("container.spec is required".into()))?;
-    if !any.type_url.ends_with("opencontainers/runtime-spec/1/Spec") {
-        return Err(Error::InvalidArgument(format!(
-            "container.spec has type {:?}, expected {SPEC_TYPE_URL}",
-            any.type_url
-        )));
-    }
-    let spec: oci_spec::runtime::Spec = serde_json::from_slice(&any.value).map_err(|e| {
-        Error::InvalidArgument(format!(
-            "container.spec is not a valid OCI runtime spec: {e}"
-        ))
-    })?;
-    let args = spec
-        .process()
+/// Checks a container's spec; a large one on the blocking pool.
+async fn spec(any: Option<Any>, limits: &Limits) -> ttrpc::Result<Vec<u8>> {
+    if any
         .as_ref()
-        .and_then(|p| p.args().clone())
-        .unwrap_or_default();
-    if args.is_empty() || args[0].is_empty() {
-        return Err(Error::InvalidArgument(
-            "container.spec.process.args must name a program".into(),
-        ));
+        .is_none_or(|a| a.value.len() <= INLINE_SPEC_BYTES)
+    {
+        return validate::spec("container.spec", any.as_ref(), limits).rpc();
     }
-    Ok(any.value.clone())
+    let limits = limits.clone();
+    blocking(move || validate::spec("container.spec", any.as_ref(), &limits)).await
 }
 
-fn validate_rootfs(mounts: &[Mount]) -> Result<Vec<MountRecord>, Error> {
+fn validate_rootfs(mounts: &[Mount], limits: &Limits) -> Result<Vec<MountRecord>, Error> {
     if mounts.is_empty() {
         return Err(Error::InvalidArgument(
             "container.rootfs is required (a directory or mounts)".into(),
         ));
     }
+    validate::mounts("container.rootfs", mounts, limits)?;
     mounts
         .iter()
         .enumerate()
         .map(|(i, m)| {
-            if m.type_.is_empty() {
-                return Err(Error::InvalidArgument(format!(
-                    "container.rootfs[{i}].type is required"
-                )));
-            }
             if m.type_ == "bind" && !std::path::Path::new(&m.source).is_dir() {
                 return Err(Error::InvalidArgument(format!(
                     "container.rootfs[{i}].source {:?} is not a directory",
@@ -213,7 +200,7 @@ impl containers_ttrpc::Containers for ContainersService {
         req: ListContainersRequest,
     ) -> ttrpc::Result<ListContainersResponse> {
         let ns = self.auth.request(ctx, "Containers.List").rpc()?.namespace;
-        let filter = Filter::parse_all(&req.filters).rpc()?;
+        let filter = filters(req.filters, &self.limits).await?;
         let meta = self.meta.clone();
         let all = blocking(move || meta.containers(&ns)).await?;
         let containers = all
@@ -239,8 +226,28 @@ impl containers_ttrpc::Containers for ContainersService {
             .ok_or_else(|| Error::InvalidArgument("container is required".into()))
             .rpc()?;
         identifiers::validate("container.id", &c.id).rpc()?;
-        let spec = validate_spec(c.spec.as_ref()).rpc()?;
-        let rootfs = validate_rootfs(&c.rootfs).rpc()?;
+        validate::labels("container.labels", &c.labels, &self.limits).rpc()?;
+        let spec = spec(c.spec.clone().into_option(), &self.limits).await?;
+        let rootfs = validate_rootfs(&c.rootfs, &self.limits).rpc()?;
+        if let Some(r) = c.runtime.as_ref() {
+            validate::path("container.runtime.name", &r.name, &self.limits).rpc()?;
+            if let Some(o) = r.options.as_ref() {
+                validate::path(
+                    "container.runtime.options.type_url",
+                    &o.type_url,
+                    &self.limits,
+                )
+                .rpc()?;
+                if o.value.len() > self.limits.spec_bytes {
+                    return Err(Error::InvalidArgument(format!(
+                        "container.runtime.options: {} bytes, the limit is {}",
+                        o.value.len(),
+                        self.limits.spec_bytes
+                    ))
+                    .into());
+                }
+            }
+        }
         let runtime = c
             .runtime
             .as_ref()
@@ -287,7 +294,9 @@ impl containers_ttrpc::Containers for ContainersService {
             .ok_or_else(|| Error::InvalidArgument("container is required".into()))
             .rpc()?;
         identifiers::validate("container.id", &c.id).rpc()?;
-        let mut rec = self.load(&ns, &c.id).await?;
+        validate::labels("container.labels", &c.labels, &self.limits).rpc()?;
+        let old = self.load(&ns, &c.id).await?;
+        let mut rec = old.clone();
         let paths = req
             .update_mask
             .into_option()
@@ -301,7 +310,9 @@ impl containers_ttrpc::Containers for ContainersService {
         } {
             match p.as_str() {
                 "labels" => rec.labels = c.labels.clone().into_iter().collect(),
-                "spec" if c.spec.is_some() || !all => rec.spec = validate_spec(c.spec.as_ref()).rpc()?,
+                "spec" if c.spec.is_some() || !all => {
+                    rec.spec = spec(c.spec.clone().into_option(), &self.limits).await?
+                }
                 "spec" => {}
                 other => match other.strip_prefix("labels.") {
                     Some(k) => match c.labels.get(k) {
@@ -321,9 +332,17 @@ impl containers_ttrpc::Containers for ContainersService {
                 },
             }
         }
+        if rec.labels.len() > self.limits.labels_per_object {
+            return Err(Error::InvalidArgument(format!(
+                "container.labels: the update leaves {} labels, the limit is {}",
+                rec.labels.len(),
+                self.limits.labels_per_object
+            ))
+            .into());
+        }
         rec.updated_ns = nanos(SystemTime::now());
         let (meta, ns2, r2) = (self.meta.clone(), ns.clone(), rec.clone());
-        blocking(move || meta.update_container(&ns2, &r2)).await?;
+        blocking(move || meta.update_container(&ns2, &old, &r2)).await?;
         self.publish_container(&ns, "/containers/update", &rec)
             .await?;
         Ok(UpdateContainerResponse {
@@ -339,13 +358,14 @@ impl containers_ttrpc::Containers for ContainersService {
     ) -> ttrpc::Result<Empty> {
         let ns = self.auth.request(ctx, "Containers.Delete").rpc()?.namespace;
         identifiers::validate("id", &req.id).rpc()?;
-        if self.tasks.get(&ns, &req.id).is_ok() {
-            return Err(Error::FailedPrecondition(format!(
+        // Holding the task's id keeps a task from being created meanwhile.
+        let _no_task = self.tasks.reserve(&ns, &req.id).map_err(|_| {
+            Error::FailedPrecondition(format!(
                 "container {} has a task; delete the task first",
                 req.id
             ))
-            .into());
-        }
+        });
+        let _no_task = _no_task.rpc()?;
         let rec = self.load(&ns, &req.id).await?;
         let (meta, ns2, id) = (self.meta.clone(), ns.clone(), req.id.clone());
         blocking(move || meta.delete_container(&ns2, &id)).await?;
@@ -360,33 +380,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn specs_are_checked() {
-        let ok = json_any(SPEC_TYPE_URL, br#"{"ociVersion":"1.0.2","process":{"args":["/bin/true"],"cwd":"/","user":{"uid":0,"gid":0}}}"#.to_vec());
-        validate_spec(Some(&ok)).unwrap();
-        let cases = [
-            (json_any("other/Type", ok.value.clone()), "expected"),
-            (json_any(SPEC_TYPE_URL, b"not json".to_vec()), "not a valid OCI runtime spec"),
-            (json_any(SPEC_TYPE_URL, br#"{"ociVersion":"1.0.2","process":{"args":[],"cwd":"/","user":{"uid":0,"gid":0}}}"#.to_vec()), "args"),
-        ];
-        for (any, want) in cases {
-            let e = validate_spec(Some(&any)).unwrap_err();
-            assert!(
-                matches!(&e, Error::InvalidArgument(m) if m.contains(want)),
-                "{e:?}"
-            );
-        }
-        assert!(validate_spec(None).is_err());
-    }
-
-    #[test]
-    fn rootfs_must_exist() {
+    fn rootfs_must_exist_and_is_bounded() {
         let m = Mount {
             type_: "bind".into(),
             source: "/nonexistent/rootfs".into(),
             ..Default::default()
         };
-        let e = validate_rootfs(&[m]).unwrap_err();
+        let e = validate_rootfs(&[m], &Limits::default()).unwrap_err();
         assert!(e.message().contains("rootfs[0].source"), "{e}");
-        assert!(validate_rootfs(&[]).is_err());
+        assert!(validate_rootfs(&[], &Limits::default()).is_err());
+        let many = vec![
+            Mount {
+                type_: "tmpfs".into(),
+                ..Default::default()
+            };
+            65
+        ];
+        let e = validate_rootfs(&many, &Limits::default()).unwrap_err();
+        assert!(e.message().contains("65 mounts"), "{e}");
     }
 }

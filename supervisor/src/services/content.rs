@@ -8,9 +8,9 @@ use std::sync::Arc;
 use keel_actors::storage::StorageHandle;
 use keel_protocol::api::content::*;
 use keel_protocol::api::content_ttrpc;
-use keel_protocol::filters::Filter;
+use keel_protocol::limits::Limits;
 use keel_protocol::types::timestamp;
-use keel_protocol::Error;
+use keel_protocol::{validate, Error};
 use keel_storage::digest::validate_ref;
 use keel_storage::Digest;
 use protobuf::well_known_types::empty::Empty;
@@ -18,7 +18,7 @@ use protobuf::MessageField;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use ttrpc::asynchronous::{ServerStream, ServerStreamSender, TtrpcContext};
 
-use super::{blocking, Rpc};
+use super::{blocking, filters, Rpc};
 use crate::server::{client_gone, Auth};
 
 /// Bytes per Read response. ttrpc bounds a message at 4 MiB and buffers up to 100
@@ -31,6 +31,20 @@ const MAX_OUT_OF_ORDER: usize = 64;
 pub struct ContentService {
     pub auth: Arc<Auth>,
     pub storage: StorageHandle,
+    pub limits: Arc<Limits>,
+    /// One permit per open ingest stream: at most `limits.writers` at once.
+    pub writers: Arc<tokio::sync::Semaphore>,
+}
+
+impl ContentService {
+    pub fn new(auth: Arc<Auth>, storage: StorageHandle, limits: Arc<Limits>) -> Self {
+        Self {
+            writers: Arc::new(tokio::sync::Semaphore::new(limits.writers)),
+            auth,
+            storage,
+            limits,
+        }
+    }
 }
 
 fn to_info(i: keel_storage::Info) -> Info {
@@ -110,6 +124,7 @@ impl content_ttrpc::Content for ContentService {
             .ok_or_else(|| Error::InvalidArgument("info is required".into()))
             .rpc()?;
         let d = digest("info.digest", &info.digest)?;
+        validate::labels("info.labels", &info.labels, &self.limits).rpc()?;
         let mask = req
             .update_mask
             .into_option()
@@ -133,7 +148,7 @@ impl content_ttrpc::Content for ContentService {
         req: ListContentRequest,
     ) -> ttrpc::Result<ListContentResponse> {
         let ns = self.auth.request(ctx, "Content.List").rpc()?.namespace;
-        let filter = Filter::parse_all(&req.filters).rpc()?;
+        let filter = filters(req.filters, &self.limits).await?;
         let store = self.storage.store().clone();
         let infos = blocking(move || store.list(&ns, &filter)).await?;
         Ok(ListContentResponse {
@@ -220,7 +235,7 @@ impl content_ttrpc::Content for ContentService {
             .request(ctx, "Content.ListStatuses")
             .rpc()?
             .namespace;
-        let filter = Filter::parse_all(&req.filters).rpc()?;
+        let filter = filters(req.filters, &self.limits).await?;
         let store = self.storage.store().clone();
         let sts = blocking(move || store.list_statuses(&ns, &filter)).await?;
         Ok(ListStatusesResponse {
@@ -237,16 +252,41 @@ impl content_ttrpc::Content for ContentService {
     /// ttrpc 0.10 hands a client stream's frames to the handler from one task per
     /// frame, so two frames sent in order can arrive swapped. WRITE and COMMIT carry
     /// their offset (COMMIT: the total written), and are applied in offset order from a
-    /// small bounded buffer; the client's window keeps that buffer short.
+    /// small bounded buffer (`limits.writer_buffer_bytes`); the client's window keeps
+    /// that buffer short. At most `limits.writers` streams are open at once.
     async fn write(
         &self,
         ctx: &TtrpcContext,
         mut stream: ServerStream<WriteContentResponse, WriteContentRequest>,
     ) -> ttrpc::Result<()> {
-        let ns = self.auth.request(ctx, "Content.Write").rpc()?.namespace;
-        let Some(first) = stream.recv().await? else {
+        let rc = self.auth.request(ctx, "Content.Write").rpc()?;
+        let ns = rc.namespace.clone();
+        let stream_id = ctx.mh.stream_id;
+        // Each message received is handed back to the connection's accounting.
+        let consumed = |r: &WriteContentRequest| {
+            rc.conn.consumed(
+                stream_id,
+                usize::try_from(protobuf::Message::compute_size(r)).unwrap_or(usize::MAX),
+            );
+        };
+        let gone = client_gone(ctx);
+        tokio::pin!(gone);
+        let first = tokio::select! {
+            r = stream.recv() => r?,
+            () = &mut gone => return Err(Error::Cancelled("client hung up".into()).into()),
+        };
+        let Some(first) = first else {
             return Ok(());
         };
+        consumed(&first);
+        // Taken once the first message is read, so that a refusal is the stream's
+        // only answer.
+        let _writer = self.writers.clone().try_acquire_owned().map_err(|_| {
+            ttrpc::Error::from(Error::ResourceExhausted(format!(
+                "{} ingests are open, the limit is {} (limits.writers)",
+                self.limits.writers, self.limits.writers
+            )))
+        })?;
         let reference = first.ref_.clone();
         validate_ref(&reference).rpc()?;
         let total = non_negative("total", first.total)?;
@@ -256,17 +296,20 @@ impl content_ttrpc::Content for ContentService {
             .open_writer(&ns, &reference, total, expected)
             .await
             .rpc()?;
-        // Out-of-order WRITE (kind 0) and COMMIT (kind 1) requests, keyed by offset.
+        // Out-of-order WRITE (kind 0) and COMMIT (kind 1) requests, keyed by offset,
+        // and the bytes they hold.
         let mut pending: BTreeMap<(u64, u8), WriteContentRequest> = BTreeMap::new();
+        let mut pending_bytes = 0usize;
         let mut next = Some(first);
-        let gone = client_gone(ctx);
-        tokio::pin!(gone);
         loop {
             let req = match next.take() {
                 Some(r) => r,
                 None => tokio::select! {
                     r = stream.recv() => match r {
-                        Ok(Some(r)) => r,
+                        Ok(Some(r)) => {
+                            consumed(&r);
+                            r
+                        }
                         Ok(None) => {
                             tracing::info!(namespace = %ns, reference = %reference, "content writer's client closed its stream; ref unlocked");
                             return Ok(());
@@ -317,6 +360,17 @@ impl content_ttrpc::Content for ContentService {
                 .into());
             }
             let kind = u8::from(action == WriteAction::COMMIT);
+            if let Err(e) = validate::labels("labels", &req.labels, &self.limits) {
+                return Err(e.into());
+            }
+            pending_bytes += req.data.len();
+            if pending_bytes > self.limits.writer_buffer_bytes {
+                return Err(Error::ResourceExhausted(format!(
+                    "{pending_bytes} bytes of writes wait ahead of offset {}, the limit is {} (limits.writer_buffer_bytes); a request is missing",
+                    status.offset, self.limits.writer_buffer_bytes
+                ))
+                .into());
+            }
             if pending.insert((offset, kind), req).is_some() {
                 return Err(Error::InvalidArgument(format!(
                     "two {action:?} requests at offset {offset}"
@@ -336,6 +390,7 @@ impl content_ttrpc::Content for ContentService {
                     break;
                 }
                 let (_, mut req) = entry.remove_entry();
+                pending_bytes -= req.data.len();
                 if !req.data.is_empty() {
                     status = lease
                         .write(status.offset, std::mem::take(&mut req.data))

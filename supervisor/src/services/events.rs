@@ -2,12 +2,23 @@
 //! filter language over `topic`, `namespace` and `event.<field>`, replay from a
 //! sequence number and per-subscriber limits.
 //!
+//! Only keel writes keel's history: Publish and Forward refuse the lifecycle topics
+//! (`/tasks/*`, `/containers/*`, `/keel/*`) with PermissionDenied, so every such event
+//! in the log is one keel published itself, and restore and reconciliation, which
+//! act on them, trust nothing a client wrote.
+//!
+//! Filters are parsed on the blocking pool. Matching a batch of events is done there
+//! too when it is heavy (many selectors, payloads to decode), so that no subscriber's
+//! filter can hold up the thread that serves every other request.
+//!
 //! A subscriber reads the exchange's retained ring by sequence number; publishers
 //! never wait for it. It is ended with Unavailable naming the sequence number to
 //! resume from when it falls more than `subscriber_buffer` events behind what was
-//! published since it subscribed, when retention overtakes it, or when one send to
-//! it blocks for longer than [`SEND_STALL`] (its client stopped reading).
+//! published since it subscribed (or more than `subscriber_buffer_bytes` of them),
+//! when retention overtakes it, or when one send to it blocks for longer than
+//! [`SEND_STALL`] (its client stopped reading).
 
+use std::cell::OnceCell;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,57 +26,101 @@ use keel_actors::events::{Behind, EventSink, GAP_TOPIC};
 use keel_protocol::api::events::*;
 use keel_protocol::api::events_ttrpc;
 use keel_protocol::filters::{Adaptor, Filter};
-use keel_protocol::types::{event_field, pack};
-use keel_protocol::{identifiers, Error};
-use protobuf::well_known_types::any::Any;
+use keel_protocol::limits::Limits;
+use keel_protocol::types::{pack, DecodedEvent};
+use keel_protocol::{identifiers, validate, Error};
 use protobuf::well_known_types::empty::Empty;
 use protobuf::MessageField;
 use ttrpc::asynchronous::{ServerStreamSender, TtrpcContext};
 
-use super::Rpc;
+use super::{blocking, filters, Rpc};
 use crate::server::{client_gone, Auth};
 
 /// How long one send to a subscriber may block before it counts as stalled.
 const SEND_STALL: Duration = Duration::from_secs(5);
 /// Events taken from the ring per read.
 const READ_BATCH: usize = 256;
+/// Estimated matching work (bytes scanned) above which a batch is matched on the
+/// blocking pool instead of the serving thread.
+const INLINE_MATCH_WORK: usize = 256 << 10;
 
 #[derive(Debug)]
 pub struct EventsService {
     pub auth: Arc<Auth>,
     pub events: EventSink,
+    pub limits: Arc<Limits>,
 }
 
-/// Filter fields of an envelope.
+/// Filter fields of an envelope. The payload is decoded the first time a selector
+/// reads one of its fields, and only once however many do.
 #[derive(Debug)]
-pub struct EnvelopeFields<'a>(pub &'a Envelope);
+pub struct EnvelopeFields<'a> {
+    env: &'a Envelope,
+    decoded: OnceCell<DecodedEvent>,
+}
+
+impl<'a> EnvelopeFields<'a> {
+    pub fn new(env: &'a Envelope) -> Self {
+        Self {
+            env,
+            decoded: OnceCell::new(),
+        }
+    }
+}
 
 impl Adaptor for EnvelopeFields<'_> {
     fn field(&self, path: &[String]) -> Option<String> {
         match path {
-            [f] if f == "topic" => Some(self.0.topic.clone()),
-            [f] if f == "namespace" => Some(self.0.namespace.clone()),
-            [f, name] if f == "event" => self.0.event.as_ref().and_then(|e| event_field(e, name)),
+            [f] if f == "topic" => Some(self.env.topic.clone()),
+            [f] if f == "namespace" => Some(self.env.namespace.clone()),
+            [f, name] if f == "event" => {
+                let any = self.env.event.as_ref()?;
+                self.decoded
+                    .get_or_init(|| DecodedEvent::decode(any))
+                    .field(name)
+            }
             _ => None,
         }
     }
 }
 
-fn validate_topic(topic: &str) -> Result<(), Error> {
-    if !topic.starts_with('/') || topic.len() < 2 || topic.contains(char::is_whitespace) {
-        return Err(Error::InvalidArgument(format!(
-            "topic {topic:?} must be a path like /tasks/exit"
-        )));
+/// Which events of `batch` a subscriber is sent: in its scope and matching its
+/// filter. A batch whose matching is heavy is matched on the blocking pool.
+async fn select(
+    filter: &Arc<Filter>,
+    scope: Option<Arc<std::collections::HashSet<String>>>,
+    batch: Vec<Arc<Envelope>>,
+) -> ttrpc::Result<Vec<Arc<Envelope>>> {
+    let keep = move |filter: &Filter, batch: Vec<Arc<Envelope>>| {
+        batch
+            .into_iter()
+            .filter(|e| scope.as_ref().is_none_or(|s| s.contains(&e.namespace)))
+            .filter(|e| filter.matches(&EnvelopeFields::new(e)))
+            .collect::<Vec<_>>()
+    };
+    if filter.is_always() || match_work(filter, &batch) <= INLINE_MATCH_WORK {
+        return Ok(keep(filter, batch));
     }
-    Ok(())
+    let filter = filter.clone();
+    blocking(move || Ok::<_, Error>(keep(&filter, batch))).await
 }
 
-/// Checks a forwarded envelope's namespace, topic and payload (keel's own Forward and
-/// the shims' share the rules); returns the payload.
-pub fn validate_envelope(namespace: &str, topic: &str, event: Option<Any>) -> Result<Any, Error> {
-    identifiers::validate("envelope.namespace", namespace)?;
-    validate_topic(topic)?;
-    event.ok_or_else(|| Error::InvalidArgument("envelope.event is required".into()))
+/// A rough count of the bytes matching `batch` against `filter` scans.
+fn match_work(filter: &Filter, batch: &[Arc<Envelope>]) -> usize {
+    let payload = filter.reads_payload();
+    let per_selector: usize = batch
+        .iter()
+        .map(|e| {
+            e.topic.len()
+                + e.namespace.len()
+                + if payload {
+                    e.event.as_ref().map_or(0, |a| a.value.len())
+                } else {
+                    0
+                }
+        })
+        .sum();
+    per_selector.saturating_mul(filter.selectors())
 }
 
 impl EventsService {
@@ -113,12 +168,15 @@ fn gap_notice(
 impl events_ttrpc::Events for EventsService {
     async fn publish(&self, ctx: &TtrpcContext, req: PublishRequest) -> ttrpc::Result<Empty> {
         let ns = self.auth.request(ctx, "Events.Publish").rpc()?.namespace;
-        validate_topic(&req.topic).rpc()?;
-        let event = req
-            .event
-            .into_option()
-            .ok_or_else(|| Error::InvalidArgument("event is required".into()))
-            .rpc()?;
+        validate::client_event(
+            "topic",
+            &req.topic,
+            "event",
+            req.event.as_ref(),
+            &self.limits,
+        )
+        .rpc()?;
+        let event = req.event.into_option().unwrap_or_default();
         let delivered = self
             .events
             .publish(&ns, &req.topic, event, None)
@@ -135,7 +193,16 @@ impl events_ttrpc::Events for EventsService {
             .into_option()
             .ok_or_else(|| Error::InvalidArgument("envelope is required".into()))
             .rpc()?;
-        let event = validate_envelope(&env.namespace, &env.topic, env.event.into_option()).rpc()?;
+        identifiers::validate("envelope.namespace", &env.namespace).rpc()?;
+        validate::client_event(
+            "envelope.topic",
+            &env.topic,
+            "envelope.event",
+            env.event.as_ref(),
+            &self.limits,
+        )
+        .rpc()?;
+        let event = env.event.into_option().unwrap_or_default();
         let delivered = self
             .events
             .publish(
@@ -156,12 +223,13 @@ impl events_ttrpc::Events for EventsService {
         req: SubscribeRequest,
         tx: ServerStreamSender<Envelope>,
     ) -> ttrpc::Result<()> {
-        let ns = self.auth.request(ctx, "Events.Subscribe").rpc()?.namespace;
+        let rc = self.auth.request(ctx, "Events.Subscribe").rpc()?;
+        let ns = rc.namespace.clone();
         // Parse before anything is sent: a bad filter fails the call itself.
-        let filter = Filter::parse_all(&req.filters).rpc()?;
+        let filter = Arc::new(filters(req.filters, &self.limits).await?);
         let mut watch = self.events.watch();
         let live_from = self.events.head();
-        let buffer = self.events.options().subscriber_buffer;
+        let opts = self.events.options();
         // Everything after `cursor` is still to be looked at.
         let mut cursor = req.since.unwrap_or(live_from);
         let mut last_sent = 0u64;
@@ -191,21 +259,38 @@ impl events_ttrpc::Events for EventsService {
                 }
                 continue;
             }
-            for env in batch {
-                if filter.matches(&EnvelopeFields(&env)) {
-                    match tokio::time::timeout(SEND_STALL, tx.send(&env)).await {
-                        Ok(sent) => sent?,
-                        // ttrpc queues the frame before it waits for the socket write,
-                        // so the event that timed out still reaches the client when
-                        // it reads again: it counts as sent.
-                        Err(_) => return Err(self.cut_off("stalled", env.sequence, env.sequence)),
-                    }
-                    last_sent = env.sequence;
+            let newest = batch.last().map_or(cursor, |e| e.sequence);
+            for env in select(&filter, rc.scope.clone(), batch).await? {
+                match tokio::time::timeout(SEND_STALL, tx.send(&env)).await {
+                    Ok(sent) => sent?,
+                    // ttrpc queues the frame before it waits for the socket write,
+                    // so the event that timed out still reaches the client when
+                    // it reads again: it counts as sent.
+                    Err(_) => return Err(self.cut_off("stalled", env.sequence, env.sequence)),
                 }
-                cursor = env.sequence;
+                last_sent = env.sequence;
             }
-            if self.events.backlog_after(cursor.max(live_from)) > buffer {
-                return Err(self.cut_off("fell behind", cursor, last_sent));
+            cursor = newest;
+            let (events, bytes) = self.events.backlog_after(cursor.max(live_from));
+            if events > opts.subscriber_buffer {
+                return Err(self.cut_off(
+                    &format!(
+                        "fell more than {} events behind (events.subscriber_buffer)",
+                        opts.subscriber_buffer
+                    ),
+                    cursor,
+                    last_sent,
+                ));
+            }
+            if bytes > opts.subscriber_buffer_bytes {
+                return Err(self.cut_off(
+                    &format!(
+                        "fell more than {} bytes behind (events.subscriber_buffer_bytes)",
+                        opts.subscriber_buffer_bytes
+                    ),
+                    cursor,
+                    last_sent,
+                ));
             }
         }
     }
@@ -240,7 +325,9 @@ mod tests {
         ];
         for (f, want) in cases {
             assert_eq!(
-                Filter::parse(f).unwrap().matches(&EnvelopeFields(&env)),
+                Filter::parse(f)
+                    .unwrap()
+                    .matches(&EnvelopeFields::new(&env)),
                 *want,
                 "{f}"
             );

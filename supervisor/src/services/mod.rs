@@ -8,6 +8,8 @@ pub mod shim_events;
 pub mod tasks;
 pub mod version;
 
+use keel_protocol::filters::Filter;
+use keel_protocol::limits::Limits;
 use keel_protocol::Error;
 
 /// Maps a library result onto the wire through keel's one error mapping.
@@ -33,4 +35,16 @@ where
         .map_err(|e| Error::Internal(format!("blocking task failed: {e}")))
         .rpc()?
         .rpc()
+}
+
+/// Parses a request's filters under the limits, on the blocking pool: even bounded,
+/// compiling many regular expressions takes longer than the serving thread may be
+/// held.
+pub(crate) async fn filters(filters: Vec<String>, limits: &Limits) -> ttrpc::Result<Filter> {
+    let limits = limits.filters();
+    if filters.iter().all(|f| !f.contains("~=")) && filters.len() <= 4 {
+        // No regular expression: parsing is a scan of a few bytes.
+        return Filter::parse_all_within(&filters, &limits).rpc();
+    }
+    blocking(move || Filter::parse_all_within(&filters, &limits)).await
 }

@@ -9,6 +9,11 @@
 //! into the exchange, and hands `/tasks/exit` (of the init or an exec process) to its
 //! task actor, which records and
 //! publishes each exit once whichever way it learns of it first.
+//!
+//! Only a task's own shim may speak for it: an event is accepted only when it names
+//! a task (its `container_id`) whose shim keel launched with the caller's pid
+//! (SO_PEERCRED), and only the task topics a shim sends; anything else is
+//! PermissionDenied. So no client can report an exit or a delete of a live task.
 
 use std::sync::Arc;
 
@@ -17,12 +22,12 @@ use keel_actors::task::Tasks;
 use keel_protocol::containerd::api::ForwardRequest;
 use keel_protocol::containerd::events::task::TaskExit;
 use keel_protocol::containerd::shim::events_ttrpc_async::Events;
-use keel_protocol::types::{system_time, unpack};
-use keel_protocol::Error;
+use keel_protocol::limits::Limits;
+use keel_protocol::types::{event_field, system_time, unpack};
+use keel_protocol::{identifiers, validate, Error};
 use protobuf::well_known_types::empty::Empty;
 use ttrpc::asynchronous::TtrpcContext;
 
-use super::events::validate_envelope;
 use super::Rpc;
 use crate::server::Auth;
 
@@ -31,43 +36,100 @@ pub struct ShimEventsService {
     pub auth: Arc<Auth>,
     pub monitor: MonitorHandle,
     pub tasks: Tasks,
+    pub limits: Arc<Limits>,
+}
+
+/// What keel does with a task event a shim forwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handling {
+    /// keel publishes its own, in its own order, when its actor has done the step.
+    Drop,
+    /// An exit: the task actor records and publishes it once.
+    Exit,
+    /// Only the shim knows it: published as is.
+    Publish,
+}
+
+fn handling(topic: &str) -> Option<Handling> {
+    match topic {
+        "/tasks/create"
+        | "/tasks/start"
+        | "/tasks/exec-added"
+        | "/tasks/exec-started"
+        | "/tasks/paused"
+        | "/tasks/resumed"
+        | "/tasks/checkpointed"
+        | "/tasks/delete" => Some(Handling::Drop),
+        "/tasks/exit" => Some(Handling::Exit),
+        "/tasks/oom" => Some(Handling::Publish),
+        t if validate::is_reserved_topic(t) => None,
+        _ => Some(Handling::Publish),
+    }
 }
 
 #[async_trait::async_trait]
 impl Events for ShimEventsService {
     async fn forward(&self, ctx: &TtrpcContext, req: ForwardRequest) -> ttrpc::Result<Empty> {
-        self.auth.request(ctx, "Events.Forward").rpc()?;
+        let caller = self.auth.request(ctx, "ShimEvents.Forward").rpc()?.peer;
         let env = req
             .envelope
             .into_option()
             .ok_or_else(|| Error::InvalidArgument("envelope is required".into()))
             .rpc()?;
-        let event = validate_envelope(&env.namespace, &env.topic, env.event.into_option()).rpc()?;
+        identifiers::validate("envelope.namespace", &env.namespace).rpc()?;
+        validate::topic("envelope.topic", &env.topic, &self.limits).rpc()?;
+        let event = validate::payload("envelope.event", env.event.as_ref(), &self.limits)
+            .rpc()?
+            .clone();
+        let Some(handling) = handling(&env.topic) else {
+            return Err(Error::PermissionDenied(format!(
+                "envelope.topic {:?} is not a topic a shim sends",
+                env.topic
+            ))
+            .into());
+        };
+        // Whose event is it? Every containerd task event names its container.
+        let task_id = event_field(&event, "container_id").unwrap_or_default();
+        identifiers::validate("envelope.event.container_id", &task_id).rpc()?;
+        let task = self.tasks.get(&env.namespace, &task_id).map_err(|_| {
+            ttrpc::Error::from(Error::PermissionDenied(format!(
+                "no task {task_id} in namespace {}: events come only from a task's own shim",
+                env.namespace
+            )))
+        })?;
+        let shim_pid = task.shim_pid();
+        if shim_pid == 0 || i64::from(shim_pid) != i64::from(caller.pid) {
+            tracing::warn!(
+                pid = caller.pid,
+                uid = caller.uid,
+                namespace = %env.namespace,
+                task_id = %task_id,
+                shim_pid,
+                topic = %env.topic,
+                "refused an event about a task from a process that is not its shim"
+            );
+            return Err(Error::PermissionDenied(format!(
+                "events about task {task_id} come only from its shim (pid {shim_pid}), not pid {}",
+                caller.pid
+            ))
+            .into());
+        }
         tracing::debug!(namespace = %env.namespace, topic = %env.topic, type_url = %event.type_url, "shim event");
-        match env.topic.as_str() {
-            "/tasks/create"
-            | "/tasks/start"
-            | "/tasks/exec-added"
-            | "/tasks/exec-started"
-            | "/tasks/paused"
-            | "/tasks/resumed"
-            | "/tasks/checkpointed"
-            | "/tasks/delete" => {}
-            "/tasks/exit" => {
+        match handling {
+            Handling::Drop => {}
+            Handling::Exit => {
                 let exit: TaskExit = unpack(&event).rpc()?;
-                if let Ok(task) = self.tasks.get(&env.namespace, &exit.container_id) {
-                    let at = exit
-                        .exited_at
-                        .as_ref()
-                        .map_or_else(std::time::SystemTime::now, system_time);
-                    if exit.id == exit.container_id || exit.id.is_empty() {
-                        task.notify_exit(exit.exit_status, at);
-                    } else {
-                        task.notify_exec_exit(&exit.id, exit.exit_status, at);
-                    }
+                let at = exit
+                    .exited_at
+                    .as_ref()
+                    .map_or_else(std::time::SystemTime::now, system_time);
+                if exit.id == exit.container_id || exit.id.is_empty() {
+                    task.notify_exit(exit.exit_status, at);
+                } else {
+                    task.notify_exec_exit(&exit.id, exit.exit_status, at);
                 }
             }
-            _ => {
+            Handling::Publish => {
                 // Answered once the event is delivered: the shim re-sends until then.
                 self.monitor
                     .publish(&env.namespace, &env.topic, event)
@@ -77,5 +139,21 @@ impl Events for ShimEventsService {
             }
         }
         Ok(Empty::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shims_may_send_task_topics_only() {
+        assert_eq!(handling("/tasks/exit"), Some(Handling::Exit));
+        assert_eq!(handling("/tasks/oom"), Some(Handling::Publish));
+        assert_eq!(handling("/tasks/delete"), Some(Handling::Drop));
+        assert_eq!(handling("/containers/delete"), None);
+        assert_eq!(handling("/keel/events/gap"), None);
+        assert_eq!(handling("/tasks/made-up"), None);
+        assert_eq!(handling("/app/custom"), Some(Handling::Publish));
     }
 }

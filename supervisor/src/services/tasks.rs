@@ -10,16 +10,17 @@ use keel_actors::task::{
 use keel_protocol::api::tasks::*;
 use keel_protocol::api::tasks_ttrpc;
 use keel_protocol::api::types::Descriptor;
-use keel_protocol::filters::{Adaptor, Filter};
+use keel_protocol::filters::Adaptor;
+use keel_protocol::limits::Limits;
 use keel_protocol::types::timestamp;
-use keel_protocol::{identifiers, Error};
+use keel_protocol::{identifiers, validate, Error};
 use keel_storage::meta::{from_nanos, ContainerRecord, ExitRecord};
 use keel_storage::Meta;
 use protobuf::well_known_types::empty::Empty;
 use protobuf::MessageField;
 use ttrpc::asynchronous::TtrpcContext;
 
-use super::{blocking, Rpc};
+use super::{blocking, filters, Rpc};
 use crate::server::Auth;
 
 #[derive(Debug)]
@@ -29,6 +30,7 @@ pub struct TasksService {
     pub tasks: Tasks,
     /// The content store, where checkpoints go and restores come from.
     pub storage: StorageHandle,
+    pub limits: Arc<Limits>,
 }
 
 fn status(s: TaskState) -> Status {
@@ -72,49 +74,6 @@ fn exec_id(v: &str) -> ttrpc::Result<()> {
     } else {
         id("exec_id", v)
     }
-}
-
-/// Checks the process spec sent to Exec: an OCI `Process` as JSON, with arguments.
-/// `terminal` overrides the spec's own flag, so runc and the shim agree.
-fn process_json(
-    any: Option<&protobuf::well_known_types::any::Any>,
-    terminal: bool,
-) -> ttrpc::Result<Vec<u8>> {
-    let invalid = |m: String| ttrpc::Error::from(Error::InvalidArgument(m));
-    let any = any.ok_or_else(|| invalid("spec: the process to run is required".into()))?;
-    if any.type_url.rsplit('/').next() != Some("Process") {
-        return Err(invalid(format!(
-            "spec: type {:?} is not an OCI Process",
-            any.type_url
-        )));
-    }
-    let p: oci_spec::runtime::Process = serde_json::from_slice(&any.value)
-        .map_err(|e| invalid(format!("spec: not valid OCI Process JSON: {e}")))?;
-    if p.args().as_ref().is_none_or(Vec::is_empty) {
-        return Err(invalid("spec: process.args is empty".into()));
-    }
-    let mut v: serde_json::Value =
-        serde_json::from_slice(&any.value).map_err(|e| invalid(format!("spec: {e}")))?;
-    v["terminal"] = serde_json::json!(terminal);
-    Ok(serde_json::to_vec(&v).expect("json serialises"))
-}
-
-/// Checks resources sent to Update: OCI `LinuxResources` as JSON.
-fn resources_json(any: &protobuf::well_known_types::any::Any) -> ttrpc::Result<Vec<u8>> {
-    let kind = any.type_url.rsplit('/').next().unwrap_or_default();
-    if kind != "LinuxResources" {
-        return Err(Error::InvalidArgument(format!(
-            "resources: type {:?} is not OCI LinuxResources",
-            any.type_url
-        ))
-        .into());
-    }
-    serde_json::from_slice::<oci_spec::runtime::LinuxResources>(&any.value).map_err(|e| {
-        ttrpc::Error::from(Error::InvalidArgument(format!(
-            "resources: not valid LinuxResources JSON: {e}"
-        )))
-    })?;
-    Ok(any.value.clone())
 }
 
 /// The fields a Metrics filter can name.
@@ -169,6 +128,13 @@ impl tasks_ttrpc::Tasks for TasksService {
     ) -> ttrpc::Result<CreateTaskResponse> {
         let ns = self.auth.request(ctx, "Tasks.Create").rpc()?.namespace;
         id("container_id", &req.container_id)?;
+        for (field, v) in [
+            ("stdin", &req.stdin),
+            ("stdout", &req.stdout),
+            ("stderr", &req.stderr),
+        ] {
+            validate::path(field, v, &self.limits).rpc()?;
+        }
         if req.terminal && req.log_to_file {
             return Err(Error::InvalidArgument(
                 "terminal: a task with a terminal cannot log to a file; run it in the foreground"
@@ -186,26 +152,33 @@ impl tasks_ttrpc::Tasks for TasksService {
                 }
                 let (store, ns2, digest) =
                     (self.storage.store().clone(), ns.clone(), d.digest.clone());
-                Some(blocking(move || verify_checkpoint(&store, &ns2, &digest)).await?)
+                let max_index = self.limits.checkpoint_index_bytes;
+                Some(blocking(move || verify_checkpoint(&store, &ns2, &digest, max_index)).await?)
             }
             None => None,
         };
         if !req.rootfs.is_empty() {
             return unimplemented("task rootfs mounts (give them to the container)");
         }
+        // The id is held before anything is read or made: of two concurrent creates
+        // one gets AlreadyExists and touches nothing.
+        let reservation = self.tasks.reserve(&ns, &req.container_id).rpc()?;
         let container = self.container(&ns, &req.container_id).await?;
         let handle = self
             .tasks
-            .create(CreateTask {
-                namespace: ns,
-                container,
-                stdin: req.stdin,
-                stdout: req.stdout,
-                stderr: req.stderr,
-                terminal: req.terminal,
-                log_to_file: req.log_to_file,
-                checkpoint,
-            })
+            .create(
+                reservation,
+                CreateTask {
+                    namespace: ns,
+                    container,
+                    stdin: req.stdin,
+                    stdout: req.stdout,
+                    stderr: req.stderr,
+                    terminal: req.terminal,
+                    log_to_file: req.log_to_file,
+                    checkpoint,
+                },
+            )
             .await
             .rpc()?;
         let info = handle.info().await.rpc()?;
@@ -392,7 +365,15 @@ impl tasks_ttrpc::Tasks for TasksService {
         let ns = self.auth.request(ctx, "Tasks.Exec").rpc()?.namespace;
         id("container_id", &req.container_id)?;
         id("exec_id", &req.exec_id)?;
-        let process = process_json(req.spec.as_ref(), req.terminal)?;
+        for (field, v) in [
+            ("stdin", &req.stdin),
+            ("stdout", &req.stdout),
+            ("stderr", &req.stderr),
+        ] {
+            validate::path(field, v, &self.limits).rpc()?;
+        }
+        let process =
+            validate::process("spec", req.spec.as_ref(), req.terminal, &self.limits).rpc()?;
         self.tasks
             .get(&ns, &req.container_id)
             .rpc()?
@@ -417,6 +398,16 @@ impl tasks_ttrpc::Tasks for TasksService {
             return Err(Error::InvalidArgument(format!(
                 "width, height: a terminal of {}x{} has no cells",
                 req.width, req.height
+            ))
+            .into());
+        }
+        // A terminal's size is two 16-bit numbers (struct winsize).
+        if req.width > u32::from(u16::MAX) || req.height > u32::from(u16::MAX) {
+            return Err(Error::InvalidArgument(format!(
+                "width, height: {}x{} is larger than a terminal can be ({max}x{max})",
+                req.width,
+                req.height,
+                max = u16::MAX
             ))
             .into());
         }
@@ -478,6 +469,7 @@ impl tasks_ttrpc::Tasks for TasksService {
         if req.options.is_some() {
             return unimplemented("checkpoint options");
         }
+        validate::path("image_path", &req.image_path, &self.limits).rpc()?;
         let image_path = if req.image_path.is_empty() {
             None
         } else {
@@ -523,9 +515,10 @@ impl tasks_ttrpc::Tasks for TasksService {
         let ns = self.auth.request(ctx, "Tasks.Update").rpc()?.namespace;
         id("container_id", &req.container_id)?;
         let resources = match req.resources.as_ref() {
-            Some(any) => Some(resources_json(any)?),
+            Some(any) => Some(validate::resources("resources", any, &self.limits).rpc()?),
             None => None,
         };
+        validate::labels("annotations", &req.annotations, &self.limits).rpc()?;
         if resources.is_none() && req.annotations.is_empty() {
             return Err(Error::InvalidArgument(
                 "resources: nothing to update (give resources or annotations)".into(),
@@ -547,7 +540,7 @@ impl tasks_ttrpc::Tasks for TasksService {
         req: MetricsRequest,
     ) -> ttrpc::Result<MetricsResponse> {
         let ns = self.auth.request(ctx, "Tasks.Metrics").rpc()?.namespace;
-        let filter = Filter::parse_all(&req.filters).rpc()?;
+        let filter = filters(req.filters, &self.limits).await?;
         let mut metrics = Vec::new();
         for h in self.tasks.list(&ns) {
             if !filter.matches(&MetricFields { ns: &ns, id: &h.id }) {
