@@ -323,6 +323,30 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_config_is_the_defaults() {
+        let f = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/keel.toml");
+        let c = Config::load(&Flags::parse_from(["keeld", "--config", f.to_str().unwrap()]))
+            .unwrap();
+        assert_eq!(c.limits, keel_protocol::limits::Limits::default());
+        let d = keel_actors::events::EventOptions::default();
+        assert_eq!(
+            (
+                c.events.retain,
+                c.events.retain_bytes,
+                c.events.subscriber_buffer,
+                c.events.subscriber_buffer_bytes
+            ),
+            (
+                d.retain,
+                d.retain_bytes,
+                d.subscriber_buffer,
+                d.subscriber_buffer_bytes
+            )
+        );
+        assert!(c.access.is_empty());
+    }
+
+    #[test]
     fn unknown_keys_and_relative_paths_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("keel.toml");
