@@ -38,7 +38,7 @@ use crate::{Error, Result};
 
 mod checkpoint;
 mod exec;
-pub use checkpoint::{criu_ready, verify_checkpoint, CheckpointRequest};
+pub use checkpoint::{check_image_tar, criu_ready, verify_checkpoint, CheckpointRequest};
 pub use exec::ExecSpec;
 
 /// Deadline for one shim RPC other than Wait.

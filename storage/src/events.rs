@@ -104,15 +104,16 @@ fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 /// What a segment held, read back record by record.
-struct SegmentRead {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentRead {
     /// Length of the valid prefix.
-    valid: u64,
+    pub valid: u64,
     /// Whether anything follows the valid prefix.
-    torn: bool,
+    pub torn: bool,
     /// The last sequence number read (`after` when none).
-    last: u64,
+    pub last: u64,
     /// Records read.
-    records: u64,
+    pub records: u64,
 }
 
 /// Reads a segment's records in order, handing each to `keep`, and stops at the
@@ -127,14 +128,30 @@ fn read_segment(
 ) -> Result<SegmentRead> {
     let file = File::open(path).map_err(io("read", path))?;
     let total = file.metadata().map_err(io("stat", path))?.len();
-    let mut r = std::io::BufReader::with_capacity(256 << 10, file);
+    let r = std::io::BufReader::with_capacity(256 << 10, file);
+    read_records(r, total, after, sequence_of, keep).map_err(io("read", path))
+}
+
+/// Reads the records of a segment of `total` bytes from `r`: `(length, bytes)`
+/// pairs whose bytes carry increasing sequence numbers above `after`. Stops at the
+/// first record that is torn (shorter than its length, or longer than any event),
+/// empty or out of order; what follows it is reported as torn. Never allocates
+/// more than one record's length, and that only once the length is known to fit
+/// in what is left of the segment.
+pub fn read_records(
+    mut r: impl Read,
+    total: u64,
+    after: u64,
+    sequence_of: &dyn Fn(&[u8]) -> Option<u64>,
+    keep: &mut dyn FnMut(u64, Vec<u8>),
+) -> std::io::Result<SegmentRead> {
     let (mut pos, mut last, mut records) = (0u64, after, 0u64);
     loop {
         let mut len = [0u8; 4];
         match r.read_exact(&mut len) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-            Err(e) => return Err(io("read", path)(e)),
+            Err(e) => return Err(e),
         }
         let len = u32::from_le_bytes(len) as usize;
         if len == 0 || len > MAX_EVENT || pos + 4 + len as u64 > total {
@@ -144,7 +161,7 @@ fn read_segment(
         match r.read_exact(&mut bytes) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-            Err(e) => return Err(io("read", path)(e)),
+            Err(e) => return Err(e),
         }
         match sequence_of(&bytes) {
             Some(seq) if seq > last => {

@@ -325,8 +325,12 @@ mod tests {
     #[test]
     fn the_documented_config_is_the_defaults() {
         let f = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/keel.toml");
-        let c = Config::load(&Flags::parse_from(["keeld", "--config", f.to_str().unwrap()]))
-            .unwrap();
+        let c = Config::load(&Flags::parse_from([
+            "keeld",
+            "--config",
+            f.to_str().unwrap(),
+        ]))
+        .unwrap();
         assert_eq!(c.limits, keel_protocol::limits::Limits::default());
         let d = keel_actors::events::EventOptions::default();
         assert_eq!(

@@ -147,6 +147,8 @@ async fn main() -> anyhow::Result<()> {
     };
     #[allow(clippy::cast_precision_loss)]
     let delivered = all.len() as f64;
+    #[allow(clippy::cast_precision_loss)]
+    let published_per_sec = (events as f64 / published.as_secs_f64()).round();
     println!(
         "{}",
         serde_json::json!({
@@ -154,6 +156,7 @@ async fn main() -> anyhow::Result<()> {
             "events": events,
             "rate": rate,
             "publish_secs": published.as_secs_f64(),
+            "published_per_sec": published_per_sec,
             "delivered_per_sec": (delivered / secs).round(),
             "p50_ms": pct(0.5),
             "p99_ms": pct(0.99),
