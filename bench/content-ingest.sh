@@ -7,13 +7,16 @@
 # The input is read from the page cache in every case.
 #
 # usage: sudo bench/content-ingest.sh [SIZE_MIB] [RUNS]     (defaults 1024 and 5)
+#   KEEL_BIN=DIR takes keeld and keelctl from DIR instead of building them (to
+#   compare two builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . deploy/env.sh
 SIZE_MIB=${1:-1024}
 RUNS=${2:-5}
 DIR=${KEEL_BENCH_DIR:-/var/tmp/keel-bench}
-cargo build --release --locked --bins >&2
+BIN=${KEEL_BIN:-target/release}
+[ -n "${KEEL_BIN:-}" ] || cargo build --release --locked --bins >&2
 rm -rf "$DIR"
 mkdir -p "$DIR"
 trap 'kill "$KEELD" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$DIR"' EXIT
@@ -21,10 +24,10 @@ trap 'kill "$KEELD" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$DIR"
 head -c "$((SIZE_MIB << 20))" /dev/urandom >"$DIR/data"
 cat "$DIR/data" >/dev/null
 SOCK="$DIR/run/keel.sock"
-target/release/keeld --root "$DIR/root" --state "$DIR/state" --address "$SOCK" 2>"$DIR/keeld.log" &
+"$BIN/keeld" --root "$DIR/root" --state "$DIR/state" --address "$SOCK" 2>"$DIR/keeld.log" &
 KEELD=$!
 for _ in $(seq 100); do [ -S "$SOCK" ] && break; sleep 0.05; done
-CTL="target/release/keelctl --address $SOCK"
+CTL="$BIN/keelctl --address $SOCK"
 
 secs() { local s; s=$(date +%s.%N); "$@" >/dev/null; awk -v a="$s" -v b="$(date +%s.%N)" 'BEGIN { printf "%.3f", b - a }'; }
 mibps() { awk -v n="$SIZE_MIB" -v t="$1" 'BEGIN { printf "%.0f", n / t }'; }

@@ -20,7 +20,8 @@ pub const FRAME_BYTES: usize = 4 << 20;
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
-    /// Connections open at once; more are refused at accept.
+    /// Connections open at once; more are refused at accept. Each running task's
+    /// shim holds one to forward its events.
     pub connections: usize,
     /// Requests one connection may have in flight (streams included, until they
     /// end). Beyond it requests fail with ResourceExhausted; a client that goes on
@@ -76,8 +77,8 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            connections: 1024,
-            requests_per_connection: 128,
+            connections: 8192,
+            requests_per_connection: 1024,
             stream_bytes_per_connection: 64 << 20,
             filter_bytes: 1024,
             filters_per_request: 16,
