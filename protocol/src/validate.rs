@@ -281,8 +281,14 @@ mod tests {
 
     #[test]
     fn documents_of_the_wrong_shape_are_invalid_arguments() {
-        // Each of these is valid JSON; serde would even read the arrays as structs.
+        // Each of these is valid JSON; serde reads the first (the 16 fields of a
+        // Process in order) as a Process with args ["sh"].
         let cases: &[(&str, &[u8], &str)] = &[
+            (
+                "Process",
+                br#"[false, null, {"uid":0,"gid":0}, ["sh"], null, null, "/", null, null, null, null, null, null, null, null, null]"#,
+                "not an array",
+            ),
             (
                 "Process",
                 br#"[["sh"],{"uid":0,"gid":0},"/"]"#,

@@ -137,9 +137,14 @@ fn an_exec_of_the_wrong_shape_is_refused_and_the_task_lives_on() {
     let before = rt.block_on(async {
         let c = k.client(None).await;
         let before = settled(&c, "victim").await;
-        // Valid JSON, each of a shape an OCI Process is not (serde alone would even
-        // read the first as a struct).
+        // Valid JSON, each of a shape an OCI Process is not. serde reads the first
+        // (its 16 fields in order) as a Process with args ["sh"]: it once aborted
+        // keeld.
         for (json, want) in [
+            (
+                r#"[false, null, {"uid":0,"gid":0}, ["sh"], null, null, "/", null, null, null, null, null, null, null, null, null]"#,
+                "not an array",
+            ),
             (r#"[["sh"],{"uid":0,"gid":0},"/"]"#, "not an array"),
             ("[]", "not an array"),
             ("null", "not null"),
