@@ -78,18 +78,7 @@ fn uids_not_allowed_get_permission_denied() {
         ("allowed_uids = [65534]", true),
     ] {
         let k = Keeld::start_with_config(config);
-        // Open the socket's file modes so the peer-credential check is what decides.
-        std::fs::set_permissions(
-            k.socket.parent().unwrap(),
-            std::fs::Permissions::from_mode(0o755),
-        )
-        .unwrap();
-        std::fs::set_permissions(&k.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
-        // nobody may not reach the build's keelctl (a checkout in a 0700 directory);
-        // a copy next to the socket is as reachable as the socket is.
-        let keelctl = k.dir.path().join("keelctl");
-        std::fs::copy(keel_tests::bin_dir().join("keelctl"), &keelctl).unwrap();
-        std::fs::set_permissions(&keelctl, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let keelctl = k.open_to_all_uids();
         let out = std::process::Command::new(&keelctl)
             .arg("--address")
             .arg(&k.socket)

@@ -15,18 +15,30 @@ use keel_tests::{busybox_rootfs, describe, require_runtime, runtime, Keeld, Vers
 use protobuf::MessageField;
 use serde_json::Value;
 
-/// `keelctl run -d` of a sleeping task.
-fn sleeper(k: &Keeld, id: &str) {
-    let rootfs = busybox_rootfs();
-    k.ctl_ok(&[
-        "run",
-        "-d",
-        "--rootfs",
-        rootfs.to_str().unwrap(),
-        id,
-        "sleep",
-        "100000",
-    ]);
+/// A keeld running one sleeping task, `victim`; its settled (status, pid).
+fn victim() -> (Keeld, tokio::runtime::Runtime, (Status, u32)) {
+    require_runtime();
+    let k = Keeld::start();
+    k.run_detached("victim");
+    let rt = runtime();
+    let before = rt.block_on(async { settled(&k.client(None).await, "victim").await });
+    (k, rt, before)
+}
+
+/// kill -9 and restart keeld; asserts `victim` comes back as it was, and returns
+/// the event log.
+fn restart_unharmed(
+    k: &mut Keeld,
+    rt: &tokio::runtime::Runtime,
+    before: (Status, u32),
+) -> Vec<Envelope> {
+    k.kill9();
+    k.spawn();
+    rt.block_on(async {
+        let c = k.client(None).await;
+        assert_eq!(settled(&c, "victim").await, before, "after a restart");
+    });
+    rt.block_on(replay(k))
 }
 
 /// (status, pid) of task `id`.
@@ -129,14 +141,10 @@ fn topics_about(events: &[Envelope], id: &str) -> Vec<String> {
 
 #[test]
 fn an_exec_of_the_wrong_shape_is_refused_and_the_task_lives_on() {
-    require_runtime();
-    let mut k = Keeld::start();
-    sleeper(&k, "victim");
-    let rt = runtime();
+    let (mut k, rt, before) = victim();
     let watch = VersionWatch::start(&k);
-    let before = rt.block_on(async {
+    rt.block_on(async {
         let c = k.client(None).await;
-        let before = settled(&c, "victim").await;
         // Valid JSON, each of a shape an OCI Process is not. serde reads the first
         // (its 16 fields in order) as a Process with args ["sh"]: it once aborted
         // keeld.
@@ -165,18 +173,11 @@ fn an_exec_of_the_wrong_shape_is_refused_and_the_task_lives_on() {
             );
         }
         assert_eq!(settled(&c, "victim").await, before, "the task is untouched");
-        before
     });
     watch
         .finish()
         .assert_responsive("exec of the wrong shape", 1);
-    k.kill9();
-    k.spawn();
-    rt.block_on(async {
-        let c = k.client(None).await;
-        assert_eq!(settled(&c, "victim").await, before, "and after a restart");
-    });
-    let events = rt.block_on(replay(&k));
+    let events = restart_unharmed(&mut k, &rt, before);
     assert!(
         !topics_about(&events, "victim")
             .iter()
@@ -281,14 +282,10 @@ fn filters_are_bounded_and_compiled_where_they_hold_up_no_one() {
 
 #[test]
 fn only_keel_writes_the_lifecycle_and_a_restart_trusts_nothing_else() {
-    require_runtime();
-    let mut k = Keeld::start();
-    sleeper(&k, "victim");
-    let rt = runtime();
+    let (mut k, rt, before) = victim();
     let watch = VersionWatch::start(&k);
-    let before = rt.block_on(async {
+    rt.block_on(async {
         let c = k.client(None).await;
-        let before = settled(&c, "victim").await;
         let ns = k.namespace.clone();
         let forged = |topic: &str| -> protobuf::well_known_types::any::Any {
             use keel_protocol::containerd::events::{container as cev, task as tev};
@@ -392,20 +389,13 @@ fn only_keel_writes_the_lifecycle_and_a_restart_trusts_nothing_else() {
             describe(&out)
         );
         assert_eq!(settled(&c, "victim").await, before);
-        before
     });
     watch
         .finish()
         .assert_responsive("forged lifecycle events", 1);
     // A restart right after trusts only what keel recorded: the task is there, with
     // its process, and nothing about it was published.
-    k.kill9();
-    k.spawn();
-    rt.block_on(async {
-        let c = k.client(None).await;
-        assert_eq!(settled(&c, "victim").await, before);
-    });
-    let events = rt.block_on(replay(&k));
+    let events = restart_unharmed(&mut k, &rt, before);
     let topics = topics_about(&events, "victim");
     assert_eq!(
         topics,
@@ -425,6 +415,19 @@ fn only_keel_writes_the_lifecycle_and_a_restart_trusts_nothing_else() {
     assert_eq!(k.ctl(&["tasks", "wait", "victim"]).status.code(), Some(137));
     k.ctl_ok(&["tasks", "rm", "victim"]);
     k.ctl_ok(&["containers", "rm", "victim"]);
+}
+
+/// Of two concurrent creates, the one that succeeded; the other must have got
+/// AlreadyExists.
+fn one_wins<T: std::fmt::Debug>(a: ttrpc::Result<T>, b: ttrpc::Result<T>) -> T {
+    match (a, b) {
+        (Ok(won), Err(lost)) | (Err(lost), Ok(won)) => {
+            let lost = Error::from(lost);
+            assert!(matches!(lost, Error::AlreadyExists(_)), "{lost:?}");
+            won
+        }
+        other => panic!("want one success and one AlreadyExists: {other:?}"),
+    }
 }
 
 #[test]
@@ -454,11 +457,7 @@ fn concurrent_creates_of_one_id_give_one_winner_and_already_exists() {
             };
             let (ra, rb) =
                 tokio::join!(a.tasks.create(a.ctx(), &req), b.tasks.create(b.ctx(), &req));
-            let (won, lost) = match (ra, rb) {
-                (Ok(w), Err(l)) | (Err(l), Ok(w)) => (w, Error::from(l)),
-                other => panic!("round {round}: want one success and one failure: {other:?}"),
-            };
-            assert!(matches!(lost, Error::AlreadyExists(_)), "{lost:?}");
+            let won = one_wins(ra, rb);
             assert!(won.pid > 0);
             // The winner is untouched: it starts and runs.
             a.tasks
@@ -499,13 +498,7 @@ fn concurrent_creates_of_one_id_give_one_winner_and_already_exists() {
                 a.containers.create(a.ctx(), &creq),
                 b.containers.create(b.ctx(), &creq)
             );
-            let errs: Vec<Error> = [ca.err(), cb.err()]
-                .into_iter()
-                .flatten()
-                .map(Error::from)
-                .collect();
-            assert_eq!(errs.len(), 1, "{errs:?}");
-            assert!(matches!(errs[0], Error::AlreadyExists(_)), "{errs:?}");
+            one_wins(ca, cb);
             // Two execs of one exec id: one runs, one gets AlreadyExists.
             let exec = ExecProcessRequest {
                 container_id: id.clone(),
@@ -517,13 +510,7 @@ fn concurrent_creates_of_one_id_give_one_winner_and_already_exists() {
                 ..Default::default()
             };
             let (ea, eb) = tokio::join!(a.tasks.exec(a.ctx(), &exec), b.tasks.exec(b.ctx(), &exec));
-            let errs: Vec<Error> = [ea.err(), eb.err()]
-                .into_iter()
-                .flatten()
-                .map(Error::from)
-                .collect();
-            assert_eq!(errs.len(), 1, "{errs:?}");
-            assert!(matches!(errs[0], Error::AlreadyExists(_)), "{errs:?}");
+            one_wins(ea, eb);
             k.ctl_ok(&["containers", "rm", &twin]);
         });
         k.ctl_ok(&["tasks", "rm", "-f", &id]);
@@ -672,22 +659,13 @@ fn ingests_are_bounded() {
 
 #[test]
 fn a_reader_reads_and_does_nothing_else() {
-    use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
     keel_tests::require_root("running keelctl as another uid");
     let nobody = 65534;
     let k = Keeld::start_with_config(&format!(
         "[[access]]\nuid = {nobody}\nrole = \"reader\"\nnamespaces = [\"seen\"]\n"
     ));
-    std::fs::set_permissions(
-        k.socket.parent().unwrap(),
-        std::fs::Permissions::from_mode(0o755),
-    )
-    .unwrap();
-    std::fs::set_permissions(&k.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let keelctl = k.dir.path().join("keelctl");
-    std::fs::copy(keel_tests::bin_dir().join("keelctl"), &keelctl).unwrap();
-    std::fs::set_permissions(&keelctl, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let keelctl = k.open_to_all_uids();
     let as_nobody = |args: &[&str]| {
         std::process::Command::new(&keelctl)
             .arg("--address")

@@ -37,19 +37,6 @@ fn settled(k: &Keeld, within: Duration) -> BTreeMap<String, Value> {
     }
 }
 
-fn run_detached(k: &Keeld, id: &str) {
-    let rootfs = busybox_rootfs();
-    k.ctl_ok(&[
-        "run",
-        "-d",
-        "--rootfs",
-        rootfs.to_str().unwrap(),
-        id,
-        "sleep",
-        "100000",
-    ]);
-}
-
 /// The event log after sequence `since`, up to a marker published now (a container
 /// created and removed), in order.
 fn log_to_marker(k: &Keeld, since: u64) -> Vec<Value> {
@@ -179,7 +166,7 @@ fn exits_during_a_30s_outage_are_published_once_and_running_tasks_come_back() {
     let mut k = Keeld::start();
     let ids: Vec<String> = (0..100).map(|i| format!("r{i:03}")).collect();
     for id in &ids {
-        run_detached(&k, id);
+        k.run_detached(id);
     }
     let before = tasks(&k);
     assert!(before.values().all(|t| status(t) == "RUNNING"));
@@ -229,7 +216,7 @@ fn a_stopped_shim_leaves_its_task_unknown_without_delaying_the_others() {
     require_runtime();
     let mut k = Keeld::start();
     for id in ["s1", "s2", "s3", "s4"] {
-        run_detached(&k, id);
+        k.run_detached(id);
     }
     let shim_of = |id: &str| {
         let line = shims(&k)
@@ -519,7 +506,7 @@ fn exec_info(k: &Keeld, id: &str, exec_id: &str) -> Value {
 fn exec_processes_are_watched_again_after_a_restart_and_their_exits_published_once() {
     require_runtime();
     let mut k = Keeld::start();
-    run_detached(&k, "ex");
+    k.run_detached("ex");
     // One exec ends while keeld is down, one outlives the outage.
     let mut clients: Vec<_> = [("short", "sleep 3; exit 5"), ("long", "sleep 100000")]
         .into_iter()
