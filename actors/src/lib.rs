@@ -9,6 +9,7 @@
 //! - [`task::Tasks`]: one actor per task supervising its shim, the registry of them,
 //!   and their restore after a restart ([`restore`]).
 
+pub mod bundle;
 pub mod error;
 pub mod events;
 pub mod monitor;

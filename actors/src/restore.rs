@@ -226,37 +226,13 @@ pub async fn cleanup_orphan(cmd: &ShimCommand) {
         }
     }
     let _ = std::fs::remove_file(shim_socket(&cmd.keel_socket, ns, id));
-    match crate::task::remove_bundle(&cmd.bundle) {
+    match crate::bundle::remove_bundle(&cmd.bundle) {
         Ok(()) => tracing::info!(namespace = %ns, task_id = %id, "orphan removed"),
         Err(e) => {
             tracing::warn!(namespace = %ns, task_id = %id, error = %e, "orphaned bundle not removed")
         }
     }
-    crate::task::remove_cgroups(ns, id, false);
-}
-
-/// Bundles under `<state>/tasks/<ns>/<id>`, as (namespace, id).
-pub fn bundles(state_dir: &Path) -> Vec<(String, String)> {
-    task_dirs(&state_dir.join("tasks"))
-}
-
-/// Directories `<dir>/<ns>/<id>`, as (namespace, id).
-pub fn task_dirs(dir: &Path) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let Ok(namespaces) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for ns in namespaces.flatten() {
-        let Ok(ids) = std::fs::read_dir(ns.path()) else {
-            continue;
-        };
-        for id in ids.flatten() {
-            if let (Some(n), Some(i)) = (ns.file_name().to_str(), id.file_name().to_str()) {
-                out.push((n.to_string(), i.to_string()));
-            }
-        }
-    }
-    out
+    crate::bundle::remove_cgroups(ns, id, false);
 }
 
 #[cfg(test)]
@@ -312,19 +288,6 @@ mod tests {
             parse_shim_cmdline(&args[..5], "/run/keel/keel.sock"),
             None,
             "no -id"
-        );
-    }
-
-    #[test]
-    fn bundles_are_listed_per_namespace() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("tasks/ns1/a")).unwrap();
-        std::fs::create_dir_all(dir.path().join("tasks/ns2/b")).unwrap();
-        let mut b = bundles(dir.path());
-        b.sort();
-        assert_eq!(
-            b,
-            vec![("ns1".into(), "a".into()), ("ns2".into(), "b".into())]
         );
     }
 }

@@ -10,8 +10,8 @@
 //! would have to stay still meanwhile.
 //!
 //! Restore: the index and every blob it references are verified by digest, the CRIU
-//! image is unpacked into the bundle and the shim is given its path with Create; the
-//! shim restores the process at Start.
+//! image is checked and unpacked on disk (`bundle::restore_dir`) and the shim is
+//! given its path with Create; the shim restores the process at Start.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -26,9 +26,6 @@ use sha2::Digest as _;
 use super::*;
 use crate::storage::StorageHandle;
 
-/// Where a bundle holds the CRIU image of the checkpoint it is restored from, until
-/// the shim has restored it at Start.
-pub(super) const CHECKPOINT_DIR: &str = "checkpoint";
 /// Deadline for the shim's CRIU work: a dump, or a restore at Start.
 pub(super) const CRIU_RPC_TIMEOUT: Duration = Duration::from_secs(120);
 /// The oldest CRIU keel accepts (older ones fail on kernels >= 6.13).

@@ -1,0 +1,253 @@
+//! Creating a task: bundle, shim `start`, the durable record, Connect and Create,
+//! then its actor. On failure nothing is left behind.
+
+use super::*;
+
+/// The container's rootfs mounts as the shim takes them with Create.
+fn mounts(rootfs: &[MountRecord]) -> Vec<api::Mount> {
+    rootfs
+        .iter()
+        .map(|m| api::Mount {
+            type_: m.kind.clone(),
+            source: m.source.clone(),
+            target: m.target.clone(),
+            options: m.options.clone(),
+            ..Default::default()
+        })
+        .collect()
+}
+
+impl Tasks {
+    /// Creates the task: bundle, shim, Create. On failure nothing is left behind.
+    /// `reservation` holds the task's id (taken before the container was read).
+    pub async fn create(&self, reservation: Reservation, req: CreateTask) -> Result<TaskHandle> {
+        let ns = req.namespace.clone();
+        let id = req.container.id.clone();
+        let key = (ns.clone(), id.clone());
+        if reservation.key != key {
+            return Err(Error::InvalidArgument(format!(
+                "task {id}: the reservation is for {:?}",
+                reservation.key
+            )));
+        }
+        let meta = self.env.meta.clone();
+        let (n2, i2) = (ns.clone(), id.clone());
+        if blocking(move || meta.task(&n2, &i2)).await?.is_some() {
+            return Err(Error::AlreadyExists(format!(
+                "task {id} already exists in namespace {ns}"
+            )));
+        }
+        // An unknown runtime is the caller's error.
+        resolve_runtime(&req.container.runtime)?;
+        let cleaning = self
+            .orphans
+            .lock()
+            .expect("orphan registry")
+            .get(&key)
+            .cloned();
+        if let Some(mut cleaning) = cleaning {
+            tracing::info!(namespace = %ns, task_id = %id, "waiting for the cleanup of an orphan of the same id");
+            let _ = cleaning.wait_for(|done| *done).await;
+        }
+        let cmd = self.shim_command(&ns, &id, Some(&req.container.runtime));
+        let bundle = cmd.bundle.clone();
+        match self.create_inner(&req, &cmd).await {
+            Ok(handle) => {
+                self.live
+                    .lock()
+                    .expect("task registry")
+                    .insert(key, handle.clone());
+                drop(reservation);
+                Ok(handle)
+            }
+            Err((e, shim)) => {
+                tracing::warn!(namespace = %ns, task_id = %id, error = %e, "task create failed; cleaning up");
+                // The record goes first, so that a crash during the cleanup leaves an
+                // orphan for the next start to clean up, not a task that never ran.
+                let (n2, i2) = (ns.clone(), id.clone());
+                let _ = durably(&self.env.meta, move |m| m.delete_task(&n2, &i2)).await;
+                if let Some(shim) = shim {
+                    let _ = shim
+                        .delete(
+                            &api::DeleteRequest {
+                                id: id.clone(),
+                                ..Default::default()
+                            },
+                            rpc_timeout(),
+                        )
+                        .await;
+                    let _ = shim
+                        .shutdown(
+                            &api::ShutdownRequest {
+                                id: id.clone(),
+                                ..Default::default()
+                            },
+                            rpc_timeout(),
+                        )
+                        .await;
+                }
+                let _ = remove_bundle(&bundle);
+                let _ = std::fs::remove_dir_all(self.env.restore_dir(&ns, &id));
+                self.cgroups.remove(&ns, &id).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn create_inner(
+        &self,
+        req: &CreateTask,
+        cmd: &ShimCommand,
+    ) -> Result<TaskHandle, (Error, Option<ShimClient>)> {
+        let ns = &req.namespace;
+        let id = &req.container.id;
+        let bundle = &cmd.bundle;
+        let fail = |e: Error| (e, None);
+        if bundle.exists() {
+            // A leftover from a crash during create; nothing references it.
+            remove_bundle(bundle).map_err(fail)?;
+        }
+        std::fs::create_dir_all(bundle.join("rootfs"))
+            .map_err(|e| fail(Error::Io(format!("create bundle: {e}"))))?;
+        let spec = bundle::bundle_spec(&req.container.spec, ns, id, req.terminal).map_err(fail)?;
+        std::fs::write(bundle.join("config.json"), spec)
+            .map_err(|e| fail(Error::Io(format!("write config.json: {e}"))))?;
+        let log = LogFifo::open(bundle, ns, id).map_err(fail)?;
+        let checkpoint_dir = match &req.checkpoint {
+            Some(tar) => {
+                let (tar, dir) = (tar.clone(), self.env.restore_dir(ns, id));
+                let (d, limits) = (dir.clone(), self.env.limits.clone());
+                let _ = std::fs::remove_dir_all(&dir);
+                blocking_io(move || checkpoint::unpack_image(&tar, &d, &limits))
+                    .await
+                    .map_err(fail)?;
+                Some(dir)
+            }
+            None => None,
+        };
+
+        let (stdout, stderr, log_path) =
+            if req.log_to_file && req.stdout.is_empty() && req.stderr.is_empty() {
+                let p = self.env.log_file(ns, id);
+                std::fs::create_dir_all(p.parent().expect("log dir"))
+                    .map_err(|e| fail(Error::Io(format!("create log dir: {e}"))))?;
+                let url = format!("file://{}", p.display());
+                (url.clone(), url, Some(p.display().to_string()))
+            } else {
+                (req.stdout.clone(), req.stderr.clone(), None)
+            };
+
+        let address = cmd.start().await.map_err(fail)?;
+        // The shim's address is durable before anything reports the task created, so
+        // a crash from here on leaves a task keel can find and reconcile.
+        let mut record = TaskRecord {
+            id: id.clone(),
+            bundle: bundle.display().to_string(),
+            shim_address: address.clone(),
+            shim_pid: 0,
+            pid: 0,
+            stdin: req.stdin.clone(),
+            stdout,
+            stderr,
+            terminal: req.terminal,
+            log_path,
+            created_ns: nanos(SystemTime::now()),
+            started: false,
+        };
+        let persist = |record: TaskRecord| {
+            let meta = self.env.meta.clone();
+            let ns = ns.clone();
+            async move { blocking(move || meta.put_task(&ns, &record)).await }
+        };
+        persist(record.clone()).await.map_err(fail)?;
+
+        let shim = ShimClient::connect(&address, ns)
+            .await
+            .map_err(|e| fail(e.into()))?;
+        let with_shim = |e: Error| (e, Some(shim.clone()));
+        let conn = shim
+            .connect_shim(
+                &api::ConnectRequest {
+                    id: id.clone(),
+                    ..Default::default()
+                },
+                rpc_timeout(),
+            )
+            .await
+            .map_err(|e| with_shim(e.into()))?;
+        record.shim_pid = conn.shim_pid;
+
+        let any = self.runc_options().map_err(with_shim)?;
+        let create = api::CreateTaskRequest {
+            id: id.clone(),
+            bundle: bundle.display().to_string(),
+            rootfs: mounts(&req.container.rootfs),
+            terminal: req.terminal,
+            stdin: req.stdin.clone(),
+            stdout: record.stdout.clone(),
+            stderr: record.stderr.clone(),
+            options: MessageField::some(any),
+            checkpoint: checkpoint_dir
+                .as_ref()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default(),
+            ..Default::default()
+        };
+        let created = {
+            let _parent_stays = self.cgroups.hold().await;
+            shim.create(&create, rpc_timeout())
+                .await
+                .map_err(|e| with_shim(e.into()))?
+        };
+        record.pid = created.pid;
+        // Shim pid and task pid can be read back from the shim (Connect, State), so
+        // this update need not wait for the disk.
+        let (meta, ns2, r2) = (self.env.meta.clone(), ns.clone(), record.clone());
+        blocking(move || meta.update_task_lazily(&ns2, &r2))
+            .await
+            .map_err(with_shim)?;
+
+        let event = ev::TaskCreate {
+            container_id: id.clone(),
+            bundle: record.bundle.clone(),
+            pid: created.pid,
+            ..Default::default()
+        };
+        // Reported created only once its event is on disk.
+        if let Err(e) = self
+            .env
+            .monitor
+            .publish(
+                ns,
+                "/tasks/create",
+                pack(&event).map_err(|e| with_shim(e.into()))?,
+            )
+            .await
+        {
+            tracing::error!(namespace = %ns, task_id = %id, error = %e, "publishing /tasks/create failed");
+        }
+
+        let shim_pid = Arc::new(AtomicU32::new(record.shim_pid));
+        let actor = TaskActor {
+            ns: ns.clone(),
+            id: id.clone(),
+            state: TaskState::Created,
+            shim: Some(shim.clone()),
+            shim_alive: true,
+            deleting: false,
+            cmd: cmd.clone(),
+            record,
+            env: self.env.clone(),
+            tasks: self.clone(),
+            exit: None,
+            waiters: Vec::new(),
+            execs: HashMap::new(),
+            _log: Some(log),
+            probe_backoff: Duration::ZERO,
+            shim_pid: shim_pid.clone(),
+            unannounced: (false, false),
+        };
+        let addr = TaskActor::start_in_arbiter(&self.arbiter, |_| actor);
+        Ok(TaskHandle::new(id.clone(), addr, shim_pid))
+    }
+}

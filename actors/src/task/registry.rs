@@ -1,0 +1,271 @@
+//! [`Tasks`]: the registry of task actors (and the ids reserved by creates under
+//! way), the restore of every task after a restart, and the periodic reconciler.
+
+use super::*;
+
+/// The registry of live task actors, and the way to create one.
+#[derive(Clone)]
+pub struct Tasks {
+    pub(super) env: Arc<TaskEnv>,
+    pub(super) arbiter: ArbiterHandle,
+    pub(super) live: Arc<Mutex<HashMap<(String, String), TaskHandle>>>,
+    /// Ids held by a create under way (or a container delete): taken under the
+    /// `live` lock, so an id is never both reserved twice or reserved and live.
+    pub(super) reserved: Arc<Mutex<std::collections::HashSet<TaskKey>>>,
+    /// Bounds how many shims are probed at once during a restore.
+    pub(super) probes: Arc<tokio::sync::Semaphore>,
+    pub(super) cgroups: CgroupParents,
+    /// Orphans (found at restore) still being cleaned up, by namespace and id: a
+    /// create of the same id waits for its cleanup, which would otherwise take the
+    /// new task's shim, container and bundle for the orphan's.
+    pub(super) orphans: Arc<Mutex<HashMap<TaskKey, tokio::sync::watch::Receiver<bool>>>>,
+}
+
+/// A task's namespace and id.
+type TaskKey = (String, String);
+
+/// A task id held by [`Tasks::reserve`]; released when dropped.
+#[derive(Debug)]
+pub struct Reservation {
+    pub(super) reserved: Arc<Mutex<std::collections::HashSet<TaskKey>>>,
+    pub(super) key: TaskKey,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.reserved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
+
+impl std::fmt::Debug for Tasks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tasks").field("env", &self.env).finish()
+    }
+}
+
+impl Tasks {
+    /// `arbiter` is where task actors run; ttrpc handlers are not on an actix arbiter.
+    pub fn new(env: TaskEnv, arbiter: ArbiterHandle) -> Self {
+        Self {
+            env: Arc::new(env),
+            arbiter,
+            live: Arc::default(),
+            reserved: Arc::default(),
+            probes: Arc::new(tokio::sync::Semaphore::new(PARALLEL_PROBES)),
+            cgroups: CgroupParents::default(),
+            orphans: Arc::default(),
+        }
+    }
+
+    pub fn env(&self) -> &TaskEnv {
+        &self.env
+    }
+
+    pub fn get(&self, ns: &str, id: &str) -> Result<TaskHandle> {
+        self.live
+            .lock()
+            .expect("task registry")
+            .get(&(ns.to_string(), id.to_string()))
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("task {id} not found in namespace {ns}")))
+    }
+
+    pub fn list(&self, ns: &str) -> Vec<TaskHandle> {
+        let live = self.live.lock().expect("task registry");
+        let mut v: Vec<_> = live
+            .iter()
+            .filter(|((n, _), _)| n == ns)
+            .map(|(_, h)| h.clone())
+            .collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    /// Holds task id `id` of `ns` until the reservation is dropped: AlreadyExists
+    /// while the task exists or another reservation holds it. A create takes one
+    /// before any side effect, so of two concurrent creates of an id one gets
+    /// AlreadyExists and touches nothing.
+    pub fn reserve(&self, ns: &str, id: &str) -> Result<Reservation> {
+        let key = (ns.to_string(), id.to_string());
+        let live = self.live.lock().expect("task registry");
+        let mut reserved = self.reserved.lock().expect("task reservations");
+        if live.contains_key(&key) || !reserved.insert(key.clone()) {
+            return Err(Error::AlreadyExists(format!(
+                "task {id} already exists in namespace {ns}"
+            )));
+        }
+        Ok(Reservation {
+            reserved: self.reserved.clone(),
+            key,
+        })
+    }
+
+    pub(super) fn forget(&self, ns: &str, id: &str) {
+        self.live
+            .lock()
+            .expect("task registry")
+            .remove(&(ns.to_string(), id.to_string()));
+    }
+
+    /// Restores after a restart: every task record becomes a task actor at once,
+    /// `unknown` (or `stopped`, when its exit was recorded) until its shim answers a
+    /// probe, which happens in the background. Bundles with no task record (a crash
+    /// during create) are cleaned up, and the periodic reconciler starts. Returns how
+    /// many tasks were restored.
+    pub async fn restore_all(&self, logged: &crate::monitor::LoggedLifecycle) -> Result<usize> {
+        let meta = self.env.meta.clone();
+        let found = blocking(move || {
+            let mut v = Vec::new();
+            for ns in meta.namespaces()? {
+                for t in meta.tasks(&ns)? {
+                    let exit = meta.exit(&ns, &t.id, "")?;
+                    let runtime = meta.container(&ns, &t.id)?.map(|c| c.runtime);
+                    let mut execs = HashMap::new();
+                    for e in meta.execs(&ns, &t.id)? {
+                        let exited = meta.exit(&ns, &t.id, &e.exec_id)?;
+                        execs.insert(e.exec_id.clone(), exec::ExecProcess::restored(e, exited));
+                    }
+                    v.push((ns.clone(), t, exit, runtime, execs));
+                }
+            }
+            Ok(v)
+        })
+        .await?;
+        let restored = found.len();
+        for (ns, record, exit, runtime, execs) in found {
+            let id = record.id.clone();
+            let unannounced = logged.missing(&ns, &id, record.created_ns);
+            // Known once the shim answers the probe.
+            let shim_pid = Arc::new(AtomicU32::new(0));
+            let cmd = self.shim_command(&ns, &id, runtime.as_deref());
+            // The shim logs into the bundle's FIFO: drain it again at once.
+            let log = if cmd.bundle.exists() {
+                LogFifo::open(&cmd.bundle, &ns, &id)
+                    .map_err(|e| tracing::warn!(task_id = %id, error = %e, "log FIFO not reopened"))
+                    .ok()
+            } else {
+                None
+            };
+            let actor = TaskActor {
+                ns: ns.clone(),
+                id: id.clone(),
+                state: if exit.is_some() {
+                    TaskState::Stopped
+                } else {
+                    TaskState::Unknown
+                },
+                shim: None,
+                shim_alive: true,
+                deleting: false,
+                cmd,
+                record,
+                env: self.env.clone(),
+                tasks: self.clone(),
+                exit,
+                waiters: Vec::new(),
+                execs,
+                _log: log,
+                probe_backoff: Duration::ZERO,
+                shim_pid: shim_pid.clone(),
+                unannounced,
+            };
+            let addr = TaskActor::start_in_arbiter(&self.arbiter, |_| actor);
+            self.live
+                .lock()
+                .expect("task registry")
+                .insert((ns, id.clone()), TaskHandle::new(id, addr, shim_pid));
+        }
+
+        // Orphans: bundles and shims of this keeld with no task record.
+        let mut candidates: std::collections::BTreeSet<(String, String)> =
+            bundle::bundles(&self.env.state_dir).into_iter().collect();
+        candidates.extend(
+            restore::shim_processes(&self.env.keel_socket)
+                .into_iter()
+                .map(|p| (p.namespace, p.id)),
+        );
+        for (ns, id) in candidates {
+            let known = self
+                .live
+                .lock()
+                .expect("task registry")
+                .contains_key(&(ns.clone(), id.clone()));
+            let valid = keel_protocol::identifiers::validate("namespace", &ns).is_ok()
+                && keel_protocol::identifiers::validate("id", &id).is_ok();
+            if known || !valid {
+                continue;
+            }
+            tracing::warn!(namespace = %ns, task_id = %id, "bundle or shim without a task record (keeld stopped during create); cleaning up");
+            let cmd = self.shim_command(&ns, &id, None);
+            let (done, cleaning) = tokio::sync::watch::channel(false);
+            let key = (ns, id);
+            self.orphans
+                .lock()
+                .expect("orphan registry")
+                .insert(key.clone(), cleaning);
+            let orphans = self.orphans.clone();
+            tokio::spawn(async move {
+                restore::cleanup_orphan(&cmd).await;
+                orphans.lock().expect("orphan registry").remove(&key);
+                let _ = done.send(true);
+            });
+        }
+
+        // CRIU images unpacked for a restore whose task is gone.
+        for (ns, id) in bundle::task_dirs(&self.env.scratch_dir.join("restore")) {
+            if self.get(&ns, &id).is_err() {
+                let dir = self.env.restore_dir(&ns, &id);
+                tracing::info!(namespace = %ns, task_id = %id, "removing the unpacked checkpoint of a task that is gone");
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+
+        let tasks = self.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(RECONCILE_EVERY);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                let all: Vec<TaskHandle> = tasks
+                    .live
+                    .lock()
+                    .expect("task registry")
+                    .values()
+                    .cloned()
+                    .collect();
+                for h in all {
+                    h.addr.do_send(Check);
+                }
+            }
+        });
+        Ok(restored)
+    }
+
+    /// The shim command for a task, with its container's runtime when known.
+    pub(super) fn shim_command(&self, ns: &str, id: &str, runtime: Option<&str>) -> ShimCommand {
+        let binary = resolve_runtime(runtime.unwrap_or(DEFAULT_RUNTIME))
+            .or_else(|_| resolve_runtime(DEFAULT_RUNTIME))
+            .unwrap_or_else(|_| PathBuf::from("containerd-shim-runc-v2"));
+        ShimCommand {
+            binary,
+            namespace: ns.to_string(),
+            id: id.to_string(),
+            keel_socket: self.env.keel_socket.clone(),
+            bundle: self.env.bundle(ns, id),
+        }
+    }
+
+    /// The runtime options keel gives the shim with Create (`containerd.runc.v1.Options`).
+    pub(super) fn runc_options(&self) -> Result<protobuf::well_known_types::any::Any> {
+        let options = keel_protocol::containerd::shim::oci::Options {
+            root: self.env.runc_root().display().to_string(),
+            ..Default::default()
+        };
+        let mut any = pack(&options)?;
+        any.type_url = "containerd.runc.v1.Options".into();
+        Ok(any)
+    }
+}
