@@ -13,6 +13,7 @@ pub mod bundle;
 pub mod error;
 pub mod events;
 pub mod monitor;
+pub mod reconcile;
 pub mod restore;
 pub mod shim;
 pub mod state;

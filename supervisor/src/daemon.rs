@@ -134,7 +134,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
 
     // A crash can leave a record (an exit, a task, a container) and its event out of
     // step; settle that before any restored task reports its exit.
-    let (reconciled, logged) = keel_actors::monitor::reconcile_log(&meta, &events).await?;
+    let (reconciled, logged) = keel_actors::reconcile::reconcile_log(&meta, &events).await?;
     if reconciled != Default::default() {
         tracing::warn!(?reconciled, "records and logged events reconciled");
     }

@@ -115,7 +115,7 @@ impl Tasks {
     /// probe, which happens in the background. Bundles with no task record (a crash
     /// during create) are cleaned up, and the periodic reconciler starts. Returns how
     /// many tasks were restored.
-    pub async fn restore_all(&self, logged: &crate::monitor::LoggedLifecycle) -> Result<usize> {
+    pub async fn restore_all(&self, logged: &crate::reconcile::LoggedLifecycle) -> Result<usize> {
         let meta = self.env.meta.clone();
         let found = blocking(move || {
             let mut v = Vec::new();
