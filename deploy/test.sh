@@ -14,8 +14,10 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
+# The tests' keeld carries fault injection (KEEL_FAULTS); release builds never do.
+cargo clippy --locked --workspace --all-targets --features keel-supervisor/faults -- -D warnings
 echo "== build"
-cargo build --locked --workspace --bins
+cargo build --locked --workspace --bins --features keel-supervisor/faults
 echo "== tests"
 # Two cores: two test threads; the gigabyte tests serialise themselves.
 log=$(mktemp)
@@ -24,7 +26,8 @@ export KEEL_SKIP_LOG
 KEEL_SKIP_LOG=$(mktemp)
 trap 'rm -f "$log" "$KEEL_SKIP_LOG"' EXIT
 status=0
-RUST_TEST_THREADS=${RUST_TEST_THREADS:-2} cargo test --locked --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
+RUST_TEST_THREADS=${RUST_TEST_THREADS:-2} cargo test --locked --workspace --no-fail-fast \
+    --features keel-supervisor/faults 2>&1 | tee "$log" || status=$?
 if [ -s "$KEEL_SKIP_LOG" ]; then
     echo "== SKIPPED (cargo reports them as passed; the summary below counts them as skipped):"
     sed 's/^/   /' "$KEEL_SKIP_LOG"

@@ -22,6 +22,9 @@ pub enum Error {
     /// Too many requests are waiting for the actor.
     #[error("{0}")]
     Busy(String),
+    /// Something in keeld failed while handling the request (an actor panicked).
+    #[error("{0}")]
+    Internal(String),
     /// The actor is gone (keeld is shutting down) or its mailbox is closed.
     #[error("{0} is not running")]
     ActorGone(&'static str),
@@ -41,6 +44,7 @@ impl From<Error> for keel_protocol::Error {
             Error::FailedPrecondition(m) => P::FailedPrecondition(m),
             e @ (Error::Shim(_) | Error::Io(_)) => P::Internal(e.to_string()),
             Error::Busy(m) => P::Unavailable(m),
+            Error::Internal(m) => P::Internal(m),
             Error::ActorGone(what) => P::Unavailable(format!("{what} is not running")),
         }
     }

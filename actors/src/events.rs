@@ -26,6 +26,7 @@ use protobuf::well_known_types::timestamp::Timestamp;
 use protobuf::{Message, MessageField};
 use tokio::sync::watch;
 
+use crate::supervision::Death;
 use crate::{Error, Result};
 
 /// Events dropped from the ring between trims of the log on disk…
@@ -113,6 +114,11 @@ struct Inner {
     delivered: watch::Sender<u64>,
     /// Wakes the flusher thread; holds at most one wake-up.
     flush: std::sync::mpsc::SyncSender<()>,
+    /// The flusher's end of `flush`, kept here so that a flusher started after one
+    /// failed takes it over.
+    wake: Arc<Mutex<std::sync::mpsc::Receiver<()>>>,
+    /// Where a failed flusher is reported (the root supervisor), once supervised.
+    deaths: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Death<&'static str>>>>,
     /// Subscribers disconnected for lagging or stalling.
     lagged: AtomicU64,
 }
@@ -193,15 +199,49 @@ impl EventSink {
                 }),
                 delivered,
                 flush,
+                wake: Arc::new(Mutex::new(wake)),
+                deaths: Mutex::default(),
                 lagged: AtomicU64::new(0),
             }),
         };
-        let weak = Arc::downgrade(&sink.inner);
+        sink.restart_flusher()?;
+        Ok(sink)
+    }
+
+    /// Reports a failure of the flusher thread (a panic in it) on `deaths`, as
+    /// `"exchange"`, from now on.
+    pub fn supervise(&self, deaths: tokio::sync::mpsc::UnboundedSender<Death<&'static str>>) {
+        *self.inner.deaths.lock().unwrap_or_else(|p| p.into_inner()) = Some(deaths);
+    }
+
+    /// Starts the flusher thread (again, after one failed): it takes over the
+    /// wake-ups, and the events staged meanwhile are flushed and delivered by it.
+    pub fn restart_flusher(&self) -> Result<()> {
+        let weak = Arc::downgrade(&self.inner);
+        let wake = self.inner.wake.clone();
         std::thread::Builder::new()
             .name("keel-event-flush".into())
-            .spawn(move || flusher(&weak, &wake))
+            .spawn(move || {
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let wake = wake.lock().unwrap_or_else(|p| p.into_inner());
+                    flusher(&weak, &wake);
+                }));
+                if let (Err(payload), Some(inner)) = (ran, weak.upgrade()) {
+                    let cause = crate::supervision::panic_cause(&*payload);
+                    let deaths = inner.deaths.lock().unwrap_or_else(|p| p.into_inner());
+                    match deaths.as_ref() {
+                        Some(d) => {
+                            let _ = d.send(Death {
+                                child: "exchange",
+                                cause,
+                            });
+                        }
+                        None => tracing::error!(cause = %cause, "the event flusher failed"),
+                    }
+                }
+            })
             .map_err(|e| Error::Io(format!("start the event flusher: {e}")))?;
-        Ok(sink)
+        Ok(())
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -414,7 +454,8 @@ fn record_size(encoded: usize) -> u64 {
 pub const LAZY_FLUSH: Duration = Duration::from_secs(1);
 
 /// The flusher thread: flushes the log whenever durable events wait, then delivers
-/// them. Events staged while a flush runs share the next one. One thread does every
+/// them. A panic in it is caught at the thread's top and reported to the root
+/// supervisor, which starts another: staged events wait meanwhile, none is lost. Events staged while a flush runs share the next one. One thread does every
 /// flush, so no other thread ever blocks on the disk for an event. Events that are
 /// not durable are flushed along, or after [`LAZY_FLUSH`] without a durable event.
 /// Ends when the exchange is dropped.
@@ -430,6 +471,8 @@ fn flusher(inner: &Weak<Inner>, wake: &std::sync::mpsc::Receiver<()>) {
             return;
         };
         let sink = EventSink { inner };
+        // Fault injection (tests only): the flusher panics here.
+        keel_storage::faults::check("exchange:flusher");
         let target = {
             let mut st = sink.state();
             if !woken && !st.unflushed {

@@ -18,6 +18,7 @@ pub mod restore;
 pub mod shim;
 pub mod state;
 pub mod storage;
+pub mod supervision;
 pub mod task;
 
 pub use error::{Error, Result};

@@ -253,6 +253,42 @@ pub struct LoggedLifecycle {
 }
 
 impl LoggedLifecycle {
+    /// What the retained log holds of one task's current incarnation (the same
+    /// reading [`reconcile_log`] makes of every task), for an actor brought back
+    /// after a failure.
+    pub fn of_task(events: &EventSink, ns: &str, id: &str) -> Self {
+        let (trimmed_upto, retained) = events.retained();
+        let mut out = LoggedLifecycle {
+            retained_since_ns: (trimmed_upto > 0).then(|| {
+                retained
+                    .first()
+                    .and_then(|e| e.timestamp.as_ref())
+                    .map_or(u64::MAX, |t| nanos(system_time(t)))
+            }),
+            ..LoggedLifecycle::default()
+        };
+        let key = (ns.to_string(), id.to_string());
+        for env in retained.iter().filter(|e| e.namespace == ns) {
+            let payload = env.event.get_or_default();
+            let named = |field: &str| {
+                keel_protocol::types::event_field(payload, field).as_deref() == Some(id)
+            };
+            match env.topic.as_str() {
+                "/tasks/create" if named("container_id") => {
+                    out.tasks.entry(key.clone()).or_default().0 = true;
+                }
+                "/tasks/start" if named("container_id") => {
+                    out.tasks.entry(key.clone()).or_default().1 = true;
+                }
+                "/tasks/delete" if named("container_id") => {
+                    out.tasks.remove(&key);
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
     /// For a task created at `created_ns`: whether its `/tasks/create` and
     /// `/tasks/start` are missing from the log (never both a drop by retention).
     pub fn missing(&self, ns: &str, id: &str, created_ns: u64) -> (bool, bool) {
@@ -413,10 +449,14 @@ mod tests {
         assert_eq!(r.exited_ns, 1_000_000_007);
         assert_settled(&meta, &events).await;
         // The restored task's own report of that exit is now a duplicate.
-        let standing = MonitorHandle::start(meta.clone(), events.clone())
-            .exit("ns", exit("t", 137))
-            .await
-            .unwrap();
+        let standing = MonitorHandle::start(
+            meta.clone(),
+            events.clone(),
+            tokio::sync::mpsc::unbounded_channel().0,
+        )
+        .exit("ns", exit("t", 137))
+        .await
+        .unwrap();
         assert_eq!(standing.exit_status, 7, "the first exit stands");
         assert_eq!(logged_exits(&events, "t").len(), 1);
     }

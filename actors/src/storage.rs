@@ -8,6 +8,13 @@
 //! Callers hold a [`StorageHandle`]. actix mailboxes are only softly bounded, so the
 //! handle bounds the messages in flight itself with a semaphore; a caller waits for a
 //! permit instead of growing the queue.
+//!
+//! A failure of the storage actor (a panic on its thread) is escalated to the root
+//! supervisor, which starts a new one on the same store ([`StorageHandle::restart`]).
+//! Nothing committed is lost: a commit is on disk before it is answered. Open writers
+//! and ref locks were the old actor's and go with it; their clients' streams fail,
+//! and each ingest resumes, when its client opens the ref again, from the bytes on
+//! disk.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +27,9 @@ use keel_storage::content::FsckReport;
 use keel_storage::{ContentStore, Digest, Status};
 use tokio::sync::Semaphore;
 
+use tokio::sync::mpsc;
+
+use crate::supervision::{Death, Lifeline, Revivable};
 use crate::{Error, Result};
 
 /// Messages in flight to the storage actor at most.
@@ -41,10 +51,30 @@ struct StorageActor {
     writers: HashMap<WriterId, keel_storage::Writer>,
     locks: HashMap<(String, String), Lock>,
     next_id: Arc<AtomicU64>,
+    /// Reports a failure to the root supervisor.
+    lifeline: Lifeline<&'static str>,
 }
 
 impl Actor for StorageActor {
     type Context = SyncContext<Self>;
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        self.lifeline.cut();
+    }
+}
+
+/// Fault injection (tests only): a named message makes the storage actor panic,
+/// stall (its own thread) or fail.
+fn fault(message: &str) -> Result<()> {
+    #[cfg(feature = "faults")]
+    match keel_storage::faults::check(&format!("storage:{message}")) {
+        Some(keel_storage::faults::Fault::Stall(d)) => std::thread::sleep(d),
+        Some(_) => return Err(Error::Io(format!("fault injected in storage:{message}"))),
+        None => {}
+    }
+    #[cfg(not(feature = "faults"))]
+    let _ = message;
+    Ok(())
 }
 
 /// Opens (or resumes) the writer for a ref and takes its lock. Legal any time; fails
@@ -132,6 +162,7 @@ impl Handler<OpenWriter> for StorageActor {
     type Result = Result<(WriterId, Status)>;
 
     fn handle(&mut self, m: OpenWriter, _: &mut Self::Context) -> Self::Result {
+        fault("OpenWriter")?;
         let key = (m.namespace.clone(), m.reference.clone());
         if let Some(lock) = self.locks.get(&key) {
             let since = rfc3339(lock.since);
@@ -161,6 +192,7 @@ impl Handler<Write> for StorageActor {
     type Result = Result<Status>;
 
     fn handle(&mut self, m: Write, _: &mut Self::Context) -> Self::Result {
+        fault("Write")?;
         let w = self.writer(m.id)?;
         w.write(m.offset, m.data)?;
         Ok(w.status())
@@ -171,6 +203,7 @@ impl Handler<Commit> for StorageActor {
     type Result = Result<(Digest, u64)>;
 
     fn handle(&mut self, m: Commit, _: &mut Self::Context) -> Self::Result {
+        fault("Commit")?;
         let w = self
             .release(m.id)
             .ok_or_else(|| keel_storage::Error::FailedPrecondition("writer is closed".into()))?;
@@ -230,13 +263,22 @@ impl Handler<Fsck> for StorageActor {
     }
 }
 
+/// How long a caller waits for a failed storage actor to be brought back.
+const REVIVE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+struct Shared {
+    store: Arc<ContentStore>,
+    next_id: Arc<AtomicU64>,
+    actor: Revivable<StorageActor>,
+    deaths: mpsc::UnboundedSender<Death<&'static str>>,
+}
+
 /// keel's handle on the storage actor. Cheap to clone; every clone shares one bound on
-/// the messages in flight.
+/// the messages in flight, and stays valid when the actor is replaced.
 #[derive(Clone)]
 pub struct StorageHandle {
-    addr: Addr<StorageActor>,
+    shared: Arc<Shared>,
     permits: Arc<Semaphore>,
-    store: Arc<ContentStore>,
 }
 
 impl std::fmt::Debug for StorageHandle {
@@ -249,27 +291,39 @@ impl std::fmt::Debug for StorageHandle {
 
 impl StorageHandle {
     /// Starts the storage actor on its own thread. Must run inside an actix `System`.
-    pub fn start(store: ContentStore) -> Self {
-        let store = Arc::new(store);
-        let actor_store = store.clone();
-        let next_id = Arc::new(AtomicU64::new(1));
+    /// Its failures are reported on `deaths` (as `"storage"`).
+    pub fn start(store: ContentStore, deaths: mpsc::UnboundedSender<Death<&'static str>>) -> Self {
+        let h = Self {
+            shared: Arc::new(Shared {
+                store: Arc::new(store),
+                next_id: Arc::new(AtomicU64::new(1)),
+                actor: Revivable::default(),
+                deaths,
+            }),
+            permits: Arc::new(Semaphore::new(MAILBOX_BOUND)),
+        };
+        h.restart();
+        h
+    }
+
+    /// Starts a storage actor on the store, in place of one that failed (or the
+    /// first). Writers and ref locks start empty.
+    pub fn restart(&self) {
+        let s = self.shared.clone();
         let addr = SyncArbiter::start(1, move || StorageActor {
-            store: actor_store.clone(),
+            store: s.store.clone(),
             writers: HashMap::new(),
             locks: HashMap::new(),
-            next_id: next_id.clone(),
+            next_id: s.next_id.clone(),
+            lifeline: Lifeline::new("storage", s.deaths.clone()),
         });
-        Self {
-            addr,
-            permits: Arc::new(Semaphore::new(MAILBOX_BOUND)),
-            store,
-        }
+        self.shared.actor.started(addr);
     }
 
     /// The store, for reads (which may run concurrently with the actor on a blocking
     /// thread: committed blobs are immutable and sled reads are consistent).
     pub fn store(&self) -> &Arc<ContentStore> {
-        &self.store
+        &self.shared.store
     }
 
     async fn call<M>(&self, msg: M) -> Result<M::Result>
@@ -283,7 +337,11 @@ impl StorageHandle {
             .acquire()
             .await
             .map_err(|_| Error::ActorGone("storage actor"))?;
-        self.addr
+        self.shared
+            .actor
+            .live(REVIVE_WAIT)
+            .await
+            .ok_or(Error::ActorGone("storage actor"))?
             .send(msg)
             .await
             .map_err(|_| Error::ActorGone("storage actor"))
@@ -452,7 +510,9 @@ impl Drop for WriterLease {
         if !self.done {
             // Fire and forget: a drop cannot wait, and the actor handles it in order
             // after any write already queued.
-            self.handle.addr.do_send(Release { id: self.id });
+            if let Some(addr) = self.handle.shared.actor.addr() {
+                addr.do_send(Release { id: self.id });
+            }
         }
     }
 }
@@ -464,7 +524,7 @@ mod tests {
     fn start(dir: &std::path::Path) -> StorageHandle {
         let db = keel_storage::open_db(dir).unwrap();
         let (store, _) = ContentStore::open(dir, db, &ContentOptions::default()).unwrap();
-        StorageHandle::start(store)
+        StorageHandle::start(store, mpsc::unbounded_channel().0)
     }
 
     #[actix_rt::test]

@@ -15,8 +15,10 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
+use tokio::sync::mpsc;
 
 use actix::prelude::*;
 use keel_protocol::containerd::api;
@@ -41,13 +43,16 @@ mod checkpoint;
 mod create;
 mod exec;
 mod handle;
+mod life;
 mod lifecycle;
 mod recovery;
 mod registry;
 mod requests;
 pub use checkpoint::{check_image_tar, criu_ready, verify_checkpoint, CheckpointRequest};
 pub use exec::ExecSpec;
+use handle::Slot;
 pub use handle::TaskHandle;
+use life::{lock, Durable, Origin};
 use lifecycle::*;
 use recovery::*;
 pub use registry::{Reservation, Tasks};
@@ -67,8 +72,13 @@ const DEFAULT_RUNTIME: &str = "io.containerd.runc.v2";
 const PARALLEL_PROBES: usize = 16;
 /// Longest pause between probes of a shim that does not answer.
 const MAX_PROBE_BACKOFF: Duration = Duration::from_secs(10);
+/// How long a request waits for a failed task actor to be brought back.
+const REVIVE_WAIT: Duration = Duration::from_secs(10);
 /// How often every task's shim is checked for a death nobody reported.
 const RECONCILE_EVERY: Duration = Duration::from_secs(10);
+
+/// A task's namespace and id.
+type TaskKey = (String, String);
 
 /// What every task needs from keeld.
 #[derive(Debug)]
@@ -78,6 +88,9 @@ pub struct TaskEnv {
     pub monitor: MonitorHandle,
     /// keeld's state directory; bundles live in `<state>/tasks/<ns>/<id>`.
     pub state_dir: PathBuf,
+    /// The event exchange, read when an actor is brought back (what the log
+    /// misses of its task).
+    pub events: crate::events::EventSink,
     /// keeld's socket: the shims' `-address` and `TTRPC_ADDRESS`.
     pub keel_socket: PathBuf,
     /// A directory on disk (under keeld's root, not the state tmpfs) for large
@@ -198,12 +211,40 @@ struct TaskActor {
     _log: Option<LogFifo>,
     /// Pause before the next probe of a shim that did not answer.
     probe_backoff: Duration,
-    /// The shim's pid as the handle shows it (for checking who forwards events).
-    shim_pid: Arc<AtomicU32>,
+    /// Shared with every handle on the task, and with the actor that replaces this
+    /// one if it fails.
+    slot: Arc<Slot>,
+    /// Reports this actor's death to the task supervisor unless it stops the
+    /// ordinary way.
+    lifeline: crate::supervision::Lifeline<TaskKey>,
     /// Restored: whether `/tasks/create` and `/tasks/start` are missing from the
     /// event log (keeld died before they reached it); published once the shim
     /// shows the task exists.
     unannounced: (bool, bool),
+}
+
+impl TaskActor {
+    /// Fault injection (tests only): message `message` of this task makes its actor
+    /// panic (here), stall (its mailbox, not the thread) or fail (an error instead
+    /// of the shim call).
+    fn fault(&self, message: &str, ctx: &mut Context<Self>) -> Result<()> {
+        #[cfg(feature = "faults")]
+        match keel_storage::faults::check(&format!("task:{}:{message}", self.id)) {
+            Some(keel_storage::faults::Fault::Stall(d)) => {
+                ctx.wait(actix::fut::wrap_future(actix::clock::sleep(d)));
+            }
+            Some(_) => {
+                return Err(Error::Shim(format!(
+                    "fault injected at task:{}:{message}",
+                    self.id
+                )))
+            }
+            None => {}
+        }
+        #[cfg(not(feature = "faults"))]
+        let _ = (message, ctx);
+        Ok(())
+    }
 }
 
 impl Actor for TaskActor {
@@ -213,9 +254,13 @@ impl Actor for TaskActor {
         if self.shim.is_some() {
             self.watch(ctx);
         } else {
-            // Restored: find out from the shim what became of the task.
+            // Revived: find out from the shim what became of the task.
             ctx.notify(Probe);
         }
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        self.lifeline.cut();
     }
 }
 

@@ -371,6 +371,13 @@ impl EventLog {
     /// sled (the marks, and record changes made before the events that describe
     /// them).
     pub fn flush(&self) -> Result<()> {
+        if crate::faults::check("log:flush").is_some() {
+            return Err(Error::Io {
+                op: "flush (fault injected)",
+                path: self.dir.clone(),
+                source: std::io::Error::other("fault injected"),
+            });
+        }
         let file = {
             let mut w = self.writer();
             let dirty = std::mem::take(&mut w.dirty);

@@ -9,6 +9,7 @@ pub mod content;
 pub mod digest;
 pub mod error;
 pub mod events;
+pub mod faults;
 pub mod meta;
 
 pub use content::{ContentOptions, ContentStore, Info, Status, Writer};

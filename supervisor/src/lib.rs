@@ -6,6 +6,7 @@ pub mod config;
 pub mod ctl;
 pub mod daemon;
 pub mod observability;
+pub mod root;
 pub mod server;
 pub mod services;
 

@@ -447,7 +447,10 @@ impl Auth {
             None => DEFAULT_NAMESPACE.to_string(),
         };
         // Version and Health concern no namespace.
-        let namespaced = !matches!(method, "Version.Version" | "Health.Check");
+        let namespaced = !matches!(
+            method,
+            "Version.Version" | "Health.Check" | "Health.Supervision"
+        );
         if namespaced
             && grant
                 .namespaces

@@ -749,7 +749,7 @@ mod tests {
         let db = keel_storage::open_db(dir.path()).unwrap();
         let (store, _) =
             ContentStore::open(dir.path(), db, &keel_storage::ContentOptions::default()).unwrap();
-        let storage = StorageHandle::start(store);
+        let storage = StorageHandle::start(store, tokio::sync::mpsc::unbounded_channel().0);
         let put = |r: &'static str, bytes: &'static [u8], labels| {
             let storage = storage.clone();
             async move { storage.put_new("ns", r, bytes, labels).await.unwrap() }

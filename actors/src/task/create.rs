@@ -39,12 +39,7 @@ impl Tasks {
         }
         // An unknown runtime is the caller's error.
         resolve_runtime(&req.container.runtime)?;
-        let cleaning = self
-            .orphans
-            .lock()
-            .expect("orphan registry")
-            .get(&key)
-            .cloned();
+        let cleaning = lock(&self.orphans).get(&key).cloned();
         if let Some(mut cleaning) = cleaning {
             tracing::info!(namespace = %ns, task_id = %id, "waiting for the cleanup of an orphan of the same id");
             let _ = cleaning.wait_for(|done| *done).await;
@@ -53,10 +48,6 @@ impl Tasks {
         let bundle = cmd.bundle.clone();
         match self.create_inner(&req, &cmd).await {
             Ok(handle) => {
-                self.live
-                    .lock()
-                    .expect("task registry")
-                    .insert(key, handle.clone());
                 drop(reservation);
                 Ok(handle)
             }
@@ -227,27 +218,12 @@ impl Tasks {
             tracing::error!(namespace = %ns, task_id = %id, error = %e, "publishing /tasks/create failed");
         }
 
-        let shim_pid = Arc::new(AtomicU32::new(record.shim_pid));
-        let actor = TaskActor {
-            ns: ns.clone(),
-            id: id.clone(),
-            state: TaskState::Created,
-            shim: Some(shim.clone()),
-            shim_alive: true,
-            deleting: false,
-            cmd: cmd.clone(),
+        let durable = Durable {
             record,
-            env: self.env.clone(),
-            tasks: self.clone(),
             exit: None,
-            waiters: Vec::new(),
             execs: HashMap::new(),
-            _log: Some(log),
-            probe_backoff: Duration::ZERO,
-            shim_pid: shim_pid.clone(),
-            unannounced: (false, false),
+            runtime: Some(req.container.runtime.clone()),
         };
-        let addr = TaskActor::start_in_arbiter(&self.arbiter, |_| actor);
-        Ok(TaskHandle::new(id.clone(), addr, shim_pid))
+        Ok(self.spawn_actor(ns, durable, Origin::Created { shim, log }, None))
     }
 }

@@ -419,7 +419,7 @@ impl TaskHandle {
 
     /// Reports an exec exit learned from the shim's events.
     pub fn notify_exec_exit(&self, exec_id: &str, status: u32, at: SystemTime) {
-        self.addr.do_send(ExecExited {
+        self.tell(ExecExited {
             exec_id: exec_id.to_string(),
             status,
             at,

@@ -30,7 +30,8 @@ impl TaskActor {
         let addr = ctx.address();
         actix::spawn(async move {
             let mut shim = shim;
-            loop {
+            // Ends with the actor: one brought back after a failure watches anew.
+            while addr.connected() {
                 let req = api::WaitRequest {
                     id: id.clone(),
                     ..Default::default()
@@ -136,7 +137,8 @@ pub(super) struct Exited {
 impl Handler<Exited> for TaskActor {
     type Result = AtomicResponse<Self, ()>;
 
-    fn handle(&mut self, m: Exited, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, m: Exited, ctx: &mut Self::Context) -> Self::Result {
+        let _ = self.fault("Exited", ctx);
         AtomicResponse::new(self.exited(m.status, m.at))
     }
 }
@@ -214,7 +216,10 @@ pub(super) struct Start;
 impl Handler<Start> for TaskActor {
     type Result = AtomicResponse<Self, Result<u32>>;
 
-    fn handle(&mut self, _: Start, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, _: Start, ctx: &mut Self::Context) -> Self::Result {
+        if let Err(e) = self.fault("Start", ctx) {
+            return AtomicResponse::new(Box::pin(async move { Err(e) }.into_actor(self)));
+        }
         if let Err(e) = self.state.can_start(&self.id) {
             return AtomicResponse::new(Box::pin(async move { Err(e) }.into_actor(self)));
         }
@@ -293,7 +298,10 @@ pub(super) struct Delete {
 impl Handler<Delete> for TaskActor {
     type Result = AtomicResponse<Self, Result<ExitRecord>>;
 
-    fn handle(&mut self, m: Delete, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, m: Delete, ctx: &mut Self::Context) -> Self::Result {
+        if let Err(e) = self.fault("Delete", ctx) {
+            return AtomicResponse::new(Box::pin(async move { Err(e) }.into_actor(self)));
+        }
         if let Err(e) = self.state.can_delete(&self.id, m.force) {
             return AtomicResponse::new(Box::pin(async move { Err(e) }.into_actor(self)));
         }

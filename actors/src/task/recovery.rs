@@ -123,7 +123,7 @@ impl Handler<Probed> for TaskActor {
             } => {
                 self.shim = Some(shim.clone());
                 self.record.shim_pid = shim_pid;
-                self.shim_pid.store(shim_pid, Ordering::Relaxed);
+                self.slot.shim_pid.store(shim_pid, Ordering::Relaxed);
                 if pid != 0 {
                     self.record.pid = pid;
                 }

@@ -19,10 +19,11 @@ pub struct Tasks {
     /// create of the same id waits for its cleanup, which would otherwise take the
     /// new task's shim, container and bundle for the orphan's.
     pub(super) orphans: Arc<Mutex<HashMap<TaskKey, tokio::sync::watch::Receiver<bool>>>>,
+    /// Where failed task actors' lifelines report, and where the task supervisor
+    /// reads them once [`Tasks::supervise`] starts it.
+    pub(super) deaths: mpsc::UnboundedSender<crate::supervision::Death<TaskKey>>,
+    pub(super) death_inbox: life::DeathInbox,
 }
-
-/// A task's namespace and id.
-type TaskKey = (String, String);
 
 /// A task id held by [`Tasks::reserve`]; released when dropped.
 #[derive(Debug)]
@@ -33,10 +34,7 @@ pub struct Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.reserved
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.key);
+        lock(&self.reserved).remove(&self.key);
     }
 }
 
@@ -49,7 +47,10 @@ impl std::fmt::Debug for Tasks {
 impl Tasks {
     /// `arbiter` is where task actors run; ttrpc handlers are not on an actix arbiter.
     pub fn new(env: TaskEnv, arbiter: ArbiterHandle) -> Self {
+        let (deaths, inbox) = mpsc::unbounded_channel();
         Self {
+            deaths,
+            death_inbox: Arc::new(Mutex::new(Some(inbox))),
             env: Arc::new(env),
             arbiter,
             live: Arc::default(),
@@ -65,16 +66,14 @@ impl Tasks {
     }
 
     pub fn get(&self, ns: &str, id: &str) -> Result<TaskHandle> {
-        self.live
-            .lock()
-            .expect("task registry")
+        lock(&self.live)
             .get(&(ns.to_string(), id.to_string()))
             .cloned()
             .ok_or_else(|| Error::NotFound(format!("task {id} not found in namespace {ns}")))
     }
 
     pub fn list(&self, ns: &str) -> Vec<TaskHandle> {
-        let live = self.live.lock().expect("task registry");
+        let live = lock(&self.live);
         let mut v: Vec<_> = live
             .iter()
             .filter(|((n, _), _)| n == ns)
@@ -90,8 +89,8 @@ impl Tasks {
     /// AlreadyExists and touches nothing.
     pub fn reserve(&self, ns: &str, id: &str) -> Result<Reservation> {
         let key = (ns.to_string(), id.to_string());
-        let live = self.live.lock().expect("task registry");
-        let mut reserved = self.reserved.lock().expect("task reservations");
+        let live = lock(&self.live);
+        let mut reserved = lock(&self.reserved);
         if live.contains_key(&key) || !reserved.insert(key.clone()) {
             return Err(Error::AlreadyExists(format!(
                 "task {id} already exists in namespace {ns}"
@@ -103,11 +102,12 @@ impl Tasks {
         })
     }
 
+    /// The task is gone (deleted, or never created): its handles now say so, and
+    /// its actor's stop is no failure.
     pub(super) fn forget(&self, ns: &str, id: &str) {
-        self.live
-            .lock()
-            .expect("task registry")
-            .remove(&(ns.to_string(), id.to_string()));
+        if let Some(h) = lock(&self.live).remove(&(ns.to_string(), id.to_string())) {
+            h.slot.deleted.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Restores after a restart: every task record becomes a task actor at once,
@@ -121,62 +121,16 @@ impl Tasks {
             let mut v = Vec::new();
             for ns in meta.namespaces()? {
                 for t in meta.tasks(&ns)? {
-                    let exit = meta.exit(&ns, &t.id, "")?;
-                    let runtime = meta.container(&ns, &t.id)?.map(|c| c.runtime);
-                    let mut execs = HashMap::new();
-                    for e in meta.execs(&ns, &t.id)? {
-                        let exited = meta.exit(&ns, &t.id, &e.exec_id)?;
-                        execs.insert(e.exec_id.clone(), exec::ExecProcess::restored(e, exited));
-                    }
-                    v.push((ns.clone(), t, exit, runtime, execs));
+                    v.push((ns.clone(), Durable::of(&meta, &ns, t)?));
                 }
             }
             Ok(v)
         })
         .await?;
         let restored = found.len();
-        for (ns, record, exit, runtime, execs) in found {
-            let id = record.id.clone();
-            let unannounced = logged.missing(&ns, &id, record.created_ns);
-            // Known once the shim answers the probe.
-            let shim_pid = Arc::new(AtomicU32::new(0));
-            let cmd = self.shim_command(&ns, &id, runtime.as_deref());
-            // The shim logs into the bundle's FIFO: drain it again at once.
-            let log = if cmd.bundle.exists() {
-                LogFifo::open(&cmd.bundle, &ns, &id)
-                    .map_err(|e| tracing::warn!(task_id = %id, error = %e, "log FIFO not reopened"))
-                    .ok()
-            } else {
-                None
-            };
-            let actor = TaskActor {
-                ns: ns.clone(),
-                id: id.clone(),
-                state: if exit.is_some() {
-                    TaskState::Stopped
-                } else {
-                    TaskState::Unknown
-                },
-                shim: None,
-                shim_alive: true,
-                deleting: false,
-                cmd,
-                record,
-                env: self.env.clone(),
-                tasks: self.clone(),
-                exit,
-                waiters: Vec::new(),
-                execs,
-                _log: log,
-                probe_backoff: Duration::ZERO,
-                shim_pid: shim_pid.clone(),
-                unannounced,
-            };
-            let addr = TaskActor::start_in_arbiter(&self.arbiter, |_| actor);
-            self.live
-                .lock()
-                .expect("task registry")
-                .insert((ns, id.clone()), TaskHandle::new(id, addr, shim_pid));
+        for (ns, durable) in found {
+            let unannounced = logged.missing(&ns, &durable.record.id, durable.record.created_ns);
+            self.spawn_actor(&ns, durable, Origin::Revived { unannounced }, None);
         }
 
         // Orphans: bundles and shims of this keeld with no task record.
@@ -202,14 +156,11 @@ impl Tasks {
             let cmd = self.shim_command(&ns, &id, None);
             let (done, cleaning) = tokio::sync::watch::channel(false);
             let key = (ns, id);
-            self.orphans
-                .lock()
-                .expect("orphan registry")
-                .insert(key.clone(), cleaning);
+            lock(&self.orphans).insert(key.clone(), cleaning);
             let orphans = self.orphans.clone();
             tokio::spawn(async move {
                 restore::cleanup_orphan(&cmd).await;
-                orphans.lock().expect("orphan registry").remove(&key);
+                lock(&orphans).remove(&key);
                 let _ = done.send(true);
             });
         }
@@ -229,15 +180,9 @@ impl Tasks {
             every.tick().await;
             loop {
                 every.tick().await;
-                let all: Vec<TaskHandle> = tasks
-                    .live
-                    .lock()
-                    .expect("task registry")
-                    .values()
-                    .cloned()
-                    .collect();
+                let all: Vec<TaskHandle> = lock(&tasks.live).values().cloned().collect();
                 for h in all {
-                    h.addr.do_send(Check);
+                    h.tell(Check);
                 }
             }
         });

@@ -30,12 +30,13 @@ pub(super) struct Kill {
 impl Handler<Kill> for TaskActor {
     type Result = ResponseFuture<Result<()>>;
 
-    fn handle(&mut self, m: Kill, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, m: Kill, ctx: &mut Self::Context) -> Self::Result {
         let shim = self
             .state
             .can_kill(&self.id)
             .and_then(|()| self.check_process_alive(&m.exec_id))
             .and_then(|()| self.live_shim());
+        let shim = self.fault("Kill", ctx).and(shim);
         let req = api::KillRequest {
             id: self.id.clone(),
             exec_id: m.exec_id,
@@ -102,12 +103,13 @@ pub(super) struct Resize {
 impl Handler<Resize> for TaskActor {
     type Result = ResponseFuture<Result<()>>;
 
-    fn handle(&mut self, m: Resize, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, m: Resize, ctx: &mut Self::Context) -> Self::Result {
         let shim = self
             .state
             .can_kill(&self.id)
             .and_then(|()| self.check_process_alive(&m.exec_id))
             .and_then(|()| self.live_shim());
+        let shim = self.fault("Resize", ctx).and(shim);
         let req = api::ResizePtyRequest {
             id: self.id.clone(),
             exec_id: m.exec_id,
@@ -152,7 +154,10 @@ pub(super) struct Freeze {
 impl Handler<Freeze> for TaskActor {
     type Result = AtomicResponse<Self, Result<()>>;
 
-    fn handle(&mut self, m: Freeze, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, m: Freeze, ctx: &mut Self::Context) -> Self::Result {
+        if let Err(e) = self.fault("Freeze", ctx) {
+            return AtomicResponse::new(Box::pin(async move { Err(e) }.into_actor(self)));
+        }
         let allowed = if m.pause {
             self.state.can_pause(&self.id)
         } else {
@@ -228,11 +233,12 @@ pub(super) struct Update {
 impl Handler<Update> for TaskActor {
     type Result = ResponseFuture<Result<()>>;
 
-    fn handle(&mut self, m: Update, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, m: Update, ctx: &mut Self::Context) -> Self::Result {
         let shim = self
             .state
             .can_update(&self.id)
             .and_then(|()| self.live_shim());
+        let shim = self.fault("Update", ctx).and(shim);
         let req = api::UpdateTaskRequest {
             id: self.id.clone(),
             resources: m
@@ -262,11 +268,12 @@ pub(super) struct Stats;
 impl Handler<Stats> for TaskActor {
     type Result = ResponseFuture<Result<protobuf::well_known_types::any::Any>>;
 
-    fn handle(&mut self, _: Stats, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, _: Stats, ctx: &mut Self::Context) -> Self::Result {
         let shim = self
             .state
             .can_update(&self.id)
             .and_then(|()| self.live_shim());
+        let shim = self.fault("Stats", ctx).and(shim);
         let req = api::StatsRequest {
             id: self.id.clone(),
             ..Default::default()
@@ -290,10 +297,11 @@ pub(super) struct CloseStdin {
 impl Handler<CloseStdin> for TaskActor {
     type Result = ResponseFuture<Result<()>>;
 
-    fn handle(&mut self, m: CloseStdin, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, m: CloseStdin, ctx: &mut Self::Context) -> Self::Result {
         let shim = self
             .check_process_alive(&m.exec_id)
             .and_then(|()| self.live_shim());
+        let shim = self.fault("CloseStdin", ctx).and(shim);
         let req = api::CloseIORequest {
             id: self.id.clone(),
             exec_id: m.exec_id,
@@ -313,7 +321,8 @@ pub(super) struct Get;
 impl Handler<Get> for TaskActor {
     type Result = MessageResult<Get>;
 
-    fn handle(&mut self, _: Get, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, _: Get, ctx: &mut Self::Context) -> Self::Result {
+        let _ = self.fault("Get", ctx);
         MessageResult(self.info())
     }
 }
@@ -327,7 +336,8 @@ pub(super) struct Wait {
 impl Handler<Wait> for TaskActor {
     type Result = ResponseFuture<Result<ExitRecord>>;
 
-    fn handle(&mut self, m: Wait, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, m: Wait, ctx: &mut Self::Context) -> Self::Result {
+        let _ = self.fault("Wait", ctx);
         if !m.exec_id.is_empty() {
             let rx = self.wait_exec(&m.exec_id);
             let (id, exec_id) = (self.id.clone(), m.exec_id);
@@ -358,13 +368,15 @@ pub(super) struct Pids;
 impl Handler<Pids> for TaskActor {
     type Result = ResponseFuture<Result<Vec<u32>>>;
 
-    fn handle(&mut self, _: Pids, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, _: Pids, ctx: &mut Self::Context) -> Self::Result {
+        let fault = self.fault("Pids", ctx);
         let shim = self.live_shim().ok();
         let req = api::PidsRequest {
             id: self.id.clone(),
             ..Default::default()
         };
         Box::pin(async move {
+            fault?;
             let Some(shim) = shim else {
                 return Ok(Vec::new());
             };

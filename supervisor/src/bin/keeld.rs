@@ -16,18 +16,19 @@ fn main() {
         eprintln!("keeld: logging: {e:#}");
         std::process::exit(2);
     }
-    // A panic on any thread (an actor, a ttrpc handler) ends the process, as release
-    // builds' `panic = "abort"` does: half-working is worse than a restart, and the
-    // restart restores every task from its shim.
-    let report = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        tracing::error!(%info, "panic; aborting so the restart path takes over");
-        report(info);
-        std::process::abort();
-    }));
-    if let Err(e) = keel_supervisor::daemon::run(cfg) {
-        tracing::error!("{e:#}");
-        eprintln!("keeld: {e:#}");
-        std::process::exit(1);
+    // A panic unwinds its actor's task (or a request's), not the process: the
+    // supervisors restart what failed (`keel_supervisor::root`). A failure past
+    // their limits ends keeld with status 70, for systemd to start it again.
+    match keel_supervisor::daemon::run(cfg) {
+        Ok(keel_supervisor::root::Ending::Signal(_)) => {}
+        Ok(keel_supervisor::root::Ending::Escalated(why)) => {
+            eprintln!("keeld: exiting for a restart: {why}");
+            std::process::exit(70);
+        }
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("keeld: {e:#}");
+            std::process::exit(1);
+        }
     }
 }

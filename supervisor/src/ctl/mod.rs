@@ -40,6 +40,19 @@ pub enum Command {
     Tasks(tasks::TasksCmd),
     /// Print events as they happen.
     Events(events::EventsArgs),
+    /// Look inside keeld.
+    #[command(subcommand)]
+    Debug(DebugCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DebugCmd {
+    /// keeld's supervisors: strategy, restart limit, restarts and escalations, and
+    /// the last failure's cause.
+    Supervision {
+        #[arg(long, value_enum, default_value_t = output::Format::Table)]
+        format: output::Format,
+    },
 }
 
 /// Runs a parsed command; returns the process exit code.
@@ -67,5 +80,68 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Containers(cmd) => tasks::containers(&connect().await?, cmd).await,
         Command::Tasks(cmd) => tasks::tasks(&connect().await?, cmd).await,
         Command::Events(a) => events::run(&connect().await?, a).await,
+        Command::Debug(DebugCmd::Supervision { format }) => {
+            supervision(&connect().await?, format).await
+        }
     }
+}
+
+/// `keelctl debug supervision`.
+async fn supervision(client: &Client, format: output::Format) -> anyhow::Result<i32> {
+    let r = client
+        .health
+        .supervision(client.ctx(), &Default::default())
+        .await
+        .map_err(keel_protocol::Error::from)?;
+    let rows: Vec<serde_json::Value> = r
+        .supervisors
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "name": s.name,
+                "strategy": s.strategy,
+                "limit": format!("{} in {}s", s.max_restarts, s.within_secs),
+                "restarts": s.restarts,
+                "escalations": s.escalations,
+                "last_failure": s.last_failure.as_ref().map(|t| keel_protocol::types::rfc3339(keel_protocol::types::system_time(t))).unwrap_or_default(),
+                "last_cause": s.last_cause,
+            })
+        })
+        .collect();
+    let columns = [
+        "name",
+        "strategy",
+        "limit",
+        "restarts",
+        "escalations",
+        "last_failure",
+        "last_cause",
+    ];
+    match format {
+        output::Format::Json => {
+            for r in &rows {
+                println!("{r}");
+            }
+        }
+        output::Format::Table => {
+            let cells: Vec<Vec<String>> = rows
+                .iter()
+                .map(|r| {
+                    columns
+                        .iter()
+                        .map(|c| match &r[c] {
+                            serde_json::Value::String(s) => s.clone(),
+                            v => v.to_string(),
+                        })
+                        .collect()
+                })
+                .collect();
+            let header: Vec<String> = columns.iter().map(|c| c.to_uppercase()).collect();
+            output::table(
+                &header.iter().map(String::as_str).collect::<Vec<_>>(),
+                &cells,
+            );
+        }
+    }
+    Ok(0)
 }

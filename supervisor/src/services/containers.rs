@@ -22,7 +22,7 @@ use protobuf::well_known_types::empty::Empty;
 use protobuf::MessageField;
 use ttrpc::asynchronous::TtrpcContext;
 
-use super::{blocking, filters, Rpc};
+use super::{blocking, filters, guarded, Rpc};
 use crate::server::Auth;
 
 /// Specs longer than this are checked on the blocking pool: parsing a large one
@@ -185,13 +185,16 @@ impl containers_ttrpc::Containers for ContainersService {
         ctx: &TtrpcContext,
         req: GetContainerRequest,
     ) -> ttrpc::Result<GetContainerResponse> {
-        let ns = self.auth.request(ctx, "Containers.Get").rpc()?.namespace;
-        identifiers::validate("id", &req.id).rpc()?;
-        let c = self.load(&ns, &req.id).await?;
-        Ok(GetContainerResponse {
-            container: MessageField::some(to_proto(&c)),
-            ..Default::default()
+        guarded("Containers.Get", async move {
+            let ns = self.auth.request(ctx, "Containers.Get").rpc()?.namespace;
+            identifiers::validate("id", &req.id).rpc()?;
+            let c = self.load(&ns, &req.id).await?;
+            Ok(GetContainerResponse {
+                container: MessageField::some(to_proto(&c)),
+                ..Default::default()
+            })
         })
+        .await
     }
 
     async fn list(
@@ -199,19 +202,22 @@ impl containers_ttrpc::Containers for ContainersService {
         ctx: &TtrpcContext,
         req: ListContainersRequest,
     ) -> ttrpc::Result<ListContainersResponse> {
-        let ns = self.auth.request(ctx, "Containers.List").rpc()?.namespace;
-        let filter = filters(req.filters, &self.limits).await?;
-        let meta = self.meta.clone();
-        let all = blocking(move || meta.containers(&ns)).await?;
-        let containers = all
-            .iter()
-            .filter(|c| filter.matches(&ContainerFields(c)))
-            .map(to_proto)
-            .collect();
-        Ok(ListContainersResponse {
-            containers,
-            ..Default::default()
+        guarded("Containers.List", async move {
+            let ns = self.auth.request(ctx, "Containers.List").rpc()?.namespace;
+            let filter = filters(req.filters, &self.limits).await?;
+            let meta = self.meta.clone();
+            let all = blocking(move || meta.containers(&ns)).await?;
+            let containers = all
+                .iter()
+                .filter(|c| filter.matches(&ContainerFields(c)))
+                .map(to_proto)
+                .collect();
+            Ok(ListContainersResponse {
+                containers,
+                ..Default::default()
+            })
         })
+        .await
     }
 
     async fn create(
@@ -219,67 +225,70 @@ impl containers_ttrpc::Containers for ContainersService {
         ctx: &TtrpcContext,
         req: CreateContainerRequest,
     ) -> ttrpc::Result<CreateContainerResponse> {
-        let ns = self.auth.request(ctx, "Containers.Create").rpc()?.namespace;
-        let c = req
-            .container
-            .into_option()
-            .ok_or_else(|| Error::InvalidArgument("container is required".into()))
-            .rpc()?;
-        identifiers::validate("container.id", &c.id).rpc()?;
-        validate::labels("container.labels", &c.labels, &self.limits).rpc()?;
-        let spec = spec(c.spec.clone().into_option(), &self.limits).await?;
-        let rootfs = validate_rootfs(&c.rootfs, &self.limits).rpc()?;
-        if let Some(r) = c.runtime.as_ref() {
-            validate::path("container.runtime.name", &r.name, &self.limits).rpc()?;
-            if let Some(o) = r.options.as_ref() {
-                validate::path(
-                    "container.runtime.options.type_url",
-                    &o.type_url,
-                    &self.limits,
-                )
+        guarded("Containers.Create", async move {
+            let ns = self.auth.request(ctx, "Containers.Create").rpc()?.namespace;
+            let c = req
+                .container
+                .into_option()
+                .ok_or_else(|| Error::InvalidArgument("container is required".into()))
                 .rpc()?;
-                if o.value.len() > self.limits.spec_bytes {
-                    return Err(Error::InvalidArgument(format!(
-                        "container.runtime.options: {} bytes, the limit is {}",
-                        o.value.len(),
-                        self.limits.spec_bytes
-                    ))
-                    .into());
+            identifiers::validate("container.id", &c.id).rpc()?;
+            validate::labels("container.labels", &c.labels, &self.limits).rpc()?;
+            let spec = spec(c.spec.clone().into_option(), &self.limits).await?;
+            let rootfs = validate_rootfs(&c.rootfs, &self.limits).rpc()?;
+            if let Some(r) = c.runtime.as_ref() {
+                validate::path("container.runtime.name", &r.name, &self.limits).rpc()?;
+                if let Some(o) = r.options.as_ref() {
+                    validate::path(
+                        "container.runtime.options.type_url",
+                        &o.type_url,
+                        &self.limits,
+                    )
+                    .rpc()?;
+                    if o.value.len() > self.limits.spec_bytes {
+                        return Err(Error::InvalidArgument(format!(
+                            "container.runtime.options: {} bytes, the limit is {}",
+                            o.value.len(),
+                            self.limits.spec_bytes
+                        ))
+                        .into());
+                    }
                 }
             }
-        }
-        let runtime = c
-            .runtime
-            .as_ref()
-            .map(|r| r.name.clone())
-            .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| DEFAULT_RUNTIME.into());
-        resolve_runtime(&runtime)
-            .map_err(keel_protocol::Error::from)
-            .rpc()?;
-        let now = nanos(SystemTime::now());
-        let rec = ContainerRecord {
-            id: c.id.clone(),
-            labels: c.labels.into_iter().collect::<BTreeMap<_, _>>(),
-            runtime,
-            runtime_options: c
+            let runtime = c
                 .runtime
                 .as_ref()
-                .and_then(|r| r.options.as_ref())
-                .map(|a| (a.type_url.clone(), a.value.clone())),
-            spec,
-            rootfs,
-            created_ns: now,
-            updated_ns: now,
-        };
-        let (meta, ns2, r2) = (self.meta.clone(), ns.clone(), rec.clone());
-        blocking(move || meta.create_container(&ns2, &r2)).await?;
-        self.publish_container(&ns, "/containers/create", &rec)
-            .await?;
-        Ok(CreateContainerResponse {
-            container: MessageField::some(to_proto(&rec)),
-            ..Default::default()
+                .map(|r| r.name.clone())
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| DEFAULT_RUNTIME.into());
+            resolve_runtime(&runtime)
+                .map_err(keel_protocol::Error::from)
+                .rpc()?;
+            let now = nanos(SystemTime::now());
+            let rec = ContainerRecord {
+                id: c.id.clone(),
+                labels: c.labels.into_iter().collect::<BTreeMap<_, _>>(),
+                runtime,
+                runtime_options: c
+                    .runtime
+                    .as_ref()
+                    .and_then(|r| r.options.as_ref())
+                    .map(|a| (a.type_url.clone(), a.value.clone())),
+                spec,
+                rootfs,
+                created_ns: now,
+                updated_ns: now,
+            };
+            let (meta, ns2, r2) = (self.meta.clone(), ns.clone(), rec.clone());
+            blocking(move || meta.create_container(&ns2, &r2)).await?;
+            self.publish_container(&ns, "/containers/create", &rec)
+                .await?;
+            Ok(CreateContainerResponse {
+                container: MessageField::some(to_proto(&rec)),
+                ..Default::default()
+            })
         })
+        .await
     }
 
     async fn update(
@@ -287,68 +296,71 @@ impl containers_ttrpc::Containers for ContainersService {
         ctx: &TtrpcContext,
         req: UpdateContainerRequest,
     ) -> ttrpc::Result<UpdateContainerResponse> {
-        let ns = self.auth.request(ctx, "Containers.Update").rpc()?.namespace;
-        let c = req
-            .container
-            .into_option()
-            .ok_or_else(|| Error::InvalidArgument("container is required".into()))
-            .rpc()?;
-        identifiers::validate("container.id", &c.id).rpc()?;
-        validate::labels("container.labels", &c.labels, &self.limits).rpc()?;
-        let old = self.load(&ns, &c.id).await?;
-        let mut rec = old.clone();
-        let paths = req
-            .update_mask
-            .into_option()
-            .map(|m| m.paths)
-            .unwrap_or_default();
-        let all = paths.is_empty();
-        for p in if all {
-            vec!["labels".to_string(), "spec".to_string()]
-        } else {
-            paths
-        } {
-            match p.as_str() {
-                "labels" => rec.labels = c.labels.clone().into_iter().collect(),
-                "spec" if c.spec.is_some() || !all => {
-                    rec.spec = spec(c.spec.clone().into_option(), &self.limits).await?
-                }
-                "spec" => {}
-                other => match other.strip_prefix("labels.") {
-                    Some(k) => match c.labels.get(k) {
-                        Some(v) => {
-                            rec.labels.insert(k.to_string(), v.clone());
-                        }
+        guarded("Containers.Update", async move {
+            let ns = self.auth.request(ctx, "Containers.Update").rpc()?.namespace;
+            let c = req
+                .container
+                .into_option()
+                .ok_or_else(|| Error::InvalidArgument("container is required".into()))
+                .rpc()?;
+            identifiers::validate("container.id", &c.id).rpc()?;
+            validate::labels("container.labels", &c.labels, &self.limits).rpc()?;
+            let old = self.load(&ns, &c.id).await?;
+            let mut rec = old.clone();
+            let paths = req
+                .update_mask
+                .into_option()
+                .map(|m| m.paths)
+                .unwrap_or_default();
+            let all = paths.is_empty();
+            for p in if all {
+                vec!["labels".to_string(), "spec".to_string()]
+            } else {
+                paths
+            } {
+                match p.as_str() {
+                    "labels" => rec.labels = c.labels.clone().into_iter().collect(),
+                    "spec" if c.spec.is_some() || !all => {
+                        rec.spec = spec(c.spec.clone().into_option(), &self.limits).await?
+                    }
+                    "spec" => {}
+                    other => match other.strip_prefix("labels.") {
+                        Some(k) => match c.labels.get(k) {
+                            Some(v) => {
+                                rec.labels.insert(k.to_string(), v.clone());
+                            }
+                            None => {
+                                rec.labels.remove(k);
+                            }
+                        },
                         None => {
-                            rec.labels.remove(k);
+                            return Err(Error::InvalidArgument(format!(
+                                "update_mask path {other:?} cannot be updated; use labels, labels.<key> or spec"
+                            ))
+                            .into())
                         }
                     },
-                    None => {
-                        return Err(Error::InvalidArgument(format!(
-                            "update_mask path {other:?} cannot be updated; use labels, labels.<key> or spec"
-                        ))
-                        .into())
-                    }
-                },
+                }
             }
-        }
-        if rec.labels.len() > self.limits.labels_per_object {
-            return Err(Error::InvalidArgument(format!(
-                "container.labels: the update leaves {} labels, the limit is {}",
-                rec.labels.len(),
-                self.limits.labels_per_object
-            ))
-            .into());
-        }
-        rec.updated_ns = nanos(SystemTime::now());
-        let (meta, ns2, r2) = (self.meta.clone(), ns.clone(), rec.clone());
-        blocking(move || meta.update_container(&ns2, &old, &r2)).await?;
-        self.publish_container(&ns, "/containers/update", &rec)
-            .await?;
-        Ok(UpdateContainerResponse {
-            container: MessageField::some(to_proto(&rec)),
-            ..Default::default()
+            if rec.labels.len() > self.limits.labels_per_object {
+                return Err(Error::InvalidArgument(format!(
+                    "container.labels: the update leaves {} labels, the limit is {}",
+                    rec.labels.len(),
+                    self.limits.labels_per_object
+                ))
+                .into());
+            }
+            rec.updated_ns = nanos(SystemTime::now());
+            let (meta, ns2, r2) = (self.meta.clone(), ns.clone(), rec.clone());
+            blocking(move || meta.update_container(&ns2, &old, &r2)).await?;
+            self.publish_container(&ns, "/containers/update", &rec)
+                .await?;
+            Ok(UpdateContainerResponse {
+                container: MessageField::some(to_proto(&rec)),
+                ..Default::default()
+            })
         })
+        .await
     }
 
     async fn delete(
@@ -356,22 +368,25 @@ impl containers_ttrpc::Containers for ContainersService {
         ctx: &TtrpcContext,
         req: DeleteContainerRequest,
     ) -> ttrpc::Result<Empty> {
-        let ns = self.auth.request(ctx, "Containers.Delete").rpc()?.namespace;
-        identifiers::validate("id", &req.id).rpc()?;
-        // Holding the task's id keeps a task from being created meanwhile.
-        let _no_task = self.tasks.reserve(&ns, &req.id).map_err(|_| {
-            Error::FailedPrecondition(format!(
-                "container {} has a task; delete the task first",
-                req.id
-            ))
-        });
-        let _no_task = _no_task.rpc()?;
-        let rec = self.load(&ns, &req.id).await?;
-        let (meta, ns2, id) = (self.meta.clone(), ns.clone(), req.id.clone());
-        blocking(move || meta.delete_container(&ns2, &id)).await?;
-        self.publish_container(&ns, "/containers/delete", &rec)
-            .await?;
-        Ok(Empty::new())
+        guarded("Containers.Delete", async move {
+            let ns = self.auth.request(ctx, "Containers.Delete").rpc()?.namespace;
+            identifiers::validate("id", &req.id).rpc()?;
+            // Holding the task's id keeps a task from being created meanwhile.
+            let _no_task = self.tasks.reserve(&ns, &req.id).map_err(|_| {
+                Error::FailedPrecondition(format!(
+                    "container {} has a task; delete the task first",
+                    req.id
+                ))
+            });
+            let _no_task = _no_task.rpc()?;
+            let rec = self.load(&ns, &req.id).await?;
+            let (meta, ns2, id) = (self.meta.clone(), ns.clone(), req.id.clone());
+            blocking(move || meta.delete_container(&ns2, &id)).await?;
+            self.publish_container(&ns, "/containers/delete", &rec)
+                .await?;
+            Ok(Empty::new())
+        })
+        .await
     }
 }
 

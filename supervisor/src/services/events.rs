@@ -33,7 +33,7 @@ use protobuf::well_known_types::empty::Empty;
 use protobuf::MessageField;
 use ttrpc::asynchronous::{ServerStreamSender, TtrpcContext};
 
-use super::{blocking, filters, Rpc};
+use super::{blocking, filters, guarded, Rpc};
 use crate::server::{client_gone, Auth};
 
 /// How long one send to a subscriber may block before it counts as stalled.
@@ -167,54 +167,60 @@ fn gap_notice(
 #[async_trait::async_trait]
 impl events_ttrpc::Events for EventsService {
     async fn publish(&self, ctx: &TtrpcContext, req: PublishRequest) -> ttrpc::Result<Empty> {
-        let ns = self.auth.request(ctx, "Events.Publish").rpc()?.namespace;
-        validate::client_event(
-            "topic",
-            &req.topic,
-            "event",
-            req.event.as_ref(),
-            &self.limits,
-        )
-        .rpc()?;
-        let event = req.event.into_option().unwrap_or_default();
-        let delivered = self
-            .events
-            .publish(&ns, &req.topic, event, None)
-            .map_err(Error::from)
+        guarded("Events.Publish", async move {
+            let ns = self.auth.request(ctx, "Events.Publish").rpc()?.namespace;
+            validate::client_event(
+                "topic",
+                &req.topic,
+                "event",
+                req.event.as_ref(),
+                &self.limits,
+            )
             .rpc()?;
-        delivered.await;
-        Ok(Empty::new())
+            let event = req.event.into_option().unwrap_or_default();
+            let delivered = self
+                .events
+                .publish(&ns, &req.topic, event, None)
+                .map_err(Error::from)
+                .rpc()?;
+            delivered.await;
+            Ok(Empty::new())
+        })
+        .await
     }
 
     async fn forward(&self, ctx: &TtrpcContext, req: ForwardRequest) -> ttrpc::Result<Empty> {
-        self.auth.request(ctx, "Events.Forward").rpc()?;
-        let env = req
-            .envelope
-            .into_option()
-            .ok_or_else(|| Error::InvalidArgument("envelope is required".into()))
-            .rpc()?;
-        identifiers::validate("envelope.namespace", &env.namespace).rpc()?;
-        validate::client_event(
-            "envelope.topic",
-            &env.topic,
-            "envelope.event",
-            env.event.as_ref(),
-            &self.limits,
-        )
-        .rpc()?;
-        let event = env.event.into_option().unwrap_or_default();
-        let delivered = self
-            .events
-            .publish(
-                &env.namespace,
+        guarded("Events.Forward", async move {
+            self.auth.request(ctx, "Events.Forward").rpc()?;
+            let env = req
+                .envelope
+                .into_option()
+                .ok_or_else(|| Error::InvalidArgument("envelope is required".into()))
+                .rpc()?;
+            identifiers::validate("envelope.namespace", &env.namespace).rpc()?;
+            validate::client_event(
+                "envelope.topic",
                 &env.topic,
-                event,
-                env.timestamp.into_option(),
+                "envelope.event",
+                env.event.as_ref(),
+                &self.limits,
             )
-            .map_err(Error::from)
             .rpc()?;
-        delivered.await;
-        Ok(Empty::new())
+            let event = env.event.into_option().unwrap_or_default();
+            let delivered = self
+                .events
+                .publish(
+                    &env.namespace,
+                    &env.topic,
+                    event,
+                    env.timestamp.into_option(),
+                )
+                .map_err(Error::from)
+                .rpc()?;
+            delivered.await;
+            Ok(Empty::new())
+        })
+        .await
     }
 
     async fn subscribe(
@@ -223,76 +229,79 @@ impl events_ttrpc::Events for EventsService {
         req: SubscribeRequest,
         tx: ServerStreamSender<Envelope>,
     ) -> ttrpc::Result<()> {
-        let rc = self.auth.request(ctx, "Events.Subscribe").rpc()?;
-        let ns = rc.namespace.clone();
-        // Parse before anything is sent: a bad filter fails the call itself.
-        let filter = Arc::new(filters(req.filters, &self.limits).await?);
-        let mut watch = self.events.watch();
-        let live_from = self.events.head();
-        let opts = self.events.options();
-        // Everything after `cursor` is still to be looked at.
-        let mut cursor = req.since.unwrap_or(live_from);
-        let mut last_sent = 0u64;
-        let mut replay_start = req.since.is_some();
-        let gone = client_gone(ctx);
-        tokio::pin!(gone);
-        loop {
-            let batch = match self.events.read_after(cursor, READ_BATCH) {
-                Ok(b) => b,
-                Err(Behind { first_retained }) if replay_start => {
-                    tracing::info!(since = cursor, first_retained, "replay starts after a gap");
-                    let notice = gap_notice(&ns, cursor, first_retained).rpc()?;
-                    tx.send(&notice).await?;
-                    cursor = first_retained.saturating_sub(1);
-                    replay_start = false;
+        guarded("Events.Subscribe", async move {
+            let rc = self.auth.request(ctx, "Events.Subscribe").rpc()?;
+            let ns = rc.namespace.clone();
+            // Parse before anything is sent: a bad filter fails the call itself.
+            let filter = Arc::new(filters(req.filters, &self.limits).await?);
+            let mut watch = self.events.watch();
+            let live_from = self.events.head();
+            let opts = self.events.options();
+            // Everything after `cursor` is still to be looked at.
+            let mut cursor = req.since.unwrap_or(live_from);
+            let mut last_sent = 0u64;
+            let mut replay_start = req.since.is_some();
+            let gone = client_gone(ctx);
+            tokio::pin!(gone);
+            loop {
+                let batch = match self.events.read_after(cursor, READ_BATCH) {
+                    Ok(b) => b,
+                    Err(Behind { first_retained }) if replay_start => {
+                        tracing::info!(since = cursor, first_retained, "replay starts after a gap");
+                        let notice = gap_notice(&ns, cursor, first_retained).rpc()?;
+                        tx.send(&notice).await?;
+                        cursor = first_retained.saturating_sub(1);
+                        replay_start = false;
+                        continue;
+                    }
+                    Err(Behind { .. }) => {
+                        return Err(self.cut_off("was overtaken by retention", cursor, last_sent))
+                    }
+                };
+                replay_start = false;
+                if batch.is_empty() {
+                    tokio::select! {
+                        changed = watch.changed() => if changed.is_err() { return Ok(()) },
+                        () = &mut gone => return Ok(()),
+                    }
                     continue;
                 }
-                Err(Behind { .. }) => {
-                    return Err(self.cut_off("was overtaken by retention", cursor, last_sent))
+                let newest = batch.last().map_or(cursor, |e| e.sequence);
+                for env in select(&filter, rc.scope.clone(), batch).await? {
+                    match tokio::time::timeout(SEND_STALL, tx.send(&env)).await {
+                        Ok(sent) => sent?,
+                        // ttrpc queues the frame before it waits for the socket write,
+                        // so the event that timed out still reaches the client when
+                        // it reads again: it counts as sent.
+                        Err(_) => return Err(self.cut_off("stalled", env.sequence, env.sequence)),
+                    }
+                    last_sent = env.sequence;
                 }
-            };
-            replay_start = false;
-            if batch.is_empty() {
-                tokio::select! {
-                    changed = watch.changed() => if changed.is_err() { return Ok(()) },
-                    () = &mut gone => return Ok(()),
+                cursor = newest;
+                let (events, bytes) = self.events.backlog_after(cursor.max(live_from));
+                if events > opts.subscriber_buffer {
+                    return Err(self.cut_off(
+                        &format!(
+                            "fell more than {} events behind (events.subscriber_buffer)",
+                            opts.subscriber_buffer
+                        ),
+                        cursor,
+                        last_sent,
+                    ));
                 }
-                continue;
-            }
-            let newest = batch.last().map_or(cursor, |e| e.sequence);
-            for env in select(&filter, rc.scope.clone(), batch).await? {
-                match tokio::time::timeout(SEND_STALL, tx.send(&env)).await {
-                    Ok(sent) => sent?,
-                    // ttrpc queues the frame before it waits for the socket write,
-                    // so the event that timed out still reaches the client when
-                    // it reads again: it counts as sent.
-                    Err(_) => return Err(self.cut_off("stalled", env.sequence, env.sequence)),
+                if bytes > opts.subscriber_buffer_bytes {
+                    return Err(self.cut_off(
+                        &format!(
+                            "fell more than {} bytes behind (events.subscriber_buffer_bytes)",
+                            opts.subscriber_buffer_bytes
+                        ),
+                        cursor,
+                        last_sent,
+                    ));
                 }
-                last_sent = env.sequence;
             }
-            cursor = newest;
-            let (events, bytes) = self.events.backlog_after(cursor.max(live_from));
-            if events > opts.subscriber_buffer {
-                return Err(self.cut_off(
-                    &format!(
-                        "fell more than {} events behind (events.subscriber_buffer)",
-                        opts.subscriber_buffer
-                    ),
-                    cursor,
-                    last_sent,
-                ));
-            }
-            if bytes > opts.subscriber_buffer_bytes {
-                return Err(self.cut_off(
-                    &format!(
-                        "fell more than {} bytes behind (events.subscriber_buffer_bytes)",
-                        opts.subscriber_buffer_bytes
-                    ),
-                    cursor,
-                    last_sent,
-                ));
-            }
-        }
+        })
+        .await
     }
 }
 

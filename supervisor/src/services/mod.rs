@@ -8,6 +8,10 @@ pub mod shim_events;
 pub mod tasks;
 pub mod version;
 
+use std::sync::OnceLock;
+
+use futures::FutureExt;
+use keel_actors::supervision::{self, Decision, Escalation, Escalations, Supervisor};
 use keel_protocol::filters::Filter;
 use keel_protocol::limits::Limits;
 use keel_protocol::Error;
@@ -47,4 +51,49 @@ pub(crate) async fn filters(filters: Vec<String>, limits: &Limits) -> ttrpc::Res
         return Filter::parse_all_within(&filters, &limits).rpc();
     }
     blocking(move || Filter::parse_all_within(&filters, &limits)).await
+}
+
+/// The API's supervisor and the root's inbox, set once at startup.
+static API: OnceLock<(Supervisor, Escalations)> = OnceLock::new();
+
+/// Puts the request handlers under `supervisor` (escalating to `root`).
+pub fn supervise(supervisor: Supervisor, root: Escalations) {
+    let _ = API.set((supervisor, root));
+}
+
+/// Runs a request handler's body. A panic in it fails that request alone, with
+/// Internal, and is logged and counted by the API's supervisor (which escalates to
+/// the root past its intensity); keeld goes on serving. Each request is its own
+/// task, so nothing else needs restarting; what the handler held (locks are all
+/// poison-tolerant, records single writes) is released as the panic unwinds.
+pub(crate) async fn guarded<T>(
+    method: &'static str,
+    body: impl std::future::Future<Output = ttrpc::Result<T>>,
+) -> ttrpc::Result<T> {
+    // Fault injection (tests only): the handler of `method` panics.
+    #[cfg(feature = "faults")]
+    let body = async {
+        keel_storage::faults::check(&format!("api:{method}"));
+        body.await
+    };
+    match std::panic::AssertUnwindSafe(body).catch_unwind().await {
+        Ok(r) => r,
+        Err(payload) => {
+            let cause = supervision::panic_cause(&*payload);
+            if let Some((api, root)) = API.get() {
+                if api.failed(method, &cause) == Decision::Escalate {
+                    let _ = root.send(Escalation {
+                        from: api.name().to_string(),
+                        cause: format!("{method}: {cause}"),
+                    });
+                }
+            } else {
+                tracing::error!(method, cause = %cause, "a request handler panicked");
+            }
+            Err(Error::Internal(format!(
+                "{method} failed inside keeld ({cause}); nothing else was affected"
+            ))
+            .into())
+        }
+    }
 }

@@ -28,7 +28,7 @@ use keel_protocol::{identifiers, validate, Error};
 use protobuf::well_known_types::empty::Empty;
 use ttrpc::asynchronous::TtrpcContext;
 
-use super::Rpc;
+use super::{guarded, Rpc};
 use crate::server::Auth;
 
 #[derive(Debug)]
@@ -70,75 +70,78 @@ fn handling(topic: &str) -> Option<Handling> {
 #[async_trait::async_trait]
 impl Events for ShimEventsService {
     async fn forward(&self, ctx: &TtrpcContext, req: ForwardRequest) -> ttrpc::Result<Empty> {
-        let caller = self.auth.request(ctx, "ShimEvents.Forward").rpc()?.peer;
-        let env = req
-            .envelope
-            .into_option()
-            .ok_or_else(|| Error::InvalidArgument("envelope is required".into()))
-            .rpc()?;
-        identifiers::validate("envelope.namespace", &env.namespace).rpc()?;
-        validate::topic("envelope.topic", &env.topic, &self.limits).rpc()?;
-        let event = validate::payload("envelope.event", env.event.as_ref(), &self.limits)
-            .rpc()?
-            .clone();
-        let Some(handling) = handling(&env.topic) else {
-            return Err(Error::PermissionDenied(format!(
-                "envelope.topic {:?} is not a topic a shim sends",
-                env.topic
-            ))
-            .into());
-        };
-        // Whose event is it? Every containerd task event names its container.
-        let task_id = event_field(&event, "container_id").unwrap_or_default();
-        identifiers::validate("envelope.event.container_id", &task_id).rpc()?;
-        let task = self.tasks.get(&env.namespace, &task_id).map_err(|_| {
-            ttrpc::Error::from(Error::PermissionDenied(format!(
-                "no task {task_id} in namespace {}: events come only from a task's own shim",
-                env.namespace
-            )))
-        })?;
-        let shim_pid = task.shim_pid();
-        if shim_pid == 0 || i64::from(shim_pid) != i64::from(caller.pid) {
-            tracing::warn!(
-                pid = caller.pid,
-                uid = caller.uid,
-                namespace = %env.namespace,
-                task_id = %task_id,
-                shim_pid,
-                topic = %env.topic,
-                "refused an event about a task from a process that is not its shim"
-            );
-            return Err(Error::PermissionDenied(format!(
-                "events about task {task_id} come only from its shim (pid {shim_pid}), not pid {}",
-                caller.pid
-            ))
-            .into());
-        }
-        tracing::debug!(namespace = %env.namespace, topic = %env.topic, type_url = %event.type_url, "shim event");
-        match handling {
-            Handling::Drop => {}
-            Handling::Exit => {
-                let exit: TaskExit = unpack(&event).rpc()?;
-                let at = exit
-                    .exited_at
-                    .as_ref()
-                    .map_or_else(std::time::SystemTime::now, system_time);
-                if exit.id == exit.container_id || exit.id.is_empty() {
-                    task.notify_exit(exit.exit_status, at);
-                } else {
-                    task.notify_exec_exit(&exit.id, exit.exit_status, at);
+        guarded("ShimEvents.Forward", async move {
+            let caller = self.auth.request(ctx, "ShimEvents.Forward").rpc()?.peer;
+            let env = req
+                .envelope
+                .into_option()
+                .ok_or_else(|| Error::InvalidArgument("envelope is required".into()))
+                .rpc()?;
+            identifiers::validate("envelope.namespace", &env.namespace).rpc()?;
+            validate::topic("envelope.topic", &env.topic, &self.limits).rpc()?;
+            let event = validate::payload("envelope.event", env.event.as_ref(), &self.limits)
+                .rpc()?
+                .clone();
+            let Some(handling) = handling(&env.topic) else {
+                return Err(Error::PermissionDenied(format!(
+                    "envelope.topic {:?} is not a topic a shim sends",
+                    env.topic
+                ))
+                .into());
+            };
+            // Whose event is it? Every containerd task event names its container.
+            let task_id = event_field(&event, "container_id").unwrap_or_default();
+            identifiers::validate("envelope.event.container_id", &task_id).rpc()?;
+            let task = self.tasks.get(&env.namespace, &task_id).map_err(|_| {
+                ttrpc::Error::from(Error::PermissionDenied(format!(
+                    "no task {task_id} in namespace {}: events come only from a task's own shim",
+                    env.namespace
+                )))
+            })?;
+            let shim_pid = task.shim_pid();
+            if shim_pid == 0 || i64::from(shim_pid) != i64::from(caller.pid) {
+                tracing::warn!(
+                    pid = caller.pid,
+                    uid = caller.uid,
+                    namespace = %env.namespace,
+                    task_id = %task_id,
+                    shim_pid,
+                    topic = %env.topic,
+                    "refused an event about a task from a process that is not its shim"
+                );
+                return Err(Error::PermissionDenied(format!(
+                    "events about task {task_id} come only from its shim (pid {shim_pid}), not pid {}",
+                    caller.pid
+                ))
+                .into());
+            }
+            tracing::debug!(namespace = %env.namespace, topic = %env.topic, type_url = %event.type_url, "shim event");
+            match handling {
+                Handling::Drop => {}
+                Handling::Exit => {
+                    let exit: TaskExit = unpack(&event).rpc()?;
+                    let at = exit
+                        .exited_at
+                        .as_ref()
+                        .map_or_else(std::time::SystemTime::now, system_time);
+                    if exit.id == exit.container_id || exit.id.is_empty() {
+                        task.notify_exit(exit.exit_status, at);
+                    } else {
+                        task.notify_exec_exit(&exit.id, exit.exit_status, at);
+                    }
+                }
+                Handling::Publish => {
+                    // Answered once the event is delivered: the shim re-sends until then.
+                    self.monitor
+                        .publish(&env.namespace, &env.topic, event)
+                        .await
+                        .map_err(keel_protocol::Error::from)
+                        .rpc()?;
                 }
             }
-            Handling::Publish => {
-                // Answered once the event is delivered: the shim re-sends until then.
-                self.monitor
-                    .publish(&env.namespace, &env.topic, event)
-                    .await
-                    .map_err(keel_protocol::Error::from)
-                    .rpc()?;
-            }
-        }
-        Ok(Empty::new())
+            Ok(Empty::new())
+        })
+        .await
     }
 }
 

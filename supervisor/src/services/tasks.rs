@@ -20,7 +20,7 @@ use protobuf::well_known_types::empty::Empty;
 use protobuf::MessageField;
 use ttrpc::asynchronous::TtrpcContext;
 
-use super::{blocking, filters, Rpc};
+use super::{blocking, filters, guarded, Rpc};
 use crate::server::Auth;
 
 #[derive(Debug)]
@@ -126,84 +126,90 @@ impl tasks_ttrpc::Tasks for TasksService {
         ctx: &TtrpcContext,
         req: CreateTaskRequest,
     ) -> ttrpc::Result<CreateTaskResponse> {
-        let ns = self.auth.request(ctx, "Tasks.Create").rpc()?.namespace;
-        id("container_id", &req.container_id)?;
-        for (field, v) in [
-            ("stdin", &req.stdin),
-            ("stdout", &req.stdout),
-            ("stderr", &req.stderr),
-        ] {
-            validate::path(field, v, &self.limits).rpc()?;
-        }
-        if req.terminal && req.log_to_file {
-            return Err(Error::InvalidArgument(
-                "terminal: a task with a terminal cannot log to a file; run it in the foreground"
-                    .into(),
-            )
-            .into());
-        }
-        let checkpoint = match req.checkpoint.as_ref() {
-            Some(d) => {
-                if req.terminal {
-                    return Err(Error::InvalidArgument(
-                        "terminal: a task restored from a checkpoint cannot have a terminal".into(),
-                    )
-                    .into());
-                }
-                let (store, ns2, digest) =
-                    (self.storage.store().clone(), ns.clone(), d.digest.clone());
-                let max_index = self.limits.checkpoint_index_bytes;
-                Some(blocking(move || verify_checkpoint(&store, &ns2, &digest, max_index)).await?)
+        guarded("Tasks.Create", async move {
+            let ns = self.auth.request(ctx, "Tasks.Create").rpc()?.namespace;
+            id("container_id", &req.container_id)?;
+            for (field, v) in [
+                ("stdin", &req.stdin),
+                ("stdout", &req.stdout),
+                ("stderr", &req.stderr),
+            ] {
+                validate::path(field, v, &self.limits).rpc()?;
             }
-            None => None,
-        };
-        if !req.rootfs.is_empty() {
-            return unimplemented("task rootfs mounts (give them to the container)");
-        }
-        // The id is held before anything is read or made: of two concurrent creates
-        // one gets AlreadyExists and touches nothing.
-        let reservation = self.tasks.reserve(&ns, &req.container_id).rpc()?;
-        let container = self.container(&ns, &req.container_id).await?;
-        let handle = self
-            .tasks
-            .create(
-                reservation,
-                CreateTask {
-                    namespace: ns,
-                    container,
-                    stdin: req.stdin,
-                    stdout: req.stdout,
-                    stderr: req.stderr,
-                    terminal: req.terminal,
-                    log_to_file: req.log_to_file,
-                    checkpoint,
-                },
-            )
-            .await
-            .rpc()?;
-        let info = handle.info().await.rpc()?;
-        Ok(CreateTaskResponse {
-            container_id: req.container_id,
-            pid: info.pid,
-            ..Default::default()
+            if req.terminal && req.log_to_file {
+                return Err(Error::InvalidArgument(
+                    "terminal: a task with a terminal cannot log to a file; run it in the foreground"
+                        .into(),
+                )
+                .into());
+            }
+            let checkpoint = match req.checkpoint.as_ref() {
+                Some(d) => {
+                    if req.terminal {
+                        return Err(Error::InvalidArgument(
+                            "terminal: a task restored from a checkpoint cannot have a terminal".into(),
+                        )
+                        .into());
+                    }
+                    let (store, ns2, digest) =
+                        (self.storage.store().clone(), ns.clone(), d.digest.clone());
+                    let max_index = self.limits.checkpoint_index_bytes;
+                    Some(blocking(move || verify_checkpoint(&store, &ns2, &digest, max_index)).await?)
+                }
+                None => None,
+            };
+            if !req.rootfs.is_empty() {
+                return unimplemented("task rootfs mounts (give them to the container)");
+            }
+            // The id is held before anything is read or made: of two concurrent creates
+            // one gets AlreadyExists and touches nothing.
+            let reservation = self.tasks.reserve(&ns, &req.container_id).rpc()?;
+            let container = self.container(&ns, &req.container_id).await?;
+            let handle = self
+                .tasks
+                .create(
+                    reservation,
+                    CreateTask {
+                        namespace: ns,
+                        container,
+                        stdin: req.stdin,
+                        stdout: req.stdout,
+                        stderr: req.stderr,
+                        terminal: req.terminal,
+                        log_to_file: req.log_to_file,
+                        checkpoint,
+                    },
+                )
+                .await
+                .rpc()?;
+            let info = handle.info().await.rpc()?;
+            Ok(CreateTaskResponse {
+                container_id: req.container_id,
+                pid: info.pid,
+                ..Default::default()
+            })
         })
+        .await
     }
 
     async fn start(&self, ctx: &TtrpcContext, req: StartRequest) -> ttrpc::Result<StartResponse> {
-        let ns = self.auth.request(ctx, "Tasks.Start").rpc()?.namespace;
-        id("container_id", &req.container_id)?;
-        exec_id(&req.exec_id)?;
-        let task = self.tasks.get(&ns, &req.container_id).rpc()?;
-        let pid = if req.exec_id.is_empty() {
-            task.start().await
-        } else {
-            task.start_exec(&req.exec_id).await
-        }
-        .rpc()?;
-        Ok(StartResponse {
-            pid,
-            ..Default::default()
+        guarded("Tasks.Start", async move {
+            let ns = self.auth.request(ctx, "Tasks.Start").rpc()?.namespace;
+            id("container_id", &req.container_id)?;
+            exec_id(&req.exec_id)?;
+            let task = self.tasks.get(&ns, &req.container_id).rpc()?;
+            let pid = if req.exec_id.is_empty() {
+                task.start().await
+            } else {
+                task.start_exec(&req.exec_id).await
+            }
+            .rpc()?;
+            Ok(StartResponse {
+                pid,
+                ..Default::default()
+            })
         })
+        .await
     }
 
     async fn delete(
@@ -211,23 +217,26 @@ impl tasks_ttrpc::Tasks for TasksService {
         ctx: &TtrpcContext,
         req: DeleteTaskRequest,
     ) -> ttrpc::Result<DeleteResponse> {
-        let ns = self.auth.request(ctx, "Tasks.Delete").rpc()?.namespace;
-        id("container_id", &req.container_id)?;
-        let exit = self
-            .tasks
-            .get(&ns, &req.container_id)
-            .rpc()?
-            .delete(req.force)
-            .await
-            .rpc()?;
-        let (exit_status, exited_at) = exit_response(&exit);
-        Ok(DeleteResponse {
-            id: req.container_id,
-            pid: exit.pid,
-            exit_status,
-            exited_at,
-            ..Default::default()
+        guarded("Tasks.Delete", async move {
+            let ns = self.auth.request(ctx, "Tasks.Delete").rpc()?.namespace;
+            id("container_id", &req.container_id)?;
+            let exit = self
+                .tasks
+                .get(&ns, &req.container_id)
+                .rpc()?
+                .delete(req.force)
+                .await
+                .rpc()?;
+            let (exit_status, exited_at) = exit_response(&exit);
+            Ok(DeleteResponse {
+                id: req.container_id,
+                pid: exit.pid,
+                exit_status,
+                exited_at,
+                ..Default::default()
+            })
         })
+        .await
     }
 
     async fn delete_process(
@@ -235,47 +244,53 @@ impl tasks_ttrpc::Tasks for TasksService {
         ctx: &TtrpcContext,
         req: DeleteProcessRequest,
     ) -> ttrpc::Result<DeleteResponse> {
-        let ns = self
-            .auth
-            .request(ctx, "Tasks.DeleteProcess")
-            .rpc()?
-            .namespace;
-        id("container_id", &req.container_id)?;
-        id("exec_id", &req.exec_id)?;
-        let exit = self
-            .tasks
-            .get(&ns, &req.container_id)
-            .rpc()?
-            .delete_exec(&req.exec_id)
-            .await
-            .rpc()?;
-        let (exit_status, exited_at) = exit_response(&exit);
-        Ok(DeleteResponse {
-            id: req.exec_id,
-            pid: exit.pid,
-            exit_status,
-            exited_at,
-            ..Default::default()
+        guarded("Tasks.DeleteProcess", async move {
+            let ns = self
+                .auth
+                .request(ctx, "Tasks.DeleteProcess")
+                .rpc()?
+                .namespace;
+            id("container_id", &req.container_id)?;
+            id("exec_id", &req.exec_id)?;
+            let exit = self
+                .tasks
+                .get(&ns, &req.container_id)
+                .rpc()?
+                .delete_exec(&req.exec_id)
+                .await
+                .rpc()?;
+            let (exit_status, exited_at) = exit_response(&exit);
+            Ok(DeleteResponse {
+                id: req.exec_id,
+                pid: exit.pid,
+                exit_status,
+                exited_at,
+                ..Default::default()
+            })
         })
+        .await
     }
 
     async fn get(&self, ctx: &TtrpcContext, req: GetRequest) -> ttrpc::Result<GetResponse> {
-        let ns = self.auth.request(ctx, "Tasks.Get").rpc()?.namespace;
-        id("container_id", &req.container_id)?;
-        exec_id(&req.exec_id)?;
-        let task = self.tasks.get(&ns, &req.container_id).rpc()?;
-        let info = if req.exec_id.is_empty() {
-            task.info().await
-        } else {
-            task.exec_info(&req.exec_id).await
-        }
-        .rpc()?;
-        let mut p = process(&req.container_id, &info);
-        p.id = req.exec_id;
-        Ok(GetResponse {
-            process: MessageField::some(p),
-            ..Default::default()
+        guarded("Tasks.Get", async move {
+            let ns = self.auth.request(ctx, "Tasks.Get").rpc()?.namespace;
+            id("container_id", &req.container_id)?;
+            exec_id(&req.exec_id)?;
+            let task = self.tasks.get(&ns, &req.container_id).rpc()?;
+            let info = if req.exec_id.is_empty() {
+                task.info().await
+            } else {
+                task.exec_info(&req.exec_id).await
+            }
+            .rpc()?;
+            let mut p = process(&req.container_id, &info);
+            p.id = req.exec_id;
+            Ok(GetResponse {
+                process: MessageField::some(p),
+                ..Default::default()
+            })
         })
+        .await
     }
 
     async fn list(
@@ -283,56 +298,65 @@ impl tasks_ttrpc::Tasks for TasksService {
         ctx: &TtrpcContext,
         _: ListTasksRequest,
     ) -> ttrpc::Result<ListTasksResponse> {
-        let ns = self.auth.request(ctx, "Tasks.List").rpc()?.namespace;
-        let mut tasks = Vec::new();
-        for h in self.tasks.list(&ns) {
-            if let Ok(info) = h.info().await {
-                tasks.push(process(&info.id, &info));
+        guarded("Tasks.List", async move {
+            let ns = self.auth.request(ctx, "Tasks.List").rpc()?.namespace;
+            let mut tasks = Vec::new();
+            for h in self.tasks.list(&ns) {
+                if let Ok(info) = h.info().await {
+                    tasks.push(process(&info.id, &info));
+                }
             }
-        }
-        Ok(ListTasksResponse {
-            tasks,
-            ..Default::default()
+            Ok(ListTasksResponse {
+                tasks,
+                ..Default::default()
+            })
         })
+        .await
     }
 
     async fn kill(&self, ctx: &TtrpcContext, req: KillRequest) -> ttrpc::Result<Empty> {
-        let ns = self.auth.request(ctx, "Tasks.Kill").rpc()?.namespace;
-        id("container_id", &req.container_id)?;
-        exec_id(&req.exec_id)?;
-        if req.signal == 0 || req.signal > 64 {
-            return Err(Error::InvalidArgument(format!(
-                "signal {} is not a signal number (1-64)",
-                req.signal
-            ))
-            .into());
-        }
-        self.tasks
-            .get(&ns, &req.container_id)
-            .rpc()?
-            .kill(&req.exec_id, req.signal, req.all)
-            .await
-            .rpc()?;
-        Ok(Empty::new())
+        guarded("Tasks.Kill", async move {
+            let ns = self.auth.request(ctx, "Tasks.Kill").rpc()?.namespace;
+            id("container_id", &req.container_id)?;
+            exec_id(&req.exec_id)?;
+            if req.signal == 0 || req.signal > 64 {
+                return Err(Error::InvalidArgument(format!(
+                    "signal {} is not a signal number (1-64)",
+                    req.signal
+                ))
+                .into());
+            }
+            self.tasks
+                .get(&ns, &req.container_id)
+                .rpc()?
+                .kill(&req.exec_id, req.signal, req.all)
+                .await
+                .rpc()?;
+            Ok(Empty::new())
+        })
+        .await
     }
 
     async fn wait(&self, ctx: &TtrpcContext, req: WaitRequest) -> ttrpc::Result<WaitResponse> {
-        let ns = self.auth.request(ctx, "Tasks.Wait").rpc()?.namespace;
-        id("container_id", &req.container_id)?;
-        exec_id(&req.exec_id)?;
-        let exit = self
-            .tasks
-            .get(&ns, &req.container_id)
-            .rpc()?
-            .wait(&req.exec_id)
-            .await
-            .rpc()?;
-        let (exit_status, exited_at) = exit_response(&exit);
-        Ok(WaitResponse {
-            exit_status,
-            exited_at,
-            ..Default::default()
+        guarded("Tasks.Wait", async move {
+            let ns = self.auth.request(ctx, "Tasks.Wait").rpc()?.namespace;
+            id("container_id", &req.container_id)?;
+            exec_id(&req.exec_id)?;
+            let exit = self
+                .tasks
+                .get(&ns, &req.container_id)
+                .rpc()?
+                .wait(&req.exec_id)
+                .await
+                .rpc()?;
+            let (exit_status, exited_at) = exit_response(&exit);
+            Ok(WaitResponse {
+                exit_status,
+                exited_at,
+                ..Default::default()
+            })
         })
+        .await
     }
 
     async fn list_pids(
@@ -340,123 +364,141 @@ impl tasks_ttrpc::Tasks for TasksService {
         ctx: &TtrpcContext,
         req: ListPidsRequest,
     ) -> ttrpc::Result<ListPidsResponse> {
-        let ns = self.auth.request(ctx, "Tasks.ListPids").rpc()?.namespace;
-        id("container_id", &req.container_id)?;
-        let pids = self
-            .tasks
-            .get(&ns, &req.container_id)
-            .rpc()?
-            .pids()
-            .await
-            .rpc()?;
-        Ok(ListPidsResponse {
-            processes: pids
-                .into_iter()
-                .map(|pid| ProcessInfo {
-                    pid,
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
+        guarded("Tasks.ListPids", async move {
+            let ns = self.auth.request(ctx, "Tasks.ListPids").rpc()?.namespace;
+            id("container_id", &req.container_id)?;
+            let pids = self
+                .tasks
+                .get(&ns, &req.container_id)
+                .rpc()?
+                .pids()
+                .await
+                .rpc()?;
+            Ok(ListPidsResponse {
+                processes: pids
+                    .into_iter()
+                    .map(|pid| ProcessInfo {
+                        pid,
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            })
         })
+        .await
     }
 
     async fn exec(&self, ctx: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
-        let ns = self.auth.request(ctx, "Tasks.Exec").rpc()?.namespace;
-        id("container_id", &req.container_id)?;
-        id("exec_id", &req.exec_id)?;
-        for (field, v) in [
-            ("stdin", &req.stdin),
-            ("stdout", &req.stdout),
-            ("stderr", &req.stderr),
-        ] {
-            validate::path(field, v, &self.limits).rpc()?;
-        }
-        let process =
-            validate::process("spec", req.spec.as_ref(), req.terminal, &self.limits).rpc()?;
-        self.tasks
-            .get(&ns, &req.container_id)
-            .rpc()?
-            .exec(ExecSpec {
-                exec_id: req.exec_id,
-                process,
-                stdin: req.stdin,
-                stdout: req.stdout,
-                stderr: req.stderr,
-                terminal: req.terminal,
-            })
-            .await
-            .rpc()?;
-        Ok(Empty::new())
-    }
-
-    async fn resize_pty(&self, ctx: &TtrpcContext, req: ResizePtyRequest) -> ttrpc::Result<Empty> {
-        let ns = self.auth.request(ctx, "Tasks.ResizePty").rpc()?.namespace;
-        id("container_id", &req.container_id)?;
-        exec_id(&req.exec_id)?;
-        if req.width == 0 || req.height == 0 {
-            return Err(Error::InvalidArgument(format!(
-                "width, height: a terminal of {}x{} has no cells",
-                req.width, req.height
-            ))
-            .into());
-        }
-        // A terminal's size is two 16-bit numbers (struct winsize).
-        if req.width > u32::from(u16::MAX) || req.height > u32::from(u16::MAX) {
-            return Err(Error::InvalidArgument(format!(
-                "width, height: {}x{} is larger than a terminal can be ({max}x{max})",
-                req.width,
-                req.height,
-                max = u16::MAX
-            ))
-            .into());
-        }
-        self.tasks
-            .get(&ns, &req.container_id)
-            .rpc()?
-            .resize(&req.exec_id, req.width, req.height)
-            .await
-            .rpc()?;
-        Ok(Empty::new())
-    }
-
-    async fn close_io(&self, ctx: &TtrpcContext, req: CloseIORequest) -> ttrpc::Result<Empty> {
-        let ns = self.auth.request(ctx, "Tasks.CloseIO").rpc()?.namespace;
-        id("container_id", &req.container_id)?;
-        exec_id(&req.exec_id)?;
-        if req.stdin {
+        guarded("Tasks.Exec", async move {
+            let ns = self.auth.request(ctx, "Tasks.Exec").rpc()?.namespace;
+            id("container_id", &req.container_id)?;
+            id("exec_id", &req.exec_id)?;
+            for (field, v) in [
+                ("stdin", &req.stdin),
+                ("stdout", &req.stdout),
+                ("stderr", &req.stderr),
+            ] {
+                validate::path(field, v, &self.limits).rpc()?;
+            }
+            let process =
+                validate::process("spec", req.spec.as_ref(), req.terminal, &self.limits).rpc()?;
             self.tasks
                 .get(&ns, &req.container_id)
                 .rpc()?
-                .close_stdin(&req.exec_id)
+                .exec(ExecSpec {
+                    exec_id: req.exec_id,
+                    process,
+                    stdin: req.stdin,
+                    stdout: req.stdout,
+                    stderr: req.stderr,
+                    terminal: req.terminal,
+                })
                 .await
                 .rpc()?;
-        }
-        Ok(Empty::new())
+            Ok(Empty::new())
+        })
+        .await
+    }
+
+    async fn resize_pty(&self, ctx: &TtrpcContext, req: ResizePtyRequest) -> ttrpc::Result<Empty> {
+        guarded("Tasks.ResizePty", async move {
+            let ns = self.auth.request(ctx, "Tasks.ResizePty").rpc()?.namespace;
+            id("container_id", &req.container_id)?;
+            exec_id(&req.exec_id)?;
+            if req.width == 0 || req.height == 0 {
+                return Err(Error::InvalidArgument(format!(
+                    "width, height: a terminal of {}x{} has no cells",
+                    req.width, req.height
+                ))
+                .into());
+            }
+            // A terminal's size is two 16-bit numbers (struct winsize).
+            if req.width > u32::from(u16::MAX) || req.height > u32::from(u16::MAX) {
+                return Err(Error::InvalidArgument(format!(
+                    "width, height: {}x{} is larger than a terminal can be ({max}x{max})",
+                    req.width,
+                    req.height,
+                    max = u16::MAX
+                ))
+                .into());
+            }
+            self.tasks
+                .get(&ns, &req.container_id)
+                .rpc()?
+                .resize(&req.exec_id, req.width, req.height)
+                .await
+                .rpc()?;
+            Ok(Empty::new())
+        })
+        .await
+    }
+
+    async fn close_io(&self, ctx: &TtrpcContext, req: CloseIORequest) -> ttrpc::Result<Empty> {
+        guarded("Tasks.CloseIO", async move {
+            let ns = self.auth.request(ctx, "Tasks.CloseIO").rpc()?.namespace;
+            id("container_id", &req.container_id)?;
+            exec_id(&req.exec_id)?;
+            if req.stdin {
+                self.tasks
+                    .get(&ns, &req.container_id)
+                    .rpc()?
+                    .close_stdin(&req.exec_id)
+                    .await
+                    .rpc()?;
+            }
+            Ok(Empty::new())
+        })
+        .await
     }
 
     async fn pause(&self, ctx: &TtrpcContext, req: PauseTaskRequest) -> ttrpc::Result<Empty> {
-        let ns = self.auth.request(ctx, "Tasks.Pause").rpc()?.namespace;
-        id("container_id", &req.container_id)?;
-        self.tasks
-            .get(&ns, &req.container_id)
-            .rpc()?
-            .pause()
-            .await
-            .rpc()?;
-        Ok(Empty::new())
+        guarded("Tasks.Pause", async move {
+            let ns = self.auth.request(ctx, "Tasks.Pause").rpc()?.namespace;
+            id("container_id", &req.container_id)?;
+            self.tasks
+                .get(&ns, &req.container_id)
+                .rpc()?
+                .pause()
+                .await
+                .rpc()?;
+            Ok(Empty::new())
+        })
+        .await
     }
 
     async fn resume(&self, ctx: &TtrpcContext, req: ResumeTaskRequest) -> ttrpc::Result<Empty> {
-        let ns = self.auth.request(ctx, "Tasks.Resume").rpc()?.namespace;
-        id("container_id", &req.container_id)?;
-        self.tasks
-            .get(&ns, &req.container_id)
-            .rpc()?
-            .resume()
-            .await
-            .rpc()?;
-        Ok(Empty::new())
+        guarded("Tasks.Resume", async move {
+            let ns = self.auth.request(ctx, "Tasks.Resume").rpc()?.namespace;
+            id("container_id", &req.container_id)?;
+            self.tasks
+                .get(&ns, &req.container_id)
+                .rpc()?
+                .resume()
+                .await
+                .rpc()?;
+            Ok(Empty::new())
+        })
+        .await
     }
 
     async fn checkpoint(
@@ -464,74 +506,80 @@ impl tasks_ttrpc::Tasks for TasksService {
         ctx: &TtrpcContext,
         req: CheckpointTaskRequest,
     ) -> ttrpc::Result<CheckpointTaskResponse> {
-        let ns = self.auth.request(ctx, "Tasks.Checkpoint").rpc()?.namespace;
-        id("container_id", &req.container_id)?;
-        if req.options.is_some() {
-            return unimplemented("checkpoint options");
-        }
-        validate::path("image_path", &req.image_path, &self.limits).rpc()?;
-        let image_path = if req.image_path.is_empty() {
-            None
-        } else {
-            let p = std::path::PathBuf::from(&req.image_path);
-            if !p.is_absolute() {
-                return Err(Error::InvalidArgument(format!(
-                    "image_path {:?} must be an absolute path",
-                    req.image_path
-                ))
-                .into());
+        guarded("Tasks.Checkpoint", async move {
+            let ns = self.auth.request(ctx, "Tasks.Checkpoint").rpc()?.namespace;
+            id("container_id", &req.container_id)?;
+            if req.options.is_some() {
+                return unimplemented("checkpoint options");
             }
-            Some(p)
-        };
-        let container = self.container(&ns, &req.container_id).await?;
-        let index = self
-            .tasks
-            .checkpoint(
-                &self.storage,
-                &ns,
-                &container,
-                CheckpointRequest {
-                    exit: req.exit,
-                    image_path,
-                },
-            )
-            .await
-            .rpc()?;
-        Ok(CheckpointTaskResponse {
-            descriptors: index
-                .map(|(digest, size)| Descriptor {
-                    media_type: oci_spec::image::MediaType::ImageIndex.to_string(),
-                    digest: digest.to_string(),
-                    size: i64::try_from(size).unwrap_or(i64::MAX),
-                    ..Default::default()
-                })
-                .into_iter()
-                .collect(),
-            ..Default::default()
+            validate::path("image_path", &req.image_path, &self.limits).rpc()?;
+            let image_path = if req.image_path.is_empty() {
+                None
+            } else {
+                let p = std::path::PathBuf::from(&req.image_path);
+                if !p.is_absolute() {
+                    return Err(Error::InvalidArgument(format!(
+                        "image_path {:?} must be an absolute path",
+                        req.image_path
+                    ))
+                    .into());
+                }
+                Some(p)
+            };
+            let container = self.container(&ns, &req.container_id).await?;
+            let index = self
+                .tasks
+                .checkpoint(
+                    &self.storage,
+                    &ns,
+                    &container,
+                    CheckpointRequest {
+                        exit: req.exit,
+                        image_path,
+                    },
+                )
+                .await
+                .rpc()?;
+            Ok(CheckpointTaskResponse {
+                descriptors: index
+                    .map(|(digest, size)| Descriptor {
+                        media_type: oci_spec::image::MediaType::ImageIndex.to_string(),
+                        digest: digest.to_string(),
+                        size: i64::try_from(size).unwrap_or(i64::MAX),
+                        ..Default::default()
+                    })
+                    .into_iter()
+                    .collect(),
+                ..Default::default()
+            })
         })
+        .await
     }
 
     async fn update(&self, ctx: &TtrpcContext, req: UpdateTaskRequest) -> ttrpc::Result<Empty> {
-        let ns = self.auth.request(ctx, "Tasks.Update").rpc()?.namespace;
-        id("container_id", &req.container_id)?;
-        let resources = match req.resources.as_ref() {
-            Some(any) => Some(validate::resources("resources", any, &self.limits).rpc()?),
-            None => None,
-        };
-        validate::labels("annotations", &req.annotations, &self.limits).rpc()?;
-        if resources.is_none() && req.annotations.is_empty() {
-            return Err(Error::InvalidArgument(
-                "resources: nothing to update (give resources or annotations)".into(),
-            )
-            .into());
-        }
-        self.tasks
-            .get(&ns, &req.container_id)
-            .rpc()?
-            .update(resources, req.annotations)
-            .await
-            .rpc()?;
-        Ok(Empty::new())
+        guarded("Tasks.Update", async move {
+            let ns = self.auth.request(ctx, "Tasks.Update").rpc()?.namespace;
+            id("container_id", &req.container_id)?;
+            let resources = match req.resources.as_ref() {
+                Some(any) => Some(validate::resources("resources", any, &self.limits).rpc()?),
+                None => None,
+            };
+            validate::labels("annotations", &req.annotations, &self.limits).rpc()?;
+            if resources.is_none() && req.annotations.is_empty() {
+                return Err(Error::InvalidArgument(
+                    "resources: nothing to update (give resources or annotations)".into(),
+                )
+                .into());
+            }
+            self.tasks
+                .get(&ns, &req.container_id)
+                .rpc()?
+                .update(resources, req.annotations)
+                .await
+                .rpc()?;
+            Ok(Empty::new())
+        })
+        .await
     }
 
     async fn metrics(
@@ -539,28 +587,31 @@ impl tasks_ttrpc::Tasks for TasksService {
         ctx: &TtrpcContext,
         req: MetricsRequest,
     ) -> ttrpc::Result<MetricsResponse> {
-        let ns = self.auth.request(ctx, "Tasks.Metrics").rpc()?.namespace;
-        let filter = filters(req.filters, &self.limits).await?;
-        let mut metrics = Vec::new();
-        for h in self.tasks.list(&ns) {
-            if !filter.matches(&MetricFields { ns: &ns, id: &h.id }) {
-                continue;
+        guarded("Tasks.Metrics", async move {
+            let ns = self.auth.request(ctx, "Tasks.Metrics").rpc()?.namespace;
+            let filter = filters(req.filters, &self.limits).await?;
+            let mut metrics = Vec::new();
+            for h in self.tasks.list(&ns) {
+                if !filter.matches(&MetricFields { ns: &ns, id: &h.id }) {
+                    continue;
+                }
+                // A task that stopped or went away meanwhile has no metrics; skip it,
+                // as containerd does.
+                match h.stats().await {
+                    Ok(data) => metrics.push(Metric {
+                        timestamp: MessageField::some(keel_protocol::types::now()),
+                        id: h.id.clone(),
+                        data: MessageField::some(data),
+                        ..Default::default()
+                    }),
+                    Err(e) => tracing::debug!(task_id = %h.id, error = %e, "no metrics"),
+                }
             }
-            // A task that stopped or went away meanwhile has no metrics; skip it,
-            // as containerd does.
-            match h.stats().await {
-                Ok(data) => metrics.push(Metric {
-                    timestamp: MessageField::some(keel_protocol::types::now()),
-                    id: h.id.clone(),
-                    data: MessageField::some(data),
-                    ..Default::default()
-                }),
-                Err(e) => tracing::debug!(task_id = %h.id, error = %e, "no metrics"),
-            }
-        }
-        Ok(MetricsResponse {
-            metrics,
-            ..Default::default()
+            Ok(MetricsResponse {
+                metrics,
+                ..Default::default()
+            })
         })
+        .await
     }
 }
