@@ -241,6 +241,8 @@ impl EventSink {
                 }
             })
             .map_err(|e| Error::Io(format!("start the event flusher: {e}")))?;
+        // What waits for a flush now (staged by publishers while none ran).
+        let _ = self.inner.flush.try_send(());
         Ok(())
     }
 
@@ -475,7 +477,9 @@ fn flusher(inner: &Weak<Inner>, wake: &std::sync::mpsc::Receiver<()>) {
         keel_storage::faults::check("exchange:flusher");
         let target = {
             let mut st = sink.state();
-            if !woken && !st.unflushed {
+            // Without a wake-up, flush only what waits: events of lazy topics, or
+            // durable ones whose wake-up went to a flusher that failed.
+            if !woken && !st.unflushed && st.staged.is_empty() {
                 continue;
             }
             // What is appended from here on is taken by the next flush.

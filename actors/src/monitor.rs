@@ -35,15 +35,11 @@ struct MonitorActor {
     meta: Meta,
     events: EventSink,
     /// Reports a failure to the monitor's supervisor.
-    lifeline: Lifeline<&'static str>,
+    _lifeline: Lifeline<&'static str>,
 }
 
 impl Actor for MonitorActor {
     type Context = Context<Self>;
-
-    fn stopped(&mut self, _: &mut Self::Context) {
-        self.lifeline.cut();
-    }
 }
 
 /// Fault injection (tests only): a named message makes the monitor panic or stall.
@@ -212,7 +208,7 @@ impl MonitorHandle {
         let addr = MonitorActor {
             meta: s.meta.clone(),
             events: s.events.clone(),
-            lifeline: Lifeline::new("monitor", s.deaths.clone()),
+            _lifeline: Lifeline::new("monitor", s.deaths.clone()),
         }
         .start();
         let waiting = std::mem::take(&mut *s.pending.lock().unwrap_or_else(|p| p.into_inner()));

@@ -52,15 +52,11 @@ struct StorageActor {
     locks: HashMap<(String, String), Lock>,
     next_id: Arc<AtomicU64>,
     /// Reports a failure to the root supervisor.
-    lifeline: Lifeline<&'static str>,
+    _lifeline: Lifeline<&'static str>,
 }
 
 impl Actor for StorageActor {
     type Context = SyncContext<Self>;
-
-    fn stopped(&mut self, _: &mut Self::Context) {
-        self.lifeline.cut();
-    }
 }
 
 /// Fault injection (tests only): a named message makes the storage actor panic,
@@ -315,7 +311,7 @@ impl StorageHandle {
             writers: HashMap::new(),
             locks: HashMap::new(),
             next_id: s.next_id.clone(),
-            lifeline: Lifeline::new("storage", s.deaths.clone()),
+            _lifeline: Lifeline::new("storage", s.deaths.clone()),
         });
         self.shared.actor.started(addr);
     }

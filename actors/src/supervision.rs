@@ -1,10 +1,12 @@
 //! Supervision: what happens when a part of keeld fails.
 //!
 //! keeld is built with unwinding: a panic unwinds the task (or thread) it happened
-//! on, not the process. Every actor carries a [`Lifeline`]; an actor that stops the
-//! ordinary way (its `stopped()` runs) cuts it, and one whose task a panic unwound
-//! is dropped without, which reports its death, with the panic's message and
-//! location, to its [`Supervisor`]. The supervisor applies its strategy:
+//! on, not the process. Every actor carries a [`Lifeline`], which reports the
+//! actor's end, with the cause the panic hook recorded on its thread, when the
+//! actor is dropped. (actix runs an actor's `stopped()` even when a panic ended it,
+//! so only the end itself tells.) Whoever reads the report knows which ends are
+//! ordinary (a deleted task, a daemon shutting down) and ignores those; any other
+//! is a failure, for the actor's [`Supervisor`], which applies its strategy:
 //!
 //! - **one-for-one**: the failed child alone is restarted (task actors, each on
 //!   its own; the monitor);
@@ -71,9 +73,10 @@ pub struct Death<K> {
     pub cause: String,
 }
 
-/// Carried by an actor; reports its death unless cut first. See the module doc.
+/// Carried by an actor; reports its end when dropped. See the module doc.
 #[derive(Debug)]
 pub struct Lifeline<K: Send + 'static> {
+    /// `Option` only so that Drop can move it out.
     child: Option<K>,
     tx: mpsc::UnboundedSender<Death<K>>,
 }
@@ -85,17 +88,12 @@ impl<K: Send + 'static> Lifeline<K> {
             tx,
         }
     }
-
-    /// The actor stopped the ordinary way: nothing to report.
-    pub fn cut(&mut self) {
-        self.child = None;
-    }
 }
 
 impl<K: Send + 'static> Drop for Lifeline<K> {
     fn drop(&mut self) {
         if let Some(child) = self.child.take() {
-            let cause = take_panic_cause().unwrap_or_else(|| "it stopped unexpectedly".into());
+            let cause = take_panic_cause().unwrap_or_else(|| "it stopped".into());
             let _ = self.tx.send(Death { child, cause });
         }
     }
@@ -369,12 +367,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_lifeline_reports_a_panic_and_not_an_ordinary_stop() {
+    async fn a_lifeline_reports_the_panic_that_ended_its_holder() {
         install_panic_hook();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut cut = Lifeline::new("calm", tx.clone());
-        cut.cut();
-        drop(cut);
         let line = Lifeline::new("doomed", tx);
         let died = tokio::spawn(async move {
             let _line = line;
@@ -385,7 +380,6 @@ mod tests {
         let d = rx.recv().await.unwrap();
         assert_eq!(d.child, "doomed");
         assert!(d.cause.contains("on purpose"), "{}", d.cause);
-        assert!(rx.try_recv().is_err(), "the calm one said nothing");
         let _ = std::panic::take_hook();
     }
 }

@@ -216,7 +216,7 @@ struct TaskActor {
     slot: Arc<Slot>,
     /// Reports this actor's death to the task supervisor unless it stops the
     /// ordinary way.
-    lifeline: crate::supervision::Lifeline<TaskKey>,
+    _lifeline: crate::supervision::Lifeline<TaskKey>,
     /// Restored: whether `/tasks/create` and `/tasks/start` are missing from the
     /// event log (keeld died before they reached it); published once the shim
     /// shows the task exists.
@@ -257,10 +257,6 @@ impl Actor for TaskActor {
             // Revived: find out from the shim what became of the task.
             ctx.notify(Probe);
         }
-    }
-
-    fn stopped(&mut self, _: &mut Self::Context) {
-        self.lifeline.cut();
     }
 }
 

@@ -61,6 +61,7 @@ const API_INTENSITY: Intensity = Intensity {
 /// keeld, started: its parts and the root's inboxes.
 pub struct Running {
     server: Server,
+    tasks: Tasks,
     db: sled::Db,
     storage: StorageHandle,
     events: EventSink,
@@ -161,6 +162,7 @@ pub async fn startup(cfg: &Config) -> anyhow::Result<Running> {
     let server = serve(cfg, &meta, &events, &monitor, &tasks, &storage, &stats).await?;
     Ok(Running {
         server,
+        tasks,
         db,
         storage,
         events,
@@ -299,6 +301,7 @@ impl Running {
         if let Err(e) = self.server.shutdown().await {
             tracing::warn!(error = %e, "ttrpc server shutdown");
         }
+        self.tasks.close();
         drop(self.storage);
         actix::System::current().stop();
         let db = self.db;

@@ -134,6 +134,32 @@ impl Keeld {
         self.dir.path().join("keeld.log")
     }
 
+    /// Sets (or, with `None`, removes) an environment variable of keeld's for its
+    /// next start.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            self.env.push((key.to_string(), v.to_string()));
+        }
+    }
+
+    /// Waits for the daemon to exit on its own; its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let mut c = self.child.take().expect("keeld running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = c.try_wait().expect("wait") {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "keeld did not exit; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts (or restarts) the daemon and waits for it to answer Version.
     pub fn spawn(&mut self) {
         self.spawn_without_waiting();
@@ -669,6 +695,51 @@ impl Keeld {
         .expect("connect to keeld")
     }
 
+    /// Every event the daemon retains, replayed from the start through a
+    /// subscription (up to a marker published for the purpose, left out).
+    pub async fn replay(&self) -> Vec<keel_protocol::api::events::Envelope> {
+        use keel_protocol::api::events::{PublishRequest, SubscribeRequest};
+        let c = self.client(None).await;
+        let marker = format!("/test/marker/{}", rand::random::<u64>());
+        c.events
+            .publish(
+                c.ctx(),
+                &PublishRequest {
+                    topic: marker.clone(),
+                    event: protobuf::MessageField::some(keel_protocol::types::json_any(
+                        "google.protobuf.Struct",
+                        vec![],
+                    )),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("publish marker");
+        let mut stream = c
+            .events
+            .subscribe(
+                c.ctx(),
+                &SubscribeRequest {
+                    since: Some(0),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("subscribe");
+        let mut out = Vec::new();
+        loop {
+            let e = tokio::time::timeout(Duration::from_secs(30), stream.recv())
+                .await
+                .expect("replay stalled")
+                .expect("replay")
+                .expect("the replay goes on");
+            if e.topic == marker {
+                return out;
+            }
+            out.push(e);
+        }
+    }
+
     /// VmRSS of the daemon, in KiB.
     pub fn rss_kib(&self) -> u64 {
         let pid = self.pid().expect("keeld running");
@@ -797,4 +868,18 @@ impl VersionWatch {
         sorted.sort();
         Latencies { sorted }
     }
+}
+
+/// Topics of the events about task (or container) `id`, in order.
+pub fn topics_about(events: &[keel_protocol::api::events::Envelope], id: &str) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| {
+            e.event.as_ref().is_some_and(|a| {
+                keel_protocol::types::event_field(a, "container_id").as_deref() == Some(id)
+                    || keel_protocol::types::event_field(a, "id").as_deref() == Some(id)
+            })
+        })
+        .map(|e| e.topic.clone())
+        .collect()
 }

@@ -11,7 +11,9 @@ use keel_protocol::api::events::{Envelope, ForwardRequest, PublishRequest, Subsc
 use keel_protocol::api::tasks::{CreateTaskRequest, ExecProcessRequest, GetRequest, Status};
 use keel_protocol::types::{json_any, PROCESS_TYPE_URL};
 use keel_protocol::{Client, Error};
-use keel_tests::{busybox_rootfs, describe, require_runtime, runtime, Keeld, VersionWatch};
+use keel_tests::{
+    busybox_rootfs, describe, require_runtime, runtime, topics_about, Keeld, VersionWatch,
+};
 use protobuf::MessageField;
 use serde_json::Value;
 
@@ -38,7 +40,7 @@ fn restart_unharmed(
         let c = k.client(None).await;
         assert_eq!(settled(&c, "victim").await, before, "after a restart");
     });
-    rt.block_on(replay(k))
+    rt.block_on(k.replay())
 }
 
 /// (status, pid) of task `id`.
@@ -75,68 +77,6 @@ async fn settled(c: &Client, id: &str) -> (Status, u32) {
 
 fn expect_err<T: std::fmt::Debug>(r: Result<T, ttrpc::Error>) -> Error {
     Error::from(r.expect_err("the request must fail"))
-}
-
-/// Every event retained, replayed from the start (until one published now).
-async fn replay(k: &Keeld) -> Vec<Envelope> {
-    let c = k.client(None).await;
-    let marker = format!("/test/marker/{}", rand_suffix());
-    c.events
-        .publish(
-            c.ctx(),
-            &PublishRequest {
-                topic: marker.clone(),
-                event: MessageField::some(json_any("google.protobuf.Struct", vec![])),
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("publish marker");
-    let mut stream = c
-        .events
-        .subscribe(
-            c.ctx(),
-            &SubscribeRequest {
-                since: Some(0),
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("subscribe");
-    let mut out = Vec::new();
-    loop {
-        let e = tokio::time::timeout(Duration::from_secs(30), stream.recv())
-            .await
-            .expect("replay stalled")
-            .expect("replay")
-            .expect("the replay goes on");
-        if e.topic == marker {
-            return out;
-        }
-        out.push(e);
-    }
-}
-
-fn rand_suffix() -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    (u64::from(std::process::id()) << 32) ^ u64::from(nanos)
-}
-
-/// Topics logged about task `id`.
-fn topics_about(events: &[Envelope], id: &str) -> Vec<String> {
-    events
-        .iter()
-        .filter(|e| {
-            e.event.as_ref().is_some_and(|a| {
-                keel_protocol::types::event_field(a, "container_id").as_deref() == Some(id)
-                    || keel_protocol::types::event_field(a, "id").as_deref() == Some(id)
-            })
-        })
-        .map(|e| e.topic.clone())
-        .collect()
 }
 
 #[test]
@@ -550,7 +490,7 @@ fn event_memory_is_bounded_by_bytes_also_across_a_restart() {
     });
     watch.finish().assert_responsive("large events", 10);
     let retained = |k: &Keeld| {
-        let events = rt.block_on(replay(k));
+        let events = rt.block_on(k.replay());
         let blobs: Vec<&Envelope> = events.iter().filter(|e| e.topic == "/app/blob").collect();
         let bytes: u64 = blobs
             .iter()

@@ -35,6 +35,11 @@ impl Slot {
     pub(super) fn started(&self, addr: Addr<TaskActor>) {
         self.actor.started(addr);
     }
+
+    /// Whether the task's current actor runs.
+    pub(super) fn running(&self) -> bool {
+        self.actor.addr().is_some_and(|a| a.connected())
+    }
 }
 
 /// keel's handle on one task actor. Cheap to clone; clones share the task's slot.
@@ -177,9 +182,10 @@ impl TaskHandle {
                 .send(Wait {
                     exec_id: exec_id.to_string(),
                 })
-                .await;
+                .await
+                .and_then(|answer| answer);
             match r {
-                Ok(answer) => return answer,
+                Ok(exit) => return Ok(exit),
                 Err(Error::Internal(_))
                     if self.slot.actor.next_life(generation, REVIVE_WAIT).await =>
                 {

@@ -138,7 +138,7 @@ impl Tasks {
             _log: log,
             probe_backoff: Duration::ZERO,
             slot: slot.clone(),
-            lifeline: Lifeline::new(key.clone(), self.deaths.clone()),
+            _lifeline: Lifeline::new(key.clone(), self.deaths.clone()),
             unannounced,
         };
         let addr = TaskActor::start_in_arbiter(&self.arbiter, |_| actor);
@@ -159,11 +159,16 @@ impl Tasks {
             // One intensity window per task.
             let mut per_task: HashMap<TaskKey, Supervisor> = HashMap::new();
             while let Some(Death { child, cause }) = inbox.recv().await {
+                // Ordinary ends: keeld shutting down, a task deleted (or replaced
+                // by a newer incarnation of its id, whose actor is running).
+                if tasks.closing.load(Ordering::Relaxed) {
+                    continue;
+                }
                 let (ns, id) = child.clone();
                 let Ok(handle) = tasks.get(&ns, &id) else {
                     continue;
                 };
-                if handle.slot.deleted.load(Ordering::Relaxed) {
+                if handle.slot.deleted.load(Ordering::Relaxed) || handle.slot.running() {
                     continue;
                 }
                 let s = per_task

@@ -23,6 +23,8 @@ pub struct Tasks {
     /// reads them once [`Tasks::supervise`] starts it.
     pub(super) deaths: mpsc::UnboundedSender<crate::supervision::Death<TaskKey>>,
     pub(super) death_inbox: life::DeathInbox,
+    /// Set when keeld shuts down: actors ending now are not failures.
+    pub(super) closing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A task id held by [`Tasks::reserve`]; released when dropped.
@@ -51,6 +53,7 @@ impl Tasks {
         Self {
             deaths,
             death_inbox: Arc::new(Mutex::new(Some(inbox))),
+            closing: Arc::default(),
             env: Arc::new(env),
             arbiter,
             live: Arc::default(),
@@ -59,6 +62,11 @@ impl Tasks {
             cgroups: CgroupParents::default(),
             orphans: Arc::default(),
         }
+    }
+
+    /// keeld is shutting down: task actors that end from now on are not restarted.
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Relaxed);
     }
 
     pub fn env(&self) -> &TaskEnv {

@@ -338,14 +338,23 @@ impl Handler<Wait> for TaskActor {
 
     fn handle(&mut self, m: Wait, ctx: &mut Self::Context) -> Self::Result {
         let _ = self.fault("Wait", ctx);
+        // A waiter dropped unanswered: by this actor failing (the handle then waits
+        // on the actor that comes back), or by the process being deleted.
+        let me = ctx.address().downgrade();
+        let slot = self.slot.clone();
+        let gone = move |deleted: String| {
+            let failed = !slot.deleted.load(Ordering::Relaxed)
+                && !me.upgrade().is_some_and(|a| a.connected());
+            if failed {
+                Error::Internal(format!("{deleted}: its actor failed"))
+            } else {
+                Error::FailedPrecondition(format!("{deleted} was deleted"))
+            }
+        };
         if !m.exec_id.is_empty() {
             let rx = self.wait_exec(&m.exec_id);
-            let (id, exec_id) = (self.id.clone(), m.exec_id);
-            return Box::pin(async move {
-                rx?.await.map_err(|_| {
-                    Error::FailedPrecondition(format!("exec {exec_id} of task {id} was deleted"))
-                })
-            });
+            let what = format!("exec {} of task {}", m.exec_id, self.id);
+            return Box::pin(async move { rx?.await.map_err(|_| gone(what)) });
         }
         if let Some(e) = &self.exit {
             let e = e.clone();
@@ -353,11 +362,8 @@ impl Handler<Wait> for TaskActor {
         }
         let (tx, rx) = oneshot::channel();
         self.waiters.push(tx);
-        let id = self.id.clone();
-        Box::pin(async move {
-            rx.await
-                .map_err(|_| Error::FailedPrecondition(format!("task {id} was deleted")))
-        })
+        let what = format!("task {}", self.id);
+        Box::pin(async move { rx.await.map_err(|_| gone(what)) })
     }
 }
 
