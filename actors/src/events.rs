@@ -74,7 +74,7 @@ struct Retained {
 
 /// Whether events of a topic must be on disk before anyone sees them.
 pub fn is_durable(topic: &str) -> bool {
-    topic.starts_with("/tasks/") || topic.starts_with("/containers/")
+    topic.starts_with("/tasks/") || topic.starts_with("/containers/") || topic == GAP_TOPIC
 }
 
 struct Staged {
@@ -205,7 +205,29 @@ impl EventSink {
             }),
         };
         sink.restart_flusher()?;
+        if let Some((after, before)) = loaded.lost {
+            // Never silence: a subscriber replaying past what a crash lost is told.
+            tracing::warn!(
+                lost_after = after,
+                lost_before = before,
+                "keeld stopped without writing out every event: telling subscribers"
+            );
+            let gap = keel_protocol::api::events::Gap {
+                lost_after: after,
+                lost_before: before,
+                ..Default::default()
+            };
+            let any = keel_protocol::types::pack(&gap)?;
+            drop(sink.publish("", GAP_TOPIC, any, None)?);
+        }
         Ok(sink)
+    }
+
+    /// Closes the exchange cleanly at shutdown: every event published is written
+    /// out, and the next start knows nothing was lost.
+    pub fn close(&self) -> Result<()> {
+        let _st = self.state();
+        Ok(self.inner.log.close()?)
     }
 
     /// Reports a failure of the flusher thread (a panic in it) on `deaths`, as

@@ -25,6 +25,9 @@ pub struct Reconciled {
     pub deletes_published: usize,
     /// Deletes whose event was logged but whose records were kept, now finished.
     pub deletes_finished: usize,
+    /// `/tasks/create` and `/tasks/start` a crash kept from the log, published
+    /// before the task's republished exit.
+    pub announced: usize,
 }
 
 /// Makes records and the logged events that describe them agree after a crash,
@@ -161,6 +164,44 @@ pub async fn reconcile_log(
         // 0: recorded before exits named their events; nothing to compare.
         if r.seq == 0 || r.seq <= trimmed_upto || logged_seqs.contains(&r.seq) {
             continue;
+        }
+        // The exit's task must show created and started before it exits: a second
+        // crash can have kept those from the log too (they are made up at restore,
+        // which comes after this). Publish them now, first, and tell the restore.
+        if r.exec_id.is_empty() {
+            if let Some(t) = meta.task(&ns, &r.container_id)? {
+                let (create, start) = lifecycle.missing(&ns, &t.id, t.created_ns);
+                let mut missed = Vec::new();
+                if create {
+                    missed.push((
+                        "/tasks/create",
+                        pack(&ev::TaskCreate {
+                            container_id: t.id.clone(),
+                            bundle: t.bundle.clone(),
+                            pid: t.pid,
+                            ..Default::default()
+                        })?,
+                    ));
+                }
+                if start {
+                    missed.push((
+                        "/tasks/start",
+                        pack(&ev::TaskStart {
+                            container_id: t.id.clone(),
+                            pid: t.pid,
+                            ..Default::default()
+                        })?,
+                    ));
+                }
+                for (topic, any) in missed {
+                    tracing::warn!(namespace = %ns, task_id = %t.id, topic, "publishing, before its exit, an event a crash kept from the log");
+                    delivered.push(events.publish(&ns, topic, any, None)?);
+                    done.announced += 1;
+                }
+                lifecycle
+                    .tasks
+                    .insert((ns.clone(), t.id.clone()), (true, true));
+            }
         }
         tracing::warn!(namespace = %ns, task_id = %r.container_id, lost_seq = r.seq, "publishing an exit whose event was lost");
         let ns2 = ns.clone();
@@ -461,11 +502,70 @@ mod tests {
         assert_eq!(logged_exits(&events, "t").len(), 1);
     }
 
+    /// Logs `/tasks/create` and `/tasks/start` of task `id`.
+    async fn announce(events: &EventSink, id: &str) {
+        let create = ev::TaskCreate {
+            container_id: id.into(),
+            pid: 2,
+            ..Default::default()
+        };
+        publish(events, "/tasks/create", &create).await;
+        let start = ev::TaskStart {
+            container_id: id.into(),
+            pid: 2,
+            ..Default::default()
+        };
+        publish(events, "/tasks/start", &start).await;
+    }
+
+    #[tokio::test]
+    async fn after_a_double_crash_a_made_up_create_and_start_come_before_the_exit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (meta, events) = open(dir.path());
+        // The task's create and start never reached the log (a first crash), nor
+        // did its exit (a second): only the records are there.
+        task(&meta, "t");
+        let mut lost = 0;
+        events
+            .publish_if("ns", "/tasks/exit", Any::new(), None, |seq| {
+                lost = seq;
+                Ok(false)
+            })
+            .unwrap();
+        meta.record_exit(
+            "ns",
+            &ExitRecord {
+                seq: lost,
+                ..exit("t", 3)
+            },
+        )
+        .unwrap();
+        meta.flush().unwrap();
+        let (meta, events) = reopen(dir.path(), meta, events);
+        let (done, lifecycle) = reconcile_log(&meta, &events).await.unwrap();
+        assert_eq!((done.announced, done.republished), (2, 1));
+        let (_, retained) = events.retained();
+        let topics: Vec<&str> = retained
+            .iter()
+            .filter(|e| e.topic.starts_with("/tasks/"))
+            .map(|e| e.topic.as_str())
+            .collect();
+        assert_eq!(topics, vec!["/tasks/create", "/tasks/start", "/tasks/exit"]);
+        let t = meta.task("ns", "t").unwrap().unwrap();
+        assert_eq!(
+            lifecycle.missing("ns", "t", t.created_ns),
+            (false, false),
+            "the restore has nothing more to make up"
+        );
+        assert_settled(&meta, &events).await;
+    }
+
     #[tokio::test]
     async fn a_recorded_exit_whose_event_was_lost_is_published_once() {
         let dir = tempfile::tempdir().unwrap();
         let (meta, events) = open(dir.path());
         task(&meta, "t");
+        announce(&events, "t").await;
         // The record names the number its event would have had; the event is lost.
         let mut lost = 0;
         events

@@ -178,6 +178,22 @@ fn parse_shim_cmdline(args: &[&str], keel_socket: &str) -> Option<(String, Strin
     Some((flag("-namespace")?, flag("-id")?))
 }
 
+/// Whether process `pid` is the shim `cmd` launched (its command line names the
+/// same runtime, keeld socket, namespace and id): a shim's pid is checked before it
+/// is signalled, in case it was reused.
+pub fn is_shim_of(pid: u32, cmd: &ShimCommand) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let text = String::from_utf8_lossy(&raw);
+    let args: Vec<&str> = text.split('\0').filter(|a| !a.is_empty()).collect();
+    parse_shim_cmdline(&args, &cmd.keel_socket.display().to_string())
+        .is_some_and(|(ns, id)| ns == cmd.namespace && id == cmd.id)
+}
+
 /// Shim processes started with `-address keel_socket`, from `/proc`.
 pub fn shim_processes(keel_socket: &Path) -> Vec<ShimProcess> {
     let want = keel_socket.display().to_string();

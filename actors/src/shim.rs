@@ -84,6 +84,25 @@ impl ShimCommand {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        // `start` and `delete` are short-lived children of keeld: if keeld dies
+        // while one runs (even between its fork and its exec, when it is still a
+        // copy of keeld that no cleanup would recognise), the kernel kills it. The
+        // daemon shim that `start` forks does not inherit this.
+        let parent = std::process::id();
+        // SAFETY: the closure runs in the forked child before exec and calls only
+        // prctl and getppid, both async-signal-safe; it allocates nothing.
+        unsafe {
+            c.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // keeld died before the setting took: nobody is left to wait.
+                if u32::try_from(libc::getppid()) != Ok(parent) {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
         c
     }
 

@@ -60,8 +60,12 @@ use requests::*;
 
 /// Deadline for one shim RPC other than Wait.
 const SHIM_RPC_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long to wait before dialling a live shim again after its connection broke.
+/// How long to wait before dialling a live shim again after its connection broke;
+/// doubled after each failed try, up to REDIAL_MAX_PAUSE.
 const REDIAL_PAUSE: Duration = Duration::from_millis(100);
+const REDIAL_MAX_PAUSE: Duration = Duration::from_secs(30);
+/// How long a live shim may stay out of reach before it is ended and cleaned up.
+const REDIAL_GIVE_UP: Duration = Duration::from_secs(120);
 /// How long a forced delete waits for the killed task to exit.
 const FORCE_KILL_WAIT: Duration = Duration::from_secs(10);
 /// Requests one task may have waiting before more are refused.

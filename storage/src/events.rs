@@ -37,6 +37,9 @@ const MAX_EVENT: usize = 16 << 20;
 
 const RESERVED: &[u8] = b"reserved";
 const TRIMMED: &[u8] = b"trimmed";
+/// Written by a clean close: the last sequence number handed out, all of them on
+/// disk. Removed at open, so that only a crash finds it missing.
+const CLEAN: &[u8] = b"clean";
 
 /// What the log held when it was opened.
 #[derive(Debug, Default)]
@@ -49,6 +52,10 @@ pub struct Loaded {
     pub trimmed_upto: u64,
     /// Sequence numbers up to this one are covered by a flushed reservation.
     pub reserved: u64,
+    /// When the log was not closed cleanly: events numbered above the first and
+    /// below the second may have been published and lost (not every number in the
+    /// range was used).
+    pub lost: Option<(u64, u64)>,
 }
 
 struct Segment {
@@ -285,6 +292,9 @@ impl EventLog {
         marks.insert(TRIMMED, &trimmed_upto.to_be_bytes())?;
         let next_seq = last.max(read_u64(marks.get(RESERVED)?)?).max(trimmed_upto) + 1;
         let reserved = next_seq - 1 + RESERVE_BLOCK;
+        let clean = marks.remove(CLEAN)?.is_some();
+        let logged = last.max(trimmed_upto);
+        let lost = (!clean && next_seq > logged + 1).then_some((logged, next_seq));
         let log = Self {
             dir: dir.to_path_buf(),
             db,
@@ -307,6 +317,7 @@ impl EventLog {
                 next_seq,
                 trimmed_upto,
                 reserved,
+                lost,
             },
         ))
     }
@@ -364,6 +375,15 @@ impl EventLog {
         }
         drop(w);
         self.marks.insert(TRIMMED, &upto.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// Closes the log cleanly: everything appended is written out and marked so,
+    /// so that the next open reports nothing lost. Nothing may be appended after.
+    pub fn close(&self) -> Result<()> {
+        self.flush()?;
+        self.marks.insert(CLEAN, &[1u8][..])?;
+        self.db.flush()?;
         Ok(())
     }
 
@@ -440,7 +460,31 @@ mod tests {
             RESERVE_BLOCK + 1,
             "numbers handed out before the crash may have been used: skip them"
         );
+        assert_eq!(
+            l.lost,
+            Some((5, RESERVE_BLOCK + 1)),
+            "not closed cleanly: what came after the last logged event may be lost"
+        );
         assert_eq!(l.reserved, 2 * RESERVE_BLOCK);
+    }
+
+    #[test]
+    fn a_clean_close_reports_nothing_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (log, l) = open(dir.path(), 10);
+            assert_eq!(l.lost, None, "a new log lost nothing");
+            log.append(1, &event(1)).unwrap();
+            log.close().unwrap();
+        }
+        let (log, l) = open(dir.path(), 10);
+        assert_eq!(l.lost, None);
+        drop(log);
+        let (_, l) = open(dir.path(), 10);
+        assert!(
+            l.lost.is_some(),
+            "the mark is spent: a crash after it is noticed"
+        );
     }
 
     #[test]

@@ -304,6 +304,9 @@ impl Running {
         self.tasks.close();
         drop(self.storage);
         actix::System::current().stop();
+        if let Err(e) = self.events.close() {
+            tracing::warn!(error = %e, "closing the event log");
+        }
         let db = self.db;
         let flushed = tokio::task::spawn_blocking(move || db.flush()).await?;
         flushed.context("flush metadata")?;

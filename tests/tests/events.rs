@@ -444,3 +444,49 @@ fn a_stalled_subscriber_is_cut_off_with_a_resume_point_and_hurts_no_one() {
     ));
     assert_eq!(seqs(&rest), (first..=log_last).collect::<Vec<_>>());
 }
+
+#[test]
+fn a_crash_is_told_to_subscribers_replaying_past_it_and_a_clean_stop_is_not() {
+    use keel_protocol::api::events::Gap;
+    let mut k = Keeld::start();
+    publish(&k, "/app/before", &[serde_json::json!({ "i": 0 })]);
+    // Written out by now (events of such topics within a second).
+    std::thread::sleep(Duration::from_millis(1500));
+    publish(&k, "/app/last", &[serde_json::json!({ "i": 1 })]);
+    k.kill9();
+    k.spawn();
+    let rt = keel_tests::runtime();
+    let gaps = |log: &[keel_protocol::api::events::Envelope]| -> Vec<(u64, Gap)> {
+        log.iter()
+            .filter(|e| e.topic == "/keel/events/gap")
+            .map(|e| {
+                let gap: Gap = keel_protocol::types::unpack(e.event.get_or_default()).unwrap();
+                (e.sequence, gap)
+            })
+            .collect()
+    };
+    let log = rt.block_on(k.replay());
+    let found = gaps(&log);
+    assert_eq!(found.len(), 1, "one notice of the crash: {found:?}");
+    let (at, gap) = &found[0];
+    let before = log
+        .iter()
+        .find(|e| e.topic == "/app/before")
+        .unwrap()
+        .sequence;
+    assert!(gap.lost_after >= before, "{gap:?}");
+    assert!(
+        gap.lost_before > gap.lost_after && *at >= gap.lost_before,
+        "{gap:?} at {at}"
+    );
+    assert!(
+        log.iter()
+            .all(|e| e.sequence <= gap.lost_after || e.sequence >= gap.lost_before),
+        "nothing logged inside the range the notice names"
+    );
+    // A clean stop loses nothing and says nothing.
+    assert!(k.terminate().success());
+    k.spawn();
+    let log = rt.block_on(k.replay());
+    assert_eq!(gaps(&log).len(), 1, "no second notice after a clean stop");
+}

@@ -30,6 +30,9 @@ impl TaskActor {
         let addr = ctx.address();
         actix::spawn(async move {
             let mut shim = shim;
+            // Dialling a live shim again: the pause before the next try, and when
+            // the tries began.
+            let mut redial = (REDIAL_PAUSE, None::<std::time::Instant>);
             // Ends with the actor: one brought back after a failure watches anew.
             while addr.connected() {
                 let req = api::WaitRequest {
@@ -55,17 +58,33 @@ impl TaskActor {
                     }
                     // The connection broke while the shim lives: dial it again, and
                     // hand the new connection to the actor for every later request.
+                    // A shim that cannot be dialled for REDIAL_GIVE_UP (its socket
+                    // was removed, say) is of no use: it is ended and cleaned up
+                    // as a dead one, rather than dialled forever.
                     Err(e @ keel_protocol::Error::Transport(_)) => {
                         tracing::warn!(task_id = %id, shim_pid, error = %e, "connection to the shim broke; connecting again");
-                        tokio::time::sleep(REDIAL_PAUSE).await;
+                        tokio::time::sleep(redial.0).await;
                         match ShimClient::connect(&address, &ns).await {
                             Ok(fresh) => {
                                 shim = fresh.clone();
+                                redial = (REDIAL_PAUSE, None);
                                 addr.do_send(Redialled(fresh));
                             }
                             Err(e) => {
-                                tracing::warn!(task_id = %id, shim_pid, error = %e, "connecting to the shim again failed; retrying");
-                                tokio::time::sleep(Duration::from_secs(1)).await;
+                                let since = *redial.1.get_or_insert_with(std::time::Instant::now);
+                                if since.elapsed() >= REDIAL_GIVE_UP {
+                                    tracing::error!(task_id = %id, shim_pid, error = %e, "the shim cannot be reached; ending it and cleaning up as for a dead one");
+                                    if let Ok(pid) = i32::try_from(shim_pid) {
+                                        let _ = nix::sys::signal::kill(
+                                            nix::unistd::Pid::from_raw(pid),
+                                            nix::sys::signal::Signal::SIGKILL,
+                                        );
+                                    }
+                                    addr.do_send(ShimDied);
+                                    return;
+                                }
+                                redial.0 = (redial.0 * 2).min(REDIAL_MAX_PAUSE);
+                                tracing::warn!(task_id = %id, shim_pid, error = %e, retry_in = ?redial.0, "connecting to the shim again failed");
                             }
                         }
                     }

@@ -85,7 +85,20 @@ impl Handler<Probed> for TaskActor {
                 nothing(self)
             }
             Found::Dead => {
-                tracing::warn!(namespace = %ns, task_id = %id, "shim died while keeld was down; cleaning up");
+                // Nothing listens on its socket. A shim process still there (its
+                // socket file was removed) can never be reached again: end it.
+                let pid = self.record.shim_pid;
+                if restore::is_shim_of(pid, &self.cmd) {
+                    tracing::warn!(namespace = %ns, task_id = %id, shim_pid = pid, "the shim lives but its socket is gone; ending it and cleaning up");
+                    if let Ok(pid) = i32::try_from(pid) {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                } else {
+                    tracing::warn!(namespace = %ns, task_id = %id, "shim died while keeld was down; cleaning up");
+                }
                 ctx.notify(ShimDied);
                 nothing(self)
             }

@@ -94,7 +94,10 @@ async fn select(
     let keep = move |filter: &Filter, batch: Vec<Arc<Envelope>>| {
         batch
             .into_iter()
-            .filter(|e| scope.as_ref().is_none_or(|s| s.contains(&e.namespace)))
+            // Keel's own notices (no namespace) go to everyone.
+            .filter(|e| {
+                e.namespace.is_empty() || scope.as_ref().is_none_or(|s| s.contains(&e.namespace))
+            })
             .filter(|e| filter.matches(&EnvelopeFields::new(e)))
             .collect::<Vec<_>>()
     };
