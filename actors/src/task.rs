@@ -225,6 +225,8 @@ struct TaskActor {
     /// event log (keeld died before they reached it); published once the shim
     /// shows the task exists.
     unannounced: (bool, bool),
+    /// Brought back after a failure: its first probe holds every request.
+    restart: bool,
 }
 
 impl TaskActor {
@@ -257,8 +259,12 @@ impl Actor for TaskActor {
     fn started(&mut self, ctx: &mut Self::Context) {
         if self.shim.is_some() {
             self.watch(ctx);
+        } else if self.restart {
+            // Brought back after a failure: the task was known a moment ago.
+            self.probe_before_anything(ctx);
         } else {
-            // Revived: find out from the shim what became of the task.
+            // Restored: find out from the shim what became of the task, in the
+            // background (it shows `unknown` meanwhile).
             ctx.notify(Probe);
         }
     }

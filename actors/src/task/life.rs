@@ -23,10 +23,13 @@ pub(super) enum Origin {
     /// Just created: its shim is connected, the task is Created, and the bundle's
     /// log FIFO is being drained.
     Created { shim: ShimClient, log: LogFifo },
-    /// Read back from its record: after keeld restarted, or after the actor failed.
-    /// `unannounced`: whether `/tasks/create` and `/tasks/start` are missing from
-    /// the log.
-    Revived { unannounced: (bool, bool) },
+    /// Read back from its record: after keeld restarted, or after the actor failed
+    /// (`restart`). `unannounced`: whether `/tasks/create` and `/tasks/start` are
+    /// missing from the log.
+    Revived {
+        unannounced: (bool, bool),
+        restart: bool,
+    },
 }
 
 /// What sled holds of a task.
@@ -89,11 +92,18 @@ impl Tasks {
         } = durable;
         let id = record.id.clone();
         let cmd = self.shim_command(ns, &id, runtime.as_deref());
-        let (state, shim, log, unannounced) = match origin {
-            Origin::Created { shim, log } => {
-                (TaskState::Created, Some(shim), Some(log), (false, false))
-            }
-            Origin::Revived { unannounced } => {
+        let (state, shim, log, unannounced, restart) = match origin {
+            Origin::Created { shim, log } => (
+                TaskState::Created,
+                Some(shim),
+                Some(log),
+                (false, false),
+                false,
+            ),
+            Origin::Revived {
+                unannounced,
+                restart,
+            } => {
                 // The shim logs into the bundle's FIFO: drain it again at once.
                 let log = if cmd.bundle.exists() {
                     LogFifo::open(&cmd.bundle, ns, &id)
@@ -109,7 +119,7 @@ impl Tasks {
                 } else {
                     TaskState::Unknown
                 };
-                (state, None, log, unannounced)
+                (state, None, log, unannounced, restart)
             }
         };
         let shim_pid = if shim.is_some() { record.shim_pid } else { 0 };
@@ -140,6 +150,7 @@ impl Tasks {
             slot: slot.clone(),
             _lifeline: Lifeline::new(key.clone(), self.deaths.clone()),
             unannounced,
+            restart,
         };
         let addr = TaskActor::start_in_arbiter(&self.arbiter, |_| actor);
         slot.started(addr);
@@ -206,7 +217,15 @@ impl Tasks {
         };
         let unannounced = crate::reconcile::LoggedLifecycle::of_task(&self.env.events, ns, id)
             .missing(ns, id, durable.record.created_ns);
-        self.spawn_actor(ns, durable, Origin::Revived { unannounced }, Some(slot));
+        self.spawn_actor(
+            ns,
+            durable,
+            Origin::Revived {
+                unannounced,
+                restart: true,
+            },
+            Some(slot),
+        );
         tracing::info!(namespace = %ns, task_id = %id, "task actor brought back; probing its shim");
         Ok(())
     }

@@ -74,8 +74,31 @@ impl Handler<Probed> for TaskActor {
     type Result = AtomicResponse<Self, ()>;
 
     fn handle(&mut self, Probed(found): Probed, ctx: &mut Self::Context) -> Self::Result {
+        AtomicResponse::new(self.probed(found, ctx))
+    }
+}
+
+impl TaskActor {
+    /// Probes the shim now, holding every other request until the answer is
+    /// applied: for an actor brought back after a failure, whose task was known a
+    /// moment ago and should not show `unknown`.
+    pub(super) fn probe_before_anything(&mut self, ctx: &mut Context<Self>) {
+        let (address, ns, id) = (
+            self.record.shim_address.clone(),
+            self.ns.clone(),
+            self.id.clone(),
+        );
+        let probe = async move { restore::probe(&address, &ns, &id).await }
+            .into_actor(self)
+            .then(|found, act, ctx| act.probed(found, ctx));
+        ctx.wait(probe);
+    }
+
+    /// Applies what a probe of the shim found.
+    fn probed(&mut self, found: Found, ctx: &mut Context<Self>) -> ResponseActFuture<Self, ()> {
         let (ns, id) = (self.ns.clone(), self.id.clone());
-        let nothing = |act: &mut Self| AtomicResponse::new(Box::pin(async {}.into_actor(act)));
+        let nothing =
+            |act: &mut Self| -> ResponseActFuture<Self, ()> { Box::pin(async {}.into_actor(act)) };
         match found {
             Found::Unreachable(why) => {
                 self.probe_backoff =
@@ -106,7 +129,7 @@ impl Handler<Probed> for TaskActor {
                 tracing::warn!(namespace = %ns, task_id = %id, "shim has no such task (keeld stopped during create); removing it");
                 let (cmd, meta) = (self.cmd.clone(), self.env.meta.clone());
                 self.deleting = true;
-                AtomicResponse::new(Box::pin(
+                Box::pin(
                     async move {
                         // The record goes first: a crash during the cleanup then
                         // leaves an orphan (cleaned up at the next start), never a
@@ -125,7 +148,7 @@ impl Handler<Probed> for TaskActor {
                         act.tasks.forget(&act.ns, &act.id);
                         ctx.stop();
                     }),
-                ))
+                )
             }
             Found::Alive {
                 shim,
@@ -169,9 +192,7 @@ impl Handler<Probed> for TaskActor {
                 }
                 match exit {
                     // An exit while keeld was down; recorded and published once.
-                    Some((status, at)) if self.exit.is_none() => {
-                        AtomicResponse::new(self.exited(status, at))
-                    }
+                    Some((status, at)) if self.exit.is_none() => self.exited(status, at),
                     _ => nothing(self),
                 }
             }

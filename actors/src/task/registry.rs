@@ -138,7 +138,11 @@ impl Tasks {
         let restored = found.len();
         for (ns, durable) in found {
             let unannounced = logged.missing(&ns, &durable.record.id, durable.record.created_ns);
-            self.spawn_actor(&ns, durable, Origin::Revived { unannounced }, None);
+            let origin = Origin::Revived {
+                unannounced,
+                restart: false,
+            };
+            self.spawn_actor(&ns, durable, origin, None);
         }
 
         // Orphans: bundles and shims of this keeld with no task record.
