@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Restart cost with 200 running tasks: keeld is killed with SIGKILL and started
+# Restart cost with TASKS running tasks: keeld is killed with SIGKILL and started
 # again, ROUNDS times; restore_bench (tests/examples/restore_bench.rs) times, from
 # the new process's start, the API answering Version and `Tasks.List` being fully
-# correct (all 200 RUNNING with their real pids).
+# correct: exactly the TASKS tasks listed before the first kill, all RUNNING, each
+# with the pid it had then. Last, with keeld stopped, the time to ask every shim
+# directly what a restore asks it: the floor the shims set.
 #
 # usage: sudo bench/restore.sh [ROUNDS] [TASKS]    (default 10 rounds, 200 tasks)
 #   KEEL_BIN=DIR takes keeld and keelctl from DIR instead of building them (to
@@ -44,8 +46,13 @@ busybox_rootfs "$R"
 
 start_keeld
 for i in $(seq "$TASKS"); do $K run -d --rootfs "$R" "idle$i" sleep 100000 >/dev/null; done
+# The truth, from before any kill: every task's id and pid.
+$K tasks ls --format json >"$DIR/truth.json"
 kill -9 "$KEELD"; wait "$KEELD" 2>/dev/null || true
-target/release/examples/restore_bench "${KEELD_CMD[@]}" -- "$DIR/keel.sock" bench "$ROUNDS" | tee "$DIR/rounds.json"
+target/release/examples/restore_bench "${KEELD_CMD[@]}" -- "$DIR/keel.sock" bench "$ROUNDS" \
+    "$DIR/truth.json" "$TASKS" | tee "$DIR/rounds.json"
 api=$(sed -n 's/.*"api_ms":\([0-9.]*\).*/\1/p' "$DIR/rounds.json" | median)
 ok=$(sed -n 's/.*"correct_ms":\([0-9.]*\).*/\1/p' "$DIR/rounds.json" | median)
+floor=$(sed -n 's/.*"shims_floor_ms":\([0-9.]*\).*/\1/p' "$DIR/rounds.json")
 echo "median over $ROUNDS restarts with $TASKS tasks: API answering ${api} ms, tasks ls fully correct ${ok} ms"
+echo "the shims' floor (each asked Connect and State directly, keeld stopped): ${floor} ms"

@@ -214,7 +214,10 @@ pub async fn reconcile_log(
     }
 
     for ((ns, id), last) in &last_task {
-        let record = meta.task(ns, id)?;
+        let record = match last {
+            Last::Created(_) => meta.has_task(ns, id)?.then_some(None),
+            Last::Deleted(_) => meta.task(ns, id)?.map(Some),
+        };
         match (last, record) {
             (Last::Created(pid), None) => {
                 // The task's last exit in the log, if it ran; as a delete reports it.
@@ -234,7 +237,7 @@ pub async fn reconcile_log(
                 delivered.push(events.publish(ns, "/tasks/delete", pack(&event)?, None)?);
                 done.deletes_published += 1;
             }
-            (Last::Deleted(at_ns), Some(t)) if t.created_ns < *at_ns => {
+            (Last::Deleted(at_ns), Some(Some(t))) if t.created_ns < *at_ns => {
                 tracing::warn!(namespace = %ns, task_id = %id, "finishing a task delete whose records were kept");
                 meta.delete_task(ns, id)?;
                 done.deletes_finished += 1;
@@ -243,7 +246,12 @@ pub async fn reconcile_log(
         }
     }
     for ((ns, id), last) in &last_container {
-        let record = meta.container(ns, id)?;
+        // Only a logged delete needs the record's time; a create, only whether it
+        // is there (a container's record, with its spec, is slow to read).
+        let record = match last {
+            Last::Created(_) => meta.has_container(ns, id)?.then_some(None),
+            Last::Deleted(_) => meta.container(ns, id)?.map(Some),
+        };
         match (last, record) {
             (Last::Created(_), None) => {
                 let event = cev::ContainerDelete {
@@ -254,7 +262,7 @@ pub async fn reconcile_log(
                 delivered.push(events.publish(ns, "/containers/delete", pack(&event)?, None)?);
                 done.deletes_published += 1;
             }
-            (Last::Deleted(at_ns), Some(c))
+            (Last::Deleted(at_ns), Some(Some(c)))
                 if c.created_ns < *at_ns && meta.task(ns, id)?.is_none() =>
             {
                 tracing::warn!(namespace = %ns, container_id = %id, "finishing a container delete whose record was kept");
@@ -404,6 +412,7 @@ mod tests {
             log_path: None,
             created_ns: nanos(std::time::SystemTime::now()),
             started: true,
+            runtime: None,
         };
         meta.put_task("ns", &t).unwrap();
     }

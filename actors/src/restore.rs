@@ -95,34 +95,46 @@ pub async fn probe(address: &str, namespace: &str, id: &str) -> Found {
     let Some(path) = address.strip_prefix("unix://") else {
         return Found::Unreachable(format!("shim address {address:?} is not unix://"));
     };
-    match listening(Path::new(path)) {
-        Ok(false) => return Found::Dead,
-        Ok(true) => {}
-        Err(e) => return Found::Unreachable(format!("connect {path}: {e}")),
-    }
-    let shim =
-        match tokio::time::timeout(PROBE_TIMEOUT, ShimClient::connect(address, namespace)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Found::Unreachable(e.to_string()),
-            Err(_) => return Found::Unreachable("connect timed out".into()),
-        };
-    let req = api::ConnectRequest {
-        id: id.to_string(),
-        ..Default::default()
-    };
-    let conn = match step("Connect", shim.connect_shim(&req, Some(PROBE_TIMEOUT))).await {
-        Ok(c) => c,
-        Err(Step::NoTask) => return Found::NoTask,
-        Err(Step::Failed(why)) => return Found::Unreachable(why),
-    };
-    let req = api::StateRequest {
-        id: id.to_string(),
-        ..Default::default()
-    };
-    let state = match step("State", shim.state(&req, Some(PROBE_TIMEOUT))).await {
+    // One connection: refused or missing is the shim gone; anything else it
+    // answers on.
+    let stream = match std::os::unix::net::UnixStream::connect(path) {
         Ok(s) => s,
-        Err(Step::NoTask) => return Found::NoTask,
-        Err(Step::Failed(why)) => return Found::Unreachable(why),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Found::Dead
+        }
+        Err(e) => return Found::Unreachable(format!("connect {path}: {e}")),
+    };
+    let shim = match stream
+        .set_nonblocking(true)
+        .map_err(|e| keel_protocol::Error::Unavailable(e.to_string()))
+        .and_then(|()| ShimClient::from_stream(stream, namespace))
+    {
+        Ok(s) => s,
+        Err(e) => return Found::Unreachable(e.to_string()),
+    };
+    // Both questions at once, on the one connection.
+    let connect = api::ConnectRequest {
+        id: id.to_string(),
+        ..Default::default()
+    };
+    let state = api::StateRequest {
+        id: id.to_string(),
+        ..Default::default()
+    };
+    let (conn, state) = match tokio::join!(
+        step("Connect", shim.connect_shim(&connect, Some(PROBE_TIMEOUT))),
+        step("State", shim.state(&state, Some(PROBE_TIMEOUT))),
+    ) {
+        (Ok(c), Ok(s)) => (c, s),
+        (Err(Step::NoTask), _) | (_, Err(Step::NoTask)) => return Found::NoTask,
+        (Err(Step::Failed(why)), _) | (_, Err(Step::Failed(why))) => {
+            return Found::Unreachable(why)
+        }
     };
     let status = state.status.enum_value_or_default();
     let exit = (status == api::Status::STOPPED).then(|| {

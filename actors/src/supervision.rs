@@ -278,17 +278,11 @@ impl<A: actix::Actor> Default for Revivable<A> {
 }
 
 impl<A: actix::Actor> Revivable<A> {
-    /// An actor was started at `addr` (the first, or one brought back).
+    /// An actor was started at `addr` (the first, or one brought back): whoever
+    /// waits for one is woken.
     pub fn started(&self, addr: actix::Addr<A>) {
-        let first = self
-            .addr
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .replace(addr)
-            .is_none();
-        if !first {
-            self.generation.send_modify(|g| *g += 1);
-        }
+        *self.addr.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr);
+        self.generation.send_modify(|g| *g += 1);
     }
 
     /// The current actor's address.
@@ -296,7 +290,7 @@ impl<A: actix::Actor> Revivable<A> {
         self.addr.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// How many times an actor was brought back.
+    /// How many actors were started.
     pub fn generation(&self) -> u64 {
         *self.generation.borrow()
     }

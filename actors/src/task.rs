@@ -72,6 +72,8 @@ const FORCE_KILL_WAIT: Duration = Duration::from_secs(10);
 const TASK_REQUESTS_IN_FLIGHT: usize = 64;
 /// containerd's default runtime.
 const DEFAULT_RUNTIME: &str = "io.containerd.runc.v2";
+/// Task actors a restore starts before it lets the API answer again.
+const RESTORE_BATCH: usize = 64;
 /// Shims probed at once while restoring.
 const PARALLEL_PROBES: usize = 16;
 /// Longest pause between probes of a shim that does not answer.

@@ -52,6 +52,14 @@ impl ShimClient {
         Ok(Self::new(inner, namespace))
     }
 
+    /// Wraps a connected unix socket (which must be in non-blocking mode).
+    pub fn from_stream(stream: std::os::unix::net::UnixStream, namespace: &str) -> Result<Self> {
+        let stream = tokio::net::UnixStream::from_std(stream)
+            .map_err(|e| Error::Unavailable(format!("shim connection: {e}")))?;
+        let socket = ttrpc::asynchronous::transport::Socket::from(stream);
+        Ok(Self::new(TtrpcClient::new(socket), namespace))
+    }
+
     /// Wraps an existing ttrpc connection.
     pub fn new(inner: TtrpcClient, namespace: &str) -> Self {
         Self {

@@ -54,6 +54,10 @@ pub struct TaskRecord {
     pub created_ns: u64,
     /// Set once the task has been started.
     pub started: bool,
+    /// Its container's runtime (so that a restore need not read the container's
+    /// record); absent in records from before it was kept here.
+    #[serde(default)]
+    pub runtime: Option<String>,
 }
 
 /// An exec process's durable facts: enough to watch it again after a restart.
@@ -163,6 +167,11 @@ impl Meta {
         Self::get(&self.containers, &key(&[ns, id]), "container")
     }
 
+    /// Whether container `id` has a record (without reading it).
+    pub fn has_container(&self, ns: &str, id: &str) -> Result<bool> {
+        Ok(self.containers.contains_key(key(&[ns, id]))?)
+    }
+
     pub fn containers(&self, ns: &str) -> Result<Vec<ContainerRecord>> {
         Self::list(&self.containers, ns, "container")
     }
@@ -215,6 +224,11 @@ impl Meta {
 
     pub fn task(&self, ns: &str, id: &str) -> Result<Option<TaskRecord>> {
         Self::get(&self.tasks, &key(&[ns, id]), "task")
+    }
+
+    /// Whether task `id` has a record (without reading it).
+    pub fn has_task(&self, ns: &str, id: &str) -> Result<bool> {
+        Ok(self.tasks.contains_key(key(&[ns, id]))?)
     }
 
     pub fn tasks(&self, ns: &str) -> Result<Vec<TaskRecord>> {

@@ -88,6 +88,9 @@ pub async fn startup(cfg: &Config) -> anyhow::Result<Running> {
     let (death_tx, deaths) = mpsc::unbounded_channel();
     let (escalate, escalations) = mpsc::unbounded_channel();
 
+    // Where a start's time goes, logged once it serves.
+    let mut phases = Phases::new();
+
     // Storage.
     let db = keel_storage::open_db(&cfg.root)?;
     let opts = ContentOptions {
@@ -110,6 +113,7 @@ pub async fn startup(cfg: &Config) -> anyhow::Result<Running> {
     }
     let meta = keel_storage::Meta::open(db.clone())?;
     let events = EventSink::open(&cfg.root.join("events"), db.clone(), cfg.events)?;
+    phases.done("storage");
 
     // The actors, each under its supervisor (the root's records of storage,
     // exchange and monitor are made here, so that they show before any failure).
@@ -145,21 +149,32 @@ pub async fn startup(cfg: &Config) -> anyhow::Result<Running> {
         escalate,
     );
 
+    phases.done("actors");
     // A crash can leave a record (an exit, a task, a container) and its event out of
     // step; settle that before any restored task reports its exit.
     let (reconciled, logged) = keel_actors::reconcile::reconcile_log(&meta, &events).await?;
     if reconciled != Default::default() {
         tracing::warn!(?reconciled, "records and logged events reconciled");
     }
+    phases.done("reconcile");
     // Checkpoints a crash interrupted leave work directories and half-written
     // content behind.
     tasks.clean_interrupted_checkpoints(&storage).await;
     // Every persisted task is listed (unknown until its shim answers) before the
     // API serves; the shims are probed in the background.
     let restored = tasks.restore_all(&logged).await?;
-    tracing::info!(tasks = restored, "restoring tasks");
-
+    phases.done("restore");
     let server = serve(cfg, &meta, &events, &monitor, &tasks, &storage, &stats).await?;
+    phases.done("api");
+    tracing::info!(
+        tasks = restored,
+        storage_ms = phases.ms("storage"),
+        actors_ms = phases.ms("actors"),
+        reconcile_ms = phases.ms("reconcile"),
+        restore_ms = phases.ms("restore"),
+        api_ms = phases.ms("api"),
+        "started; restoring tasks (their shims are probed in the background)"
+    );
     Ok(Running {
         server,
         tasks,
@@ -315,5 +330,34 @@ impl Running {
         }
         tracing::info!("keeld stopped");
         Ok(ending)
+    }
+}
+
+/// How long each phase of a start took.
+struct Phases {
+    last: std::time::Instant,
+    took: Vec<(&'static str, Duration)>,
+}
+
+impl Phases {
+    fn new() -> Self {
+        Self {
+            last: std::time::Instant::now(),
+            took: Vec::new(),
+        }
+    }
+
+    /// Phase `name` ends now (it began when the one before ended).
+    fn done(&mut self, name: &'static str) {
+        let now = std::time::Instant::now();
+        self.took.push((name, now - self.last));
+        self.last = now;
+    }
+
+    fn ms(&self, name: &str) -> f64 {
+        self.took
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(0.0, |(_, d)| d.as_secs_f64() * 1000.0)
     }
 }

@@ -26,6 +26,27 @@ fn version_prints_client_and_daemon() {
 }
 
 #[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let k = Keeld::start();
+    // A pipe whose reader is already gone, as after `keelctl … | head -1`.
+    let (reader, writer) = nix::unistd::pipe().expect("pipe");
+    drop(reader);
+    let out = k
+        .ctl_cmd(&["version"])
+        .stdout(Stdio::from(writer))
+        .stderr(Stdio::piped())
+        .output()
+        .expect("keelctl");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&out.status),
+        Some(libc::SIGPIPE),
+        "{}",
+        describe(&out)
+    );
+    assert!(out.stderr.is_empty(), "{}", describe(&out));
+}
+
+#[test]
 fn second_daemon_on_same_root_refuses_naming_the_lock() {
     let k = Keeld::start();
     let out = k.run_second();

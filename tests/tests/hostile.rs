@@ -350,6 +350,13 @@ fn only_keel_writes_the_lifecycle_and_a_restart_trusts_nothing_else() {
         .is_ok(),
         "the container's process lives"
     );
+    // The task's own shim was never refused, not even while keel's create was
+    // still under way when it sent its `/tasks/create`.
+    let log = k.log();
+    assert!(
+        !log.contains("msg=\"post event\"") && !log.contains("msg=\"forward event\""),
+        "a shim's event refused: {log}"
+    );
     let out = k.ctl(&["tasks", "kill", "-s", "KILL", "victim"]);
     assert!(out.status.success(), "{}", describe(&out));
     assert_eq!(k.ctl(&["tasks", "wait", "victim"]).status.code(), Some(137));

@@ -39,6 +39,9 @@ impl Tasks {
         }
         // An unknown runtime is the caller's error.
         resolve_runtime(&req.container.runtime)?;
+        // Right after a restart, the scan for orphans may still be under way.
+        let mut scan = lock(&self.orphan_scan).clone();
+        let _ = scan.wait_for(|done| *done).await;
         let cleaning = lock(&self.orphans).get(&key).cloned();
         if let Some(mut cleaning) = cleaning {
             tracing::info!(namespace = %ns, task_id = %id, "waiting for the cleanup of an orphan of the same id");
@@ -46,7 +49,7 @@ impl Tasks {
         }
         let cmd = self.shim_command(&ns, &id, Some(&req.container.runtime));
         let bundle = cmd.bundle.clone();
-        match self.create_inner(&req, &cmd).await {
+        match self.create_inner(&req, &cmd, &reservation).await {
             Ok(handle) => {
                 drop(reservation);
                 Ok(handle)
@@ -89,6 +92,7 @@ impl Tasks {
         &self,
         req: &CreateTask,
         cmd: &ShimCommand,
+        reservation: &Reservation,
     ) -> Result<TaskHandle, (Error, Option<ShimClient>)> {
         let ns = &req.namespace;
         let id = &req.container.id;
@@ -144,6 +148,7 @@ impl Tasks {
             log_path,
             created_ns: nanos(SystemTime::now()),
             started: false,
+            runtime: Some(req.container.runtime.clone()),
         };
         let persist = |record: TaskRecord| {
             let meta = self.env.meta.clone();
@@ -167,6 +172,7 @@ impl Tasks {
             .await
             .map_err(|e| with_shim(e.into()))?;
         record.shim_pid = conn.shim_pid;
+        reservation.shim_started(conn.shim_pid);
 
         let any = self.runc_options().map_err(with_shim)?;
         let create = api::CreateTaskRequest {

@@ -51,10 +51,15 @@ impl Durable {
     }
 
     /// The rest of what sled holds of the task of `record`.
-    pub(super) fn of(meta: &Meta, ns: &str, record: TaskRecord) -> keel_storage::Result<Self> {
-        let id = &record.id;
-        let exit = meta.exit(ns, id, "")?;
-        let runtime = meta.container(ns, id)?.map(|c| c.runtime);
+    pub(super) fn of(meta: &Meta, ns: &str, mut record: TaskRecord) -> keel_storage::Result<Self> {
+        let id = record.id.clone();
+        let exit = meta.exit(ns, &id, "")?;
+        if record.runtime.is_none() {
+            // A record from before the runtime was kept in it; kept from now on.
+            record.runtime = meta.container(ns, &id)?.map(|c| c.runtime);
+        }
+        let runtime = record.runtime.clone();
+        let id = &id;
         let mut execs = HashMap::new();
         for e in meta.execs(ns, id)? {
             let exited = meta.exit(ns, id, &e.exec_id)?;

@@ -4,6 +4,15 @@ use clap::Parser;
 use keel_supervisor::ctl::{run, Cli};
 
 fn main() {
+    // Output piped into `head` and the like ends quietly when the reader goes, as
+    // with any Unix tool, rather than as a panic on a broken pipe.
+    // SAFETY: no other thread exists yet, and SIG_DFL installs no handler code.
+    unsafe {
+        let _ = nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        );
+    }
     let cli = Cli::parse();
     // One thread: a command's work is a few requests in a row, and on a busy host
     // every extra thread is one more to be scheduled.

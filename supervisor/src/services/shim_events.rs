@@ -67,6 +67,35 @@ fn handling(topic: &str) -> Option<Handling> {
     }
 }
 
+impl ShimEventsService {
+    /// An event about task `task_id`, which is not (or not yet) a task: its own
+    /// shim, started by a create still under way, is answered; anyone else is
+    /// refused.
+    fn while_creating(
+        &self,
+        namespace: &str,
+        task_id: &str,
+        handling: Handling,
+        caller: i32,
+    ) -> ttrpc::Result<Empty> {
+        let creating = self.tasks.creating_shim_pid(namespace, task_id);
+        if creating.is_none() || creating.map(i64::from) != Some(i64::from(caller)) {
+            return Err(Error::PermissionDenied(format!(
+                "no task {task_id} in namespace {namespace}: events come only from a task's own shim"
+            ))
+            .into());
+        }
+        match handling {
+            // keel publishes its own once the step is done.
+            Handling::Drop => Ok(Empty::new()),
+            // Anything else is sent again by the shim, to the task it will then be.
+            Handling::Exit | Handling::Publish => {
+                Err(Error::Unavailable(format!("task {task_id} is still being created")).into())
+            }
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl Events for ShimEventsService {
     async fn forward(&self, ctx: &TtrpcContext, req: ForwardRequest) -> ttrpc::Result<Empty> {
@@ -92,12 +121,13 @@ impl Events for ShimEventsService {
             // Whose event is it? Every containerd task event names its container.
             let task_id = event_field(&event, "container_id").unwrap_or_default();
             identifiers::validate("envelope.event.container_id", &task_id).rpc()?;
-            let task = self.tasks.get(&env.namespace, &task_id).map_err(|_| {
-                ttrpc::Error::from(Error::PermissionDenied(format!(
-                    "no task {task_id} in namespace {}: events come only from a task's own shim",
-                    env.namespace
-                )))
-            })?;
+            let task = match self.tasks.get(&env.namespace, &task_id) {
+                Ok(task) => task,
+                // A shim sends `/tasks/create` while keel's create is still under way.
+                Err(_) => {
+                    return self.while_creating(&env.namespace, &task_id, handling, caller.pid)
+                }
+            };
             let shim_pid = task.shim_pid();
             if shim_pid == 0 || i64::from(shim_pid) != i64::from(caller.pid) {
                 tracing::warn!(
