@@ -527,13 +527,9 @@ mod tests {
         publish(events, "/tasks/start", &start).await;
     }
 
-    #[tokio::test]
-    async fn after_a_double_crash_a_made_up_create_and_start_come_before_the_exit() {
-        let dir = tempfile::tempdir().unwrap();
-        let (meta, events) = open(dir.path());
-        // The task's create and start never reached the log (a first crash), nor
-        // did its exit (a second): only the records are there.
-        task(&meta, "t");
+    /// Records task `id`'s exit under the number its event would have had, and
+    /// loses the event (a crash between the record and the log).
+    fn record_exit_whose_event_was_lost(meta: &Meta, events: &EventSink, id: &str) -> u64 {
         let mut lost = 0;
         events
             .publish_if("ns", "/tasks/exit", Any::new(), None, |seq| {
@@ -545,10 +541,21 @@ mod tests {
             "ns",
             &ExitRecord {
                 seq: lost,
-                ..exit("t", 3)
+                ..exit(id, 3)
             },
         )
         .unwrap();
+        lost
+    }
+
+    #[tokio::test]
+    async fn after_a_double_crash_a_made_up_create_and_start_come_before_the_exit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (meta, events) = open(dir.path());
+        // The task's create and start never reached the log (a first crash), nor
+        // did its exit (a second): only the records are there.
+        task(&meta, "t");
+        record_exit_whose_event_was_lost(&meta, &events, "t");
         meta.flush().unwrap();
         let (meta, events) = reopen(dir.path(), meta, events);
         let (done, lifecycle) = reconcile_log(&meta, &events).await.unwrap();
@@ -576,21 +583,7 @@ mod tests {
         task(&meta, "t");
         announce(&events, "t").await;
         // The record names the number its event would have had; the event is lost.
-        let mut lost = 0;
-        events
-            .publish_if("ns", "/tasks/exit", Any::new(), None, |seq| {
-                lost = seq;
-                Ok(false)
-            })
-            .unwrap();
-        meta.record_exit(
-            "ns",
-            &ExitRecord {
-                seq: lost,
-                ..exit("t", 3)
-            },
-        )
-        .unwrap();
+        let lost = record_exit_whose_event_was_lost(&meta, &events, "t");
         meta.flush().unwrap();
         let (meta, events) = reopen(dir.path(), meta, events);
         let done = reconcile_log(&meta, &events).await.unwrap().0;

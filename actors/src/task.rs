@@ -156,6 +156,31 @@ fn rpc_timeout() -> Option<Duration> {
     Some(SHIM_RPC_TIMEOUT)
 }
 
+/// Deletes the task's init process in its shim, then asks the shim to exit.
+/// Shutdown may close the connection before it answers ("early eof"), so only
+/// Delete's answer counts.
+async fn delete_and_shut_down(shim: &ShimClient, id: &str) -> Option<api::DeleteResponse> {
+    let deleted = shim
+        .delete(
+            &api::DeleteRequest {
+                id: id.to_string(),
+                ..Default::default()
+            },
+            rpc_timeout(),
+        )
+        .await;
+    let _ = shim
+        .shutdown(
+            &api::ShutdownRequest {
+                id: id.to_string(),
+                ..Default::default()
+            },
+            rpc_timeout(),
+        )
+        .await;
+    deleted.ok()
+}
+
 /// Whether a process exists and is not a zombie. The shim is not keeld's child
 /// (`start` double-forks), so waitpid is not available.
 fn process_alive(pid: u32) -> bool {

@@ -21,6 +21,13 @@ fn invalid<T>(m: String) -> Result<T, Error> {
     Err(Error::InvalidArgument(m))
 }
 
+/// A message field the request cannot do without.
+pub fn required<T>(field: &str, value: protobuf::MessageField<T>) -> Result<T, Error> {
+    value
+        .into_option()
+        .ok_or_else(|| Error::InvalidArgument(format!("{field} is required")))
+}
+
 /// Checks that `any` is a JSON document of OCI type `kind` (the last element of its
 /// type URL), at most `limits.spec_bytes` long, whose top level is an object; returns
 /// the object.

@@ -639,6 +639,16 @@ impl Drop for Subscriber {
 }
 
 /// Sequence numbers of JSON event lines.
+/// The topics of one `run --rm` from beginning to end, in order.
+pub const A_RUN_FROM_CREATE_TO_DELETE: [&str; 6] = [
+    "/containers/create",
+    "/tasks/create",
+    "/tasks/start",
+    "/tasks/exit",
+    "/tasks/delete",
+    "/containers/delete",
+];
+
 pub fn seqs(events: &[serde_json::Value]) -> Vec<u64> {
     events
         .iter()

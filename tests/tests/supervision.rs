@@ -188,14 +188,7 @@ fn assert_every_event_once(k: &Keeld, seen: &[Value], n: usize) {
         let id = format!("c{i}");
         assert_eq!(
             topics_about(&log, &id),
-            vec![
-                "/containers/create",
-                "/tasks/create",
-                "/tasks/start",
-                "/tasks/exit",
-                "/tasks/delete",
-                "/containers/delete"
-            ],
+            keel_tests::A_RUN_FROM_CREATE_TO_DELETE,
             "{id} in the log"
         );
         let mine: Vec<&str> = seen

@@ -61,24 +61,7 @@ impl Tasks {
                 let (n2, i2) = (ns.clone(), id.clone());
                 let _ = durably(&self.env.meta, move |m| m.delete_task(&n2, &i2)).await;
                 if let Some(shim) = shim {
-                    let _ = shim
-                        .delete(
-                            &api::DeleteRequest {
-                                id: id.clone(),
-                                ..Default::default()
-                            },
-                            rpc_timeout(),
-                        )
-                        .await;
-                    let _ = shim
-                        .shutdown(
-                            &api::ShutdownRequest {
-                                id: id.clone(),
-                                ..Default::default()
-                            },
-                            rpc_timeout(),
-                        )
-                        .await;
+                    delete_and_shut_down(&shim, &id).await;
                 }
                 let _ = remove_bundle(&bundle);
                 let _ = std::fs::remove_dir_all(self.env.restore_dir(&ns, &id));

@@ -366,26 +366,7 @@ impl Handler<Delete> for TaskActor {
                     };
                     let _ = tokio::time::timeout(FORCE_KILL_WAIT, shim.wait(&wait, None)).await;
                 }
-                let deleted = shim
-                    .delete(
-                        &api::DeleteRequest {
-                            id: id.clone(),
-                            ..Default::default()
-                        },
-                        rpc_timeout(),
-                    )
-                    .await;
-                // Shutdown may close the connection before it answers ("early eof").
-                let _ = shim
-                    .shutdown(
-                        &api::ShutdownRequest {
-                            id,
-                            ..Default::default()
-                        },
-                        rpc_timeout(),
-                    )
-                    .await;
-                deleted.ok()
+                delete_and_shut_down(&shim, &id).await
             }
             .into_actor(self)
             .then(|deleted, act, _| {

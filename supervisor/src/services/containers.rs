@@ -227,11 +227,7 @@ impl containers_ttrpc::Containers for ContainersService {
     ) -> ttrpc::Result<CreateContainerResponse> {
         guarded("Containers.Create", async move {
             let ns = self.auth.request(ctx, "Containers.Create").rpc()?.namespace;
-            let c = req
-                .container
-                .into_option()
-                .ok_or_else(|| Error::InvalidArgument("container is required".into()))
-                .rpc()?;
+            let c = validate::required("container", req.container).rpc()?;
             identifiers::validate("container.id", &c.id).rpc()?;
             validate::labels("container.labels", &c.labels, &self.limits).rpc()?;
             let spec = spec(c.spec.clone().into_option(), &self.limits).await?;
@@ -298,10 +294,7 @@ impl containers_ttrpc::Containers for ContainersService {
     ) -> ttrpc::Result<UpdateContainerResponse> {
         guarded("Containers.Update", async move {
             let ns = self.auth.request(ctx, "Containers.Update").rpc()?.namespace;
-            let c = req
-                .container
-                .into_option()
-                .ok_or_else(|| Error::InvalidArgument("container is required".into()))
+            let c = validate::required("container", req.container)
                 .rpc()?;
             identifiers::validate("container.id", &c.id).rpc()?;
             validate::labels("container.labels", &c.labels, &self.limits).rpc()?;

@@ -122,11 +122,7 @@ impl content_ttrpc::Content for ContentService {
     ) -> ttrpc::Result<UpdateResponse> {
         guarded("Content.Update", async move {
             let ns = self.auth.request(ctx, "Content.Update").rpc()?.namespace;
-            let info = req
-                .info
-                .into_option()
-                .ok_or_else(|| Error::InvalidArgument("info is required".into()))
-                .rpc()?;
+            let info = validate::required("info", req.info).rpc()?;
             let d = digest("info.digest", &info.digest)?;
             validate::labels("info.labels", &info.labels, &self.limits).rpc()?;
             let mask = req

@@ -195,11 +195,7 @@ impl events_ttrpc::Events for EventsService {
     async fn forward(&self, ctx: &TtrpcContext, req: ForwardRequest) -> ttrpc::Result<Empty> {
         guarded("Events.Forward", async move {
             self.auth.request(ctx, "Events.Forward").rpc()?;
-            let env = req
-                .envelope
-                .into_option()
-                .ok_or_else(|| Error::InvalidArgument("envelope is required".into()))
-                .rpc()?;
+            let env = validate::required("envelope", req.envelope).rpc()?;
             identifiers::validate("envelope.namespace", &env.namespace).rpc()?;
             validate::client_event(
                 "envelope.topic",

@@ -101,10 +101,7 @@ impl Events for ShimEventsService {
     async fn forward(&self, ctx: &TtrpcContext, req: ForwardRequest) -> ttrpc::Result<Empty> {
         guarded("ShimEvents.Forward", async move {
             let caller = self.auth.request(ctx, "ShimEvents.Forward").rpc()?.peer;
-            let env = req
-                .envelope
-                .into_option()
-                .ok_or_else(|| Error::InvalidArgument("envelope is required".into()))
+            let env = validate::required("envelope", req.envelope)
                 .rpc()?;
             identifiers::validate("envelope.namespace", &env.namespace).rpc()?;
             validate::topic("envelope.topic", &env.topic, &self.limits).rpc()?;
