@@ -2,7 +2,7 @@
 # Installs what keel needs on a Debian machine. Idempotent: a second run only checks.
 #
 #   runc, containerd-shim-runc-v2 (from Debian's containerd package; the containerd
-#   service itself is never started or enabled), busybox-static, iptables, and a CRIU
+#   service itself is never started or enabled), busybox-static, iptables, fuse3, and a CRIU
 #   that passes `criu check` (>= 4.1 on kernels >= 6.13; built from Debian trixie's
 #   upstream tarball when the packaged one fails, cached under $KEEL_CACHE).
 #
@@ -42,6 +42,9 @@ have mkfifo || need_pkgs+=(coreutils)
 have xz || need_pkgs+=(xz-utils)
 have setsid || need_pkgs+=(util-linux)
 have ps || need_pkgs+=(procps)
+# The power-loss tests mount keel-powercut (FUSE); fusermount3 unmounts it where
+# umount(2) cannot.
+have fusermount3 || need_pkgs+=(fuse3)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
     log "installing ${need_pkgs[*]}"
     apt_update_once

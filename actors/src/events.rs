@@ -150,7 +150,11 @@ pub struct Behind {
 impl EventSink {
     /// Opens the exchange over the event log in `dir` (its marks in `db`, which its
     /// flushes also flush), reloading retained events, and starts its flusher thread.
-    pub fn open(dir: &std::path::Path, db: sled::Db, opts: EventOptions) -> Result<Self> {
+    pub fn open(
+        dir: &std::path::Path,
+        db: keel_storage::durable::Db,
+        opts: EventOptions,
+    ) -> Result<Self> {
         let (log, mut loaded) =
             EventLog::open(dir, db, opts.retain, opts.retain_bytes, &sequence_of)?;
         let mut ring = VecDeque::with_capacity(loaded.events.len());
@@ -556,7 +560,11 @@ mod tests {
         )
     }
 
-    fn open_with(dir: &std::path::Path, db: sled::Db, opts: EventOptions) -> EventSink {
+    fn open_with(
+        dir: &std::path::Path,
+        db: keel_storage::durable::Db,
+        opts: EventOptions,
+    ) -> EventSink {
         EventSink::open(&dir.join("events"), db, opts).unwrap()
     }
 

@@ -213,7 +213,11 @@ impl Handler<Release> for StorageActor {
     type Result = ();
 
     fn handle(&mut self, m: Release, _: &mut Self::Context) {
-        self.release(m.id);
+        // The one place an uncommitted writer's ref is unlocked, however its
+        // stream ended (hung up, closed, broken, or its handler dropped).
+        if let Some(w) = self.release(m.id) {
+            tracing::info!(namespace = %w.namespace(), reference = %w.reference(), "content writer ended without a commit; ref unlocked");
+        }
     }
 }
 

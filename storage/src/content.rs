@@ -27,6 +27,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use sled::Transactional;
 
 use crate::digest::{validate_ref, Digest};
+use crate::durable::{self, sync_dir};
 use crate::{Error, Result};
 
 /// Read buffer used when hashing files.
@@ -140,13 +141,6 @@ fn refs_key(d: &Digest, ns: &str) -> Vec<u8> {
     format!("{d}\0{ns}").into_bytes()
 }
 
-/// fsync a directory, so a rename or unlink in it survives power loss.
-pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(Error::io("fsync directory", dir))
-}
-
 /// sha256 of a file's first `len` bytes (all of it when `len` is None), and bytes read.
 fn hash_file(path: &Path, len: Option<u64>) -> Result<(Sha256, u64)> {
     let mut f = File::open(path).map_err(Error::io("open", path))?;
@@ -216,7 +210,7 @@ impl Adaptor for Status {
 pub struct ContentStore {
     blobs: PathBuf,
     ingest: PathBuf,
-    db: sled::Db,
+    db: crate::durable::Db,
     info: sled::Tree,
     refs: sled::Tree,
     intents: sled::Tree,
@@ -225,12 +219,16 @@ pub struct ContentStore {
 impl ContentStore {
     /// Opens the store under `root/content`, finishes interrupted commits and deletes,
     /// and checks that metadata and files agree.
-    pub fn open(root: &Path, db: sled::Db, opts: &ContentOptions) -> Result<(Self, StartupReport)> {
+    pub fn open(
+        root: &Path,
+        db: crate::durable::Db,
+        opts: &ContentOptions,
+    ) -> Result<(Self, StartupReport)> {
         let base = root.join("content");
         let blobs = base.join("blobs").join("sha256");
         let ingest = base.join("ingest");
         for d in [&blobs, &ingest] {
-            fs::create_dir_all(d).map_err(Error::io("create", d))?;
+            durable::create_dir(d)?;
         }
         let store = Self {
             info: db.open_tree("content.info")?,

@@ -23,6 +23,7 @@ use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use crate::durable::{self, sync_dir};
 use crate::{Error, Result};
 
 /// How many sequence numbers one reservation covers.
@@ -77,7 +78,7 @@ struct Writer {
 /// The persistent half of keel's event exchange.
 pub struct EventLog {
     dir: PathBuf,
-    db: sled::Db,
+    db: crate::durable::Db,
     marks: sled::Tree,
     writer: Mutex<Writer>,
 }
@@ -102,12 +103,6 @@ fn read_u64(v: Option<sled::IVec>) -> Result<u64> {
 fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
     let path = path.to_path_buf();
     move |source| Error::Io { op, path, source }
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("fsync", dir))
 }
 
 /// What a segment held, read back record by record.
@@ -202,12 +197,12 @@ impl EventLog {
     /// event's sequence number.
     pub fn open(
         dir: &Path,
-        db: sled::Db,
+        db: crate::durable::Db,
         retain: usize,
         retain_bytes: u64,
         sequence_of: &dyn Fn(&[u8]) -> Option<u64>,
     ) -> Result<(Self, Loaded)> {
-        std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+        durable::create_dir(dir)?;
         let marks = db.open_tree("event_marks")?;
         let mut trimmed_upto = read_u64(marks.get(TRIMMED)?)?;
         let mut segments: Vec<Segment> = std::fs::read_dir(dir)

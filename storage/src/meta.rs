@@ -102,7 +102,7 @@ fn key(parts: &[&str]) -> Vec<u8> {
 /// The metadata database (containers, tasks, exits).
 #[derive(Debug, Clone)]
 pub struct Meta {
-    db: sled::Db,
+    db: crate::durable::Db,
     containers: sled::Tree,
     tasks: sled::Tree,
     execs: sled::Tree,
@@ -110,7 +110,7 @@ pub struct Meta {
 }
 
 impl Meta {
-    pub fn open(db: sled::Db) -> Result<Self> {
+    pub fn open(db: crate::durable::Db) -> Result<Self> {
         Ok(Self {
             containers: db.open_tree("containers")?,
             tasks: db.open_tree("tasks")?,

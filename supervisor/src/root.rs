@@ -62,7 +62,7 @@ const API_INTENSITY: Intensity = Intensity {
 pub struct Running {
     server: Server,
     tasks: Tasks,
-    db: sled::Db,
+    db: keel_storage::durable::Db,
     storage: StorageHandle,
     events: EventSink,
     monitor: MonitorHandle,

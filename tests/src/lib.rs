@@ -12,6 +12,8 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+pub mod powerloss;
+
 /// Serialises tests that move gigabytes, so two of them never compete for the disk.
 pub static HEAVY: Mutex<()> = Mutex::new(());
 
@@ -83,6 +85,18 @@ impl Keeld {
     }
 
     fn start_with(extra: &str, env: &[(&str, &str)]) -> Self {
+        let mut k = Self::prepare(extra, env);
+        k.spawn();
+        k
+    }
+
+    /// A keeld with its directories and config, not started: its `root` may be
+    /// moved first (onto a filesystem of the test's), then `spawn`.
+    pub fn unstarted(extra: &str) -> Self {
+        Self::prepare(extra, &[])
+    }
+
+    fn prepare(extra: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("keel-it-")
             .tempdir_in(scratch_dir())
@@ -98,7 +112,7 @@ impl Keeld {
             writeln!(f, "allowed_uids = [{}]", nix::unistd::getuid()).unwrap();
         }
         writeln!(f, "{extra}").unwrap();
-        let mut k = Keeld {
+        Keeld {
             dir,
             root,
             state,
@@ -110,9 +124,7 @@ impl Keeld {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             child: None,
-        };
-        k.spawn();
-        k
+        }
     }
 
     fn command(&self) -> Command {

@@ -111,6 +111,38 @@ impl TaskActor {
     }
 
     /// Has the monitor record and publish the exit (once), then wakes the waiters.
+    /// Publishes `/tasks/delete` for this task, naming its recorded exit (or
+    /// status 0 for a task that never ran). Its records must be removed first:
+    /// the event's flush makes the removal durable with it. Returns the exit
+    /// and the publication, done once both are on disk.
+    pub(super) fn publish_delete(
+        &self,
+    ) -> (
+        ExitRecord,
+        Option<impl std::future::Future<Output = Result<u64>> + Send + 'static>,
+    ) {
+        let exit = self.exit.clone().unwrap_or(ExitRecord {
+            container_id: self.id.clone(),
+            exec_id: String::new(),
+            pid: self.record.pid,
+            exit_status: 0,
+            exited_ns: nanos(SystemTime::now()),
+            seq: 0,
+        });
+        let event = ev::TaskDelete {
+            container_id: self.id.clone(),
+            id: self.id.clone(),
+            pid: exit.pid,
+            exit_status: exit.exit_status,
+            exited_at: MessageField::some(timestamp(from_nanos(exit.exited_ns))),
+            ..Default::default()
+        };
+        let published = pack(&event)
+            .ok()
+            .map(|any| self.env.monitor.publish(&self.ns, "/tasks/delete", any));
+        (exit, published)
+    }
+
     pub(super) fn exited(&mut self, status: u32, at: SystemTime) -> ResponseActFuture<Self, ()> {
         if self.exit.is_some() {
             return Box::pin(async {}.into_actor(self));
@@ -407,27 +439,7 @@ impl Handler<Delete> for TaskActor {
                     .into_actor(act)
                     .then(|r, act, _| {
                         let published = r.map(|()| {
-                            let exit = act.exit.clone().unwrap_or(ExitRecord {
-                                container_id: act.id.clone(),
-                                exec_id: String::new(),
-                                pid: act.record.pid,
-                                exit_status: 0,
-                                exited_ns: nanos(SystemTime::now()),
-                                seq: 0,
-                            });
-                            let event = ev::TaskDelete {
-                                container_id: act.id.clone(),
-                                id: act.id.clone(),
-                                pid: exit.pid,
-                                exit_status: exit.exit_status,
-                                exited_at: MessageField::some(timestamp(from_nanos(
-                                    exit.exited_ns,
-                                ))),
-                                ..Default::default()
-                            };
-                            let published = pack(&event)
-                                .ok()
-                                .map(|any| act.env.monitor.publish(&act.ns, "/tasks/delete", any));
+                            let (exit, published) = act.publish_delete();
                             act.tasks.forget(&act.ns, &act.id);
                             (exit, published)
                         });

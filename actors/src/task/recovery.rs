@@ -125,6 +125,43 @@ impl TaskActor {
                 ctx.notify(ShimDied);
                 nothing(self)
             }
+            Found::NoTask if self.record.started => {
+                // The task ran, and its shim deleted it: keeld stopped in the
+                // middle of a Delete, before the record was removed. Finish the
+                // delete as it would have finished: an exit if none was recorded
+                // (its status is unknown: 137, as for a shim that died), the
+                // record removed and `/tasks/delete` published.
+                tracing::warn!(namespace = %ns, task_id = %id, "shim no longer has the task (keeld stopped during its delete); finishing the delete");
+                self.deleting = true;
+                let (cmd, meta) = (self.cmd.clone(), self.env.meta.clone());
+                Box::pin(self.exited(137, SystemTime::now()).then(move |(), act, _| {
+                    async move {
+                        blocking(move || meta.delete_task(&ns, &id)).await?;
+                        restore::cleanup_orphan(&cmd).await;
+                        Ok::<_, Error>(())
+                    }
+                    .into_actor(act)
+                    .then(|removed, act, _| {
+                        let published = removed.map(|()| act.publish_delete().1);
+                        async move {
+                            match published {
+                                Ok(Some(p)) => {
+                                    if let Err(e) = p.await {
+                                        tracing::error!(error = %e, "publishing /tasks/delete failed");
+                                    }
+                                }
+                                Ok(None) => {}
+                                Err(e) => tracing::error!(error = %e, "removing the task record"),
+                            }
+                        }
+                        .into_actor(act)
+                    })
+                    .map(|(), act, ctx| {
+                        act.tasks.forget(&act.ns, &act.id);
+                        ctx.stop();
+                    })
+                }))
+            }
             Found::NoTask => {
                 tracing::warn!(namespace = %ns, task_id = %id, "shim has no such task (keeld stopped during create); removing it");
                 let (cmd, meta) = (self.cmd.clone(), self.env.meta.clone());

@@ -356,8 +356,9 @@ pub(super) async fn put_container(client: &Client, c: Container) -> anyhow::Resu
     Ok(())
 }
 
-async fn delete_all(client: &Client, id: &str) {
-    let _ = client
+/// Deletes task and container `id`; the first error, if any (both are tried).
+async fn delete_all(client: &Client, id: &str) -> anyhow::Result<()> {
+    let task = client
         .tasks
         .delete(
             client.ctx(),
@@ -368,7 +369,7 @@ async fn delete_all(client: &Client, id: &str) {
             },
         )
         .await;
-    let _ = client
+    let container = client
         .containers
         .delete(
             client.ctx(),
@@ -378,6 +379,9 @@ async fn delete_all(client: &Client, id: &str) {
             },
         )
         .await;
+    task.with_context(|| format!("removing task {id}"))?;
+    container.with_context(|| format!("removing container {id}"))?;
+    Ok(())
 }
 
 /// A Create request for a detached task: its output goes to keel's log file.
@@ -613,7 +617,7 @@ pub async fn run(client: &Client, a: RunArgs) -> anyhow::Result<i32> {
         };
         let r = create_and_start(client, req).await;
         if r.is_err() {
-            delete_all(client, &id).await;
+            let _ = delete_all(client, &id).await;
         }
         r?;
         return Ok(0);
@@ -655,7 +659,12 @@ pub async fn run(client: &Client, a: RunArgs) -> anyhow::Result<i32> {
     io.finish().await;
     drop(raw);
     if a.rm || result.is_err() {
-        delete_all(client, &id).await;
+        let removed = delete_all(client, &id).await;
+        // --rm's removal is part of what the command promises: its failure is
+        // the command's (the task's own status was printed by then, if any).
+        if a.rm && result.is_ok() {
+            removed.context("--rm")?;
+        }
     }
     Ok(i32::try_from(result?).unwrap_or(255))
 }

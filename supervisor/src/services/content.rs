@@ -329,16 +329,16 @@ impl content_ttrpc::Content for ContentService {
                                 r
                             }
                             Ok(None) => {
-                                tracing::info!(namespace = %ns, reference = %reference, "content writer's client closed its stream; ref unlocked");
+                                tracing::info!(namespace = %ns, reference = %reference, "content writer's client closed its stream");
                                 return Ok(());
                             }
                             Err(e) => {
-                                tracing::info!(namespace = %ns, reference = %reference, error = %e, "content writer's stream broke; ref unlocked");
+                                tracing::info!(namespace = %ns, reference = %reference, error = %e, "content writer's stream broke");
                                 return Err(e);
                             }
                         },
                         () = &mut gone => {
-                            tracing::info!(namespace = %ns, reference = %reference, "content writer's client hung up; ref unlocked");
+                            tracing::info!(namespace = %ns, reference = %reference, "content writer's client hung up");
                             return Err(Error::Cancelled("client hung up".into()).into());
                         }
                     },
