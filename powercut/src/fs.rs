@@ -237,6 +237,30 @@ impl State {
         }
     }
 
+    /// A new handle on `ino`'s backing `file`, opened with `flags`; O_TRUNC
+    /// empties the file (in the overlay) when `truncates`.
+    fn open_handle(
+        &mut self,
+        ino: u64,
+        file: File,
+        flags: i32,
+        truncates: bool,
+    ) -> Result<u64, i32> {
+        if truncates && flags & libc::O_TRUNC != 0 {
+            self.overlay(ino, &file)?.truncate(0);
+        }
+        let fh = self.next_fh;
+        self.next_fh += 1;
+        self.handles.insert(
+            fh,
+            Handle {
+                file,
+                append: flags & libc::O_APPEND != 0,
+            },
+        );
+        Ok(fh)
+    }
+
     /// A file's held bytes made durable (through any handle: fsync on a file
     /// opened read-only flushes what other handles wrote).
     fn sync_file(&mut self, ino: u64) -> Result<(), i32> {
@@ -542,19 +566,7 @@ impl Filesystem for PowerCut {
                 .write(writes)
                 .open(&path)
                 .map_err(|e| errno(&e))?;
-            if flags & libc::O_TRUNC != 0 && writes {
-                s.overlay(ino, &file)?.truncate(0);
-            }
-            let fh = s.next_fh;
-            s.next_fh += 1;
-            s.handles.insert(
-                fh,
-                Handle {
-                    file,
-                    append: flags & libc::O_APPEND != 0,
-                },
-            );
-            Ok(fh)
+            s.open_handle(ino, file, flags, writes)
         })();
         match r {
             Ok(fh) => reply.opened(fh, 0),
@@ -787,18 +799,7 @@ impl Filesystem for PowerCut {
                 s.namespace.created(parent, &path);
             }
             let a = s.entry(&path)?;
-            if existed && flags & libc::O_TRUNC != 0 {
-                s.overlay(a.ino, &file)?.truncate(0);
-            }
-            let fh = s.next_fh;
-            s.next_fh += 1;
-            s.handles.insert(
-                fh,
-                Handle {
-                    file,
-                    append: flags & libc::O_APPEND != 0,
-                },
-            );
+            let fh = s.open_handle(a.ino, file, flags, existed)?;
             Ok((s.getattr(a.ino)?, fh))
         })();
         match r {

@@ -47,6 +47,9 @@ fn record(t: &mut Totals, node: &mut Node, kind: &str, n: u64, cut: &Cut) {
     let (ok, c) = match result {
         Ok(c) => (true, c),
         Err(losses) => {
+            for l in &losses {
+                eprintln!("LOSS {kind} cut {n} (after {}): {l}", cut.after);
+            }
             t.losses
                 .extend(losses.iter().map(|l| format!("{kind} cut {n}: {l}")));
             (false, Checked::default())
@@ -111,9 +114,6 @@ fn main() {
             }
         })
     );
-    for l in &t.losses {
-        eprintln!("LOSS {l}");
-    }
     if !t.losses.is_empty() {
         std::process::exit(1);
     }

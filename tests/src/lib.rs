@@ -285,12 +285,16 @@ impl Keeld {
         c
     }
 
-    /// Runs keelctl to completion with no stdin.
+    /// Runs keelctl to completion with no stdin (at most [`ctl_timeout`]).
     pub fn ctl(&self, args: &[&str]) -> Output {
-        self.ctl_cmd(args)
+        let child = self
+            .ctl_cmd(args)
             .stdin(Stdio::null())
-            .output()
-            .expect("run keelctl")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn keelctl");
+        finish_within(child, args)
     }
 
     /// Runs keelctl with `input` on its stdin (written from a thread, so large input
@@ -307,7 +311,7 @@ impl Keeld {
         let mut stdin = child.stdin.take().expect("stdin");
         let input = input.to_vec();
         let writer = std::thread::spawn(move || stdin.write_all(&input));
-        let out = child.wait_with_output().expect("wait for keelctl");
+        let out = finish_within(child, args);
         // A process that exits without reading everything breaks the pipe; that is
         // its business, not a failure here.
         let _ = writer.join();
@@ -411,6 +415,40 @@ impl Drop for Keeld {
 }
 
 /// A readable account of a finished command.
+/// How long one keelctl may run in a test before it fails the test:
+/// `KEEL_TEST_CTL_TIMEOUT` seconds, 180 by default. A lost exit or a stalled
+/// request then fails fast, naming the command that waited, instead of hanging
+/// the suite.
+pub fn ctl_timeout() -> Duration {
+    let secs = std::env::var("KEEL_TEST_CTL_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(180);
+    Duration::from_secs(secs)
+}
+
+/// Waits for a keelctl with piped output; past [`ctl_timeout`] kills it and
+/// panics with what it was doing and what it had printed.
+fn finish_within(child: Child, args: &[&str]) -> Output {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let limit = ctl_timeout();
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.expect("wait for keelctl"),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let out = rx.recv().ok().and_then(Result::ok);
+            panic!(
+                "keelctl {args:?} did not finish within {limit:?} (waiting for keeld: a lost exit or a stalled request?); it printed: {}",
+                out.as_ref().map(describe).unwrap_or_default()
+            );
+        }
+    }
+}
+
 pub fn describe(out: &Output) -> String {
     format!(
         "status {:?} (signal {:?})\nstdout: {}\nstderr: {}",
@@ -481,6 +519,8 @@ pub fn busybox_rootfs() -> PathBuf {
             if dir.join("bin/busybox").exists() {
                 return dir;
             }
+            // One without busybox is broken (emptied by hand): built again.
+            let _ = std::fs::remove_dir_all(&dir);
             let tmp = scratch_dir().join(format!("rootfs.tmp-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&tmp);
             for d in ["bin", "proc", "dev", "sys", "tmp", "etc", "root"] {

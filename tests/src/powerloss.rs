@@ -129,7 +129,9 @@ pub enum TaskAck {
     Created,
     /// `tasks wait` answered with this exit status.
     Exited(u32),
-    /// `run --rm` or `tasks rm` and `containers rm` answered: task and container gone.
+    /// `tasks rm` answered: the task is gone, its container is not.
+    TaskRemoved,
+    /// `run --rm`, or `tasks rm` and `containers rm`, answered: both gone.
     Gone,
 }
 
@@ -141,6 +143,9 @@ pub struct Acked {
     pub tasks: BTreeMap<String, TaskAck>,
     /// Events published on `/powerloss/N`: the Ns acknowledged.
     pub events: BTreeSet<u64>,
+    /// Tasks a removal was asked of that never answered (keeld died under
+    /// it): either outcome is right for them.
+    pub indeterminate: BTreeSet<String>,
     next: u64,
 }
 
@@ -244,18 +249,29 @@ pub fn step(k: &Keeld, rootfs: &Path, acked: &Mutex<Acked>, rng: &mut impl Rng) 
             }
         }
         _ => {
-            let exited = acked
-                .lock()
-                .unwrap()
-                .tasks
-                .iter()
-                .find(|(_, a)| matches!(a, TaskAck::Exited(_)))
-                .map(|(id, _)| id.clone());
+            let exited = {
+                let a = acked.lock().unwrap();
+                a.tasks
+                    .iter()
+                    .find(|(id, t)| {
+                        matches!(t, TaskAck::Exited(_)) && !a.indeterminate.contains(*id)
+                    })
+                    .map(|(id, _)| id.clone())
+            };
             if let Some(id) = exited {
-                if k.ctl(&["tasks", "rm", &id]).status.success()
-                    && k.ctl(&["containers", "rm", &id]).status.success()
-                {
+                if !k.ctl(&["tasks", "rm", &id]).status.success() {
+                    acked.lock().unwrap().indeterminate.insert(id);
+                    return;
+                }
+                acked
+                    .lock()
+                    .unwrap()
+                    .tasks
+                    .insert(id.clone(), TaskAck::TaskRemoved);
+                if k.ctl(&["containers", "rm", &id]).status.success() {
                     acked.lock().unwrap().tasks.insert(id, TaskAck::Gone);
+                } else {
+                    acked.lock().unwrap().indeterminate.insert(id);
                 }
             }
         }
@@ -320,12 +336,18 @@ pub fn check(k: &Keeld, acked: &Acked) -> Result<Checked, Vec<String>> {
         let t = tasks.get(id);
         let seen = topics(id);
         let has = |topic: &str| seen.iter().any(|s| s == topic);
+        let maybe = acked.indeterminate.contains(id);
+        let removed = t.is_none() && has("/tasks/exit") && has("/tasks/delete");
         let ok = match ack {
             TaskAck::Created => t.is_some() && has("/tasks/create") && has("/tasks/start"),
             TaskAck::Exited(code) => {
-                t.is_some_and(|t| {
+                (t.is_some_and(|t| {
                     t["status"] == "STOPPED" && t["exit_status"].as_u64() == Some(u64::from(*code))
-                }) && has("/tasks/exit")
+                }) && has("/tasks/exit"))
+                    || (maybe && removed)
+            }
+            TaskAck::TaskRemoved => {
+                removed && (containers.contains(id) || (maybe && has("/containers/delete")))
             }
             TaskAck::Gone => {
                 t.is_none()

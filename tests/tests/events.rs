@@ -387,7 +387,12 @@ fn a_stalled_subscriber_is_cut_off_with_a_resume_point_and_hurts_no_one() {
     let (in_flight, status, err) = stalled.finish(Duration::from_secs(30));
     eprintln!("stalled subscriber: {err}");
     assert!(!status.success(), "the stalled subscriber is disconnected");
-    assert!(err.contains("unavailable"), "{err}");
+    // 12,000 published against a buffer of 500: cut off for falling behind,
+    // while its send still waited, well before the 5 s a stalled send gets.
+    assert!(
+        err.contains("unavailable") && err.contains("fell more than 500 events behind"),
+        "{err}"
+    );
     let since: u64 = err
         .split("since=")
         .nth(1)
@@ -432,6 +437,38 @@ fn a_stalled_subscriber_is_cut_off_with_a_resume_point_and_hurts_no_one() {
         Duration::from_secs(30),
     ));
     assert_eq!(seqs(&rest), (first..=log_last).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_subscriber_whose_client_stops_reading_is_cut_off_after_five_seconds() {
+    // Few events, far from the buffer's limits, but each as large as allowed:
+    // the client's socket fills, one send waits, and 5 s later the subscriber
+    // is cut off as stalled, naming the event that waited as its resume point.
+    let k = Keeld::start_with_config("[limits]\nevent_bytes = 1048576\n");
+    let pad = "x".repeat(900_000);
+    let mut stalled = Subscriber::spawn(&k, &["topic==/app/big"]);
+    publish(&k, "/app/big", &[serde_json::json!({ "i": -1 })]);
+    assert_eq!(stalled.take(1, Duration::from_secs(20)).len(), 1);
+    nix::sys::signal::kill(stalled.pid(), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let payloads: Vec<Value> = (0..20)
+        .map(|i| serde_json::json!({ "i": i, "pad": pad }))
+        .collect();
+    let started = Instant::now();
+    publish(&k, "/app/big", &payloads);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !k.log().contains("subscriber disconnected") {
+        assert!(Instant::now() < deadline, "never cut off: {}", k.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let after = started.elapsed();
+    nix::sys::signal::kill(stalled.pid(), nix::sys::signal::Signal::SIGCONT).unwrap();
+    let (_, status, err) = stalled.finish(Duration::from_secs(30));
+    assert!(!status.success());
+    assert!(
+        err.contains("subscriber stalled") && err.contains("resume with since="),
+        "{err}"
+    );
+    assert!(after >= Duration::from_secs(5), "cut off after {after:?}");
 }
 
 #[test]

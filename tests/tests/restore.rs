@@ -279,18 +279,24 @@ fn kill_9_at_random_points_under_churn_leaves_every_task_consistent() {
     let mut k = Keeld::start();
     let mut rng = rand::rngs::SmallRng::seed_from_u64(u64::from(std::process::id()));
     let next = std::sync::atomic::AtomicUsize::new(0);
+    // What keeld acknowledged (a create answered; a task's removal answered),
+    // and how many creates a kill cut short.
+    let created = std::sync::Mutex::new(BTreeSet::new());
+    let removed = std::sync::Mutex::new(BTreeSet::new());
+    let cut_short = std::sync::atomic::AtomicUsize::new(0);
     for round in 0..20 {
         let stop = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|s| {
             for _ in 0..2 {
                 let (k, stop, next) = (&k, &stop, &next);
+                let (created, removed, cut_short) = (&created, &removed, &cut_short);
                 s.spawn(move || {
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                         let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let id = format!("c{n:04}");
                         let rootfs = busybox_rootfs();
                         // Failures are expected: keeld dies under these calls.
-                        let _ = k.ctl(&[
+                        let ran = k.ctl(&[
                             "run",
                             "-d",
                             "--rootfs",
@@ -299,8 +305,13 @@ fn kill_9_at_random_points_under_churn_leaves_every_task_consistent() {
                             "sleep",
                             "100000",
                         ]);
-                        if n % 3 != 0 {
-                            let _ = k.ctl(&["tasks", "rm", "-f", &id]);
+                        if ran.status.success() {
+                            created.lock().unwrap().insert(id.clone());
+                        } else {
+                            cut_short.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        if n % 3 != 0 && k.ctl(&["tasks", "rm", "-f", &id]).status.success() {
+                            removed.lock().unwrap().insert(id.clone());
                             let _ = k.ctl(&["containers", "rm", &id]);
                         }
                     }
@@ -327,6 +338,37 @@ fn kill_9_at_random_points_under_churn_leaves_every_task_consistent() {
     }
 
     let listed = settled(&k, Duration::from_secs(60));
+    // The churn did what it is for: tasks were created, and kills landed in
+    // the middle of calls. Whatever was acknowledged holds.
+    let (created, removed) = (created.into_inner().unwrap(), removed.into_inner().unwrap());
+    let cut_short = cut_short.into_inner();
+    let orphans = k.log().matches("orphan removed").count();
+    eprintln!(
+        "churn: {} creates acknowledged, {} removals acknowledged, {cut_short} calls cut short by a kill, {orphans} orphans removed",
+        created.len(),
+        removed.len()
+    );
+    assert!(
+        created.len() >= 10,
+        "only {} creates acknowledged",
+        created.len()
+    );
+    assert!(cut_short > 0, "no kill landed in the middle of a create");
+    // A kill between a shim's start and the task's record leaves an orphan,
+    // which a restart removes (typically a dozen or more over 20 rounds).
+    assert!(orphans > 0, "no orphan was ever cleaned up");
+    for id in created.difference(&removed) {
+        assert!(
+            listed.contains_key(id),
+            "{id}'s create was acknowledged, but it is gone"
+        );
+    }
+    for id in &removed {
+        assert!(
+            !listed.contains_key(id),
+            "{id}'s removal was acknowledged, but it is listed"
+        );
+    }
     // Orphan cleanup runs in the background after the restart.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

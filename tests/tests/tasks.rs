@@ -54,14 +54,21 @@ fn assert_no_leaks(k: &Keeld, ns: &str, id: &str) {
             .any(|l| l == id),
         "runc still knows {id}"
     );
-    for ctrl in ["memory", "pids", "cpu", "freezer"] {
-        let cg = std::path::Path::new("/sys/fs/cgroup")
-            .join(ctrl)
-            .join("keel")
-            .join(ns)
-            .join(id);
-        assert!(!cg.exists(), "cgroup {} left behind", cg.display());
+    let left = task_cgroups(ns, id);
+    assert!(left.is_empty(), "cgroups left behind: {left:?}");
+}
+
+/// The cgroup directories of task `id` that exist, whatever the hierarchy: each
+/// v1 controller's and the hybrid layout's `unified`, or the cgroup v2 root.
+fn task_cgroups(ns: &str, id: &str) -> Vec<std::path::PathBuf> {
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    let mut candidates = vec![root.join("keel").join(ns).join(id)];
+    if let Ok(hierarchies) = std::fs::read_dir(root) {
+        for h in hierarchies.flatten() {
+            candidates.push(h.path().join("keel").join(ns).join(id));
+        }
     }
+    candidates.into_iter().filter(|p| p.is_dir()).collect()
 }
 
 #[test]
@@ -153,6 +160,13 @@ fn fifty_detached_tasks_listed_with_real_pids_then_removed_without_leaks() {
             cgroup.lines().any(|l| l.ends_with(&want)),
             "pid {pid} of {} is not in {want}: {cgroup}",
             r["id"]
+        );
+        // Where assert_no_leaks looks for them after the delete: the cgroups
+        // are found there while the task runs, so "none left" is not vacuous.
+        let id = r["id"].as_str().unwrap();
+        assert!(
+            !task_cgroups(&k.namespace, id).is_empty(),
+            "no cgroup directory of {id} found while it runs: {cgroup}"
         );
     }
     // Detached output went to the log file.
@@ -355,7 +369,9 @@ fn sigkill_of_the_shim_stops_the_task_with_137_and_cleans_up() {
             e["topic"] == "/tasks/exit" && e["event"]["containerId"] == "rt-shim"
         })
         .expect("exit event of rt-shim");
-    exits.extend(sub.take(64, Duration::from_secs(2)));
+    // Past a tick of the 10 s reconciler too, which checks every shim's process:
+    // it must not publish the exit a second time.
+    exits.extend(sub.take(64, Duration::from_secs(11)));
     let ids: Vec<_> = exits
         .iter()
         .filter(|e| e["topic"] == "/tasks/exit" && e["event"]["containerId"] == "rt-shim")
@@ -867,6 +883,37 @@ fn lowering_the_memory_limit_makes_a_growing_container_oom() {
                 .then_some(())
         });
     }
+    // Metrics' filters choose the tasks (the CLI asks for one and would take
+    // whatever came first): asked through the API, with two tasks running.
+    let metric_ids = |filters: &[&str]| -> Vec<String> {
+        use keel_protocol::api::tasks::MetricsRequest;
+        keel_tests::runtime().block_on(async {
+            let c = k.client(None).await;
+            let req = MetricsRequest {
+                filters: filters.iter().map(|f| f.to_string()).collect(),
+                ..Default::default()
+            };
+            let mut ids: Vec<String> = c
+                .tasks
+                .metrics(c.ctx(), &req)
+                .await
+                .expect("metrics")
+                .metrics
+                .iter()
+                .map(|m| m.id.clone())
+                .collect();
+            ids.sort();
+            ids
+        })
+    };
+    assert_eq!(metric_ids(&[]), ["grow-cut", "grow-kept"]);
+    assert_eq!(metric_ids(&["id==grow-cut"]), ["grow-cut"]);
+    assert_eq!(
+        metric_ids(&["id==grow-kept", "id==grow-cut"]),
+        ["grow-cut", "grow-kept"]
+    );
+    assert_eq!(metric_ids(&["id~=^grow-k"]), ["grow-kept"]);
+    assert!(metric_ids(&["id==none"]).is_empty());
     k.ctl_ok(&["tasks", "update", "--memory-limit", "33554432", "grow-cut"]);
     let cut = metrics(&k, "grow-cut");
     assert_eq!(cut["memory_limit_bytes"], 33_554_432u64, "{cut}");
@@ -1149,6 +1196,21 @@ fn a_terminal_follows_the_size_of_keelctls_own() {
 
 const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo $i; sleep 0.05; done";
 
+/// `tasks wait ID`: the exit status it printed, which is also its own exit
+/// code; panics when it answered with an error instead.
+fn waited(k: &Keeld, id: &str) -> u32 {
+    let out = k.ctl(&["tasks", "wait", id]);
+    let status: u32 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("tasks wait {id} gave no status: {}", describe(&out)));
+    assert_eq!(
+        out.status.code(),
+        Some(i32::try_from(status.min(255)).unwrap())
+    );
+    status
+}
+
 /// The first number a counter task wrote to its log.
 fn first_count(k: &Keeld, id: &str) -> Option<u64> {
     k.ctl_ok(&["tasks", "logs", id])
@@ -1245,7 +1307,9 @@ fn checkpoint_and_restore_continue_a_counter_from_its_saved_value() {
         .ctl_ok(&["tasks", "checkpoint", "--exit", "cp-count"])
         .trim()
         .to_string();
-    k.ctl(&["tasks", "wait", "cp-count"]);
+    // The dump ended the process: Wait answers with its status (CRIU's kill).
+    let status = waited(&k, "cp-count");
+    assert_eq!(status, 137, "a task ended by its checkpoint");
     let ls = k.ctl_ok(&["tasks", "ls"]);
     assert!(ls.contains("STOPPED"), "{ls}");
     let last = last_count(&k, "cp-count");
@@ -1335,7 +1399,7 @@ fn checkpoint_without_criu_fails_clearly_and_the_task_keeps_running() {
     k.ctl_err(&["tasks", "checkpoint", "nope"], "not found");
     k.ctl_err(&["tasks", "checkpoint", "../x"], "invalid argument");
     k.ctl_ok(&["tasks", "kill", "-s", "KILL", "no-criu"]);
-    k.ctl(&["tasks", "wait", "no-criu"]);
+    assert_eq!(waited(&k, "no-criu"), 137);
     k.ctl_err(&["tasks", "checkpoint", "no-criu"], "it is stopped");
     let not_index = k.ctl_with_stdin(&["content", "ingest", "not-index"], b"hello\n");
     assert!(not_index.status.success(), "{}", describe(&not_index));

@@ -995,7 +995,7 @@ pub async fn tasks(client: &Client, cmd: TasksCmd) -> anyhow::Result<i32> {
                 ..Default::default()
             };
             let r = client.tasks.metrics(client.ctx(), &req).await?;
-            let Some(m) = r.metrics.first() else {
+            let Some(m) = r.metrics.iter().find(|m| m.id == id) else {
                 return Err(
                     Error::NotFound(format!("task {id} has no metrics (is it running?)")).into(),
                 );

@@ -22,7 +22,7 @@ use std::cell::OnceCell;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_actors::events::{Behind, EventSink, GAP_TOPIC};
+use keel_actors::events::{Behind, EventOptions, EventSink, GAP_TOPIC};
 use keel_protocol::api::events::*;
 use keel_protocol::api::events_ttrpc;
 use keel_protocol::filters::{Adaptor, Filter};
@@ -38,6 +38,9 @@ use crate::server::{client_gone, Auth};
 
 /// How long one send to a subscriber may block before it counts as stalled.
 const SEND_STALL: Duration = Duration::from_secs(5);
+
+/// How often a send that waits on a slow client looks at how far behind it is.
+const BEHIND_CHECK: Duration = Duration::from_millis(100);
 /// Events taken from the ring per read.
 const READ_BATCH: usize = 256;
 /// Estimated matching work (bytes scanned) above which a batch is matched on the
@@ -127,6 +130,24 @@ fn match_work(filter: &Filter, batch: &[Arc<Envelope>]) -> usize {
 }
 
 impl EventsService {
+    /// Why a subscriber whose next event is after `after` is too far behind
+    /// what was published, if it is.
+    fn behind(&self, after: u64, opts: &EventOptions) -> Option<String> {
+        let (events, bytes) = self.events.backlog_after(after);
+        if events > opts.subscriber_buffer {
+            return Some(format!(
+                "fell more than {} events behind (events.subscriber_buffer)",
+                opts.subscriber_buffer
+            ));
+        }
+        (bytes > opts.subscriber_buffer_bytes).then(|| {
+            format!(
+                "fell more than {} bytes behind (events.subscriber_buffer_bytes)",
+                opts.subscriber_buffer_bytes
+            )
+        })
+    }
+
     /// Ends a subscriber that cannot keep up, naming where to resume.
     fn cut_off(&self, why: &str, cursor: u64, last_sent: u64) -> ttrpc::Error {
         let total = self.events.count_lagged();
@@ -267,36 +288,36 @@ impl events_ttrpc::Events for EventsService {
                 }
                 let newest = batch.last().map_or(cursor, |e| e.sequence);
                 for env in select(&filter, rc.scope.clone(), batch).await? {
-                    match tokio::time::timeout(SEND_STALL, tx.send(&env)).await {
-                        Ok(sent) => sent?,
-                        // ttrpc queues the frame before it waits for the socket write,
-                        // so the event that timed out still reaches the client when
-                        // it reads again: it counts as sent.
-                        Err(_) => return Err(self.cut_off("stalled", env.sequence, env.sequence)),
+                    // ttrpc queues the frame before it waits for the socket write,
+                    // so an event whose send is cut short still reaches the client
+                    // when it reads again: it counts as sent.
+                    let send = tx.send(&env);
+                    tokio::pin!(send);
+                    let stalled = tokio::time::sleep(SEND_STALL);
+                    tokio::pin!(stalled);
+                    loop {
+                        tokio::select! {
+                            sent = &mut send => {
+                                sent?;
+                                break;
+                            }
+                            () = &mut stalled => {
+                                return Err(self.cut_off("stalled", env.sequence, env.sequence));
+                            }
+                            // A client that stopped reading falls behind while its
+                            // send waits: checked as it waits, not only after.
+                            () = tokio::time::sleep(BEHIND_CHECK) => {
+                                if let Some(why) = self.behind(env.sequence.max(live_from), &opts) {
+                                    return Err(self.cut_off(&why, env.sequence, env.sequence));
+                                }
+                            }
+                        }
                     }
                     last_sent = env.sequence;
                 }
                 cursor = newest;
-                let (events, bytes) = self.events.backlog_after(cursor.max(live_from));
-                if events > opts.subscriber_buffer {
-                    return Err(self.cut_off(
-                        &format!(
-                            "fell more than {} events behind (events.subscriber_buffer)",
-                            opts.subscriber_buffer
-                        ),
-                        cursor,
-                        last_sent,
-                    ));
-                }
-                if bytes > opts.subscriber_buffer_bytes {
-                    return Err(self.cut_off(
-                        &format!(
-                            "fell more than {} bytes behind (events.subscriber_buffer_bytes)",
-                            opts.subscriber_buffer_bytes
-                        ),
-                        cursor,
-                        last_sent,
-                    ));
+                if let Some(why) = self.behind(cursor.max(live_from), &opts) {
+                    return Err(self.cut_off(&why, cursor, last_sent));
                 }
             }
         })
