@@ -1154,6 +1154,45 @@ mod tests {
     }
 
     #[test]
+    fn startup_finishes_an_interrupted_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = sha(b"doomed");
+        let kept = sha(b"kept");
+        {
+            let s = store(dir.path());
+            for bytes in [&b"doomed"[..], &b"kept"[..]] {
+                let mut w = s.open_writer("default", "r", 0, None).unwrap();
+                w.write(0, bytes.to_vec()).unwrap();
+                s.commit(w, 0, None, BTreeMap::new()).unwrap();
+            }
+            // A crash after the delete's records and intent were flushed, before
+            // the file went: what `delete` leaves between its two flushes.
+            let intent = serde_json::to_vec(&Intent::Delete {
+                digest: d.to_string(),
+            })
+            .unwrap();
+            s.info.remove(info_key("default", &d)).unwrap();
+            s.refs.remove(refs_key(&d, "default")).unwrap();
+            s.intents
+                .insert(format!("delete\0{d}").as_bytes(), intent)
+                .unwrap();
+            s.flush().unwrap();
+            assert!(s.blob_path(&d).exists());
+        }
+        let db = crate::open_db(dir.path()).unwrap();
+        let (s, report) = ContentStore::open(dir.path(), db, &ContentOptions::default()).unwrap();
+        assert!(!s.blob_path(&d).exists(), "the delete was finished");
+        assert!(s.info("default", &d).is_err());
+        assert!(report.mismatches.is_empty(), "{:?}", report.mismatches);
+        assert_eq!(s.intents.len(), 0, "the intent is gone");
+        assert_eq!(
+            s.info("default", &kept).unwrap().size,
+            4,
+            "others untouched"
+        );
+    }
+
+    #[test]
     fn fsck_finds_corrupt_blobs() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
