@@ -223,8 +223,8 @@ fn kill_checks_its_signal_and_all_reaches_every_process() {
 #[test]
 fn a_forwarded_event_reaches_subscribers_with_its_namespace_and_topic() {
     let k = Keeld::start();
-    let mut sub = Subscriber::spawn(&k, &["topic~=^/app/"]);
-    // The subscription is live once a published event arrives.
+    // From sequence 0: the first event reaches it however late it subscribes.
+    let mut sub = Subscriber::spawn(&k, &["--since", "0", "topic~=^/app/"]);
     let out = k.ctl_with_stdin(&["events", "publish", "--topic", "/app/ready"], b"{}");
     assert!(out.status.success(), "{}", describe(&out));
     assert_eq!(sub.take(1, Duration::from_secs(20)).len(), 1);
