@@ -75,6 +75,32 @@ pub fn bundle_spec(spec: &[u8], ns: &str, id: &str, terminal: bool) -> Result<Ve
     Ok(serde_json::to_vec_pretty(&v).expect("json serialises"))
 }
 
+/// runc's annotation naming the CRIU configuration file it gives CRIU.
+const CRIU_CONFIG_ANNOTATION: &str = "org.criu.config";
+
+/// For a restore whose CRIU options must be given again (`tcp-established`, …):
+/// writes them to `<bundle>/criu.conf` (one per line, CRIU's configuration file
+/// format) and points runc at it with its `org.criu.config` annotation, the one
+/// way to reach CRIU past a shim that passes no such options at restore.
+pub fn with_criu_config(spec: Vec<u8>, bundle: &Path, options: &[String]) -> Result<Vec<u8>> {
+    if options.is_empty() {
+        return Ok(spec);
+    }
+    let conf = bundle.join("criu.conf");
+    let mut text = options.join("\n");
+    text.push('\n');
+    std::fs::write(&conf, text).map_err(|e| Error::Io(format!("write {}: {e}", conf.display())))?;
+    let mut v: serde_json::Value = serde_json::from_slice(&spec)
+        .map_err(|e| Error::InvalidArgument(format!("spec is not valid JSON: {e}")))?;
+    let annotations = v
+        .as_object_mut()
+        .ok_or_else(|| Error::InvalidArgument("spec must be a JSON object".into()))?
+        .entry("annotations")
+        .or_insert_with(|| serde_json::json!({}));
+    annotations[CRIU_CONFIG_ANNOTATION] = serde_json::json!(conf.display().to_string());
+    Ok(serde_json::to_vec_pretty(&v).expect("json serialises"))
+}
+
 /// Removes a bundle without ever following into a still-mounted rootfs: files are
 /// unlinked one by one and `rootfs` is only `rmdir`ed, which fails if it is a mount
 /// point or not empty.
@@ -169,6 +195,28 @@ mod tests {
             bundle_spec(b"[1]", "n", "i", false),
             Err(Error::InvalidArgument(_))
         ));
+    }
+
+    #[test]
+    fn a_restore_s_criu_options_go_to_a_config_file_runc_is_pointed_at() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = br#"{"ociVersion":"1.0.2"}"#.to_vec();
+        assert_eq!(
+            with_criu_config(spec.clone(), dir.path(), &[]).unwrap(),
+            spec
+        );
+        let options = ["tcp-established".to_string(), "file-locks".to_string()];
+        let out = with_criu_config(spec, dir.path(), &options).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let conf = dir.path().join("criu.conf");
+        assert_eq!(
+            v["annotations"]["org.criu.config"],
+            conf.display().to_string()
+        );
+        assert_eq!(
+            std::fs::read_to_string(conf).unwrap(),
+            "tcp-established\nfile-locks\n"
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod events;
 pub mod monitor;
 pub mod reconcile;
 pub mod restore;
+pub mod runtime_options;
 pub mod shim;
 pub mod state;
 pub mod storage;

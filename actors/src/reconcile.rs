@@ -413,6 +413,7 @@ mod tests {
             created_ns: nanos(std::time::SystemTime::now()),
             started: true,
             runtime: None,
+            runtime_options: None,
         };
         meta.put_task("ns", &t).unwrap();
     }

@@ -36,14 +36,39 @@ pub struct ShimCommand {
     pub bundle: PathBuf,
 }
 
-/// Resolves a runtime name the way containerd does: `io.containerd.runc.v2` →
-/// `containerd-shim-runc-v2` on PATH.
+/// Resolves a runtime name the way containerd does: an absolute path is the shim
+/// binary itself; `io.containerd.runc.v2` is `containerd-shim-runc-v2`, looked for
+/// on PATH, then next to keeld's own executable.
 pub fn resolve_runtime(name: &str) -> Result<PathBuf> {
-    resolve_runtime_in(name, &std::env::var_os("PATH").unwrap_or_default())
+    let mut search: Vec<PathBuf> =
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).collect();
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(PathBuf::from))
+    {
+        search.push(dir);
+    }
+    let search = std::env::join_paths(search).unwrap_or_default();
+    resolve_runtime_in(name, &search)
 }
 
 /// [`resolve_runtime`] with an explicit search path.
 pub fn resolve_runtime_in(name: &str, search: &std::ffi::OsStr) -> Result<PathBuf> {
+    if name.starts_with('/') {
+        let p = Path::new(name);
+        if p.components().any(|c| c == std::path::Component::ParentDir) {
+            return Err(Error::InvalidArgument(format!(
+                "runtime {name:?}: a shim path must not contain \"..\""
+            )));
+        }
+        return if p.is_file() {
+            Ok(p.to_path_buf())
+        } else {
+            Err(Error::NotFound(format!(
+                "runtime {name:?}: no such shim binary"
+            )))
+        };
+    }
     let parts: Vec<&str> = name.split('.').collect();
     let valid = |p: &&str| {
         !p.is_empty()
@@ -63,7 +88,53 @@ pub fn resolve_runtime_in(name: &str, search: &std::ffi::OsStr) -> Result<PathBu
     std::env::split_paths(search)
         .map(|d| d.join(&binary))
         .find(|p| p.is_file())
-        .ok_or_else(|| Error::NotFound(format!("runtime {name:?}: no {binary} on PATH")))
+        .ok_or_else(|| {
+            Error::NotFound(format!(
+                "runtime {name:?}: no {binary} on PATH or next to keeld"
+            ))
+        })
+}
+
+/// The address a shim's `start` printed: plain (containerd 1.6's shims), or
+/// bootstrap JSON (`{"version":2,"address":…,"protocol":"ttrpc"}`, containerd 1.7
+/// and later). keel speaks the v2 task service over ttrpc; a shim that serves only
+/// v3 (version 3) or gRPC is refused, saying so.
+pub fn start_address(printed: &str) -> Result<String> {
+    #[derive(serde::Deserialize)]
+    struct Bootstrap {
+        version: u32,
+        address: String,
+        #[serde(default)]
+        protocol: String,
+    }
+    let address = if printed.starts_with('{') {
+        let b: Bootstrap = serde_json::from_str(printed).map_err(|e| {
+            Error::Shim(format!(
+                "shim start printed {printed:?}, not bootstrap JSON: {e}"
+            ))
+        })?;
+        if b.version > 2 {
+            return Err(Error::Shim(format!(
+                "the shim serves task API v{}; keel speaks containerd.task.v2.Task",
+                b.version
+            )));
+        }
+        if !(b.protocol.is_empty() || b.protocol == "ttrpc") {
+            return Err(Error::Shim(format!(
+                "the shim speaks {:?}; keel speaks ttrpc",
+                b.protocol
+            )));
+        }
+        b.address
+    } else {
+        printed.to_string()
+    };
+    if !address.starts_with("unix://") {
+        return Err(Error::Shim(format!(
+            "shim start printed {address:?}, not a unix:// address"
+        )));
+    }
+    Ok(address)
 }
 
 impl ShimCommand {
@@ -107,10 +178,34 @@ impl ShimCommand {
     }
 
     /// Runs `start`; returns the shim's ttrpc address.
-    pub async fn start(&self) -> Result<String> {
+    /// Runs `start` with `stdin` (the runtime options, marshalled; may be empty)
+    /// on its stdin; returns the address the shim printed.
+    pub async fn start(&self, stdin: &[u8]) -> Result<String> {
+        use tokio::io::AsyncWriteExt;
         let mut c = self.command();
-        c.arg("start");
-        let out = tokio::time::timeout(SHIM_COMMAND_TIMEOUT, c.output())
+        c.arg("start").stdin(Stdio::piped());
+        let run = async {
+            let mut child = c.spawn()?;
+            let mut input = child.stdin.take().expect("piped stdin");
+            // Written while its output is read: `start` reads stdin to its end
+            // first, but a shim that does not must not deadlock keeld.
+            let feed = async move {
+                let r = input.write_all(stdin).await;
+                drop(input);
+                r
+            };
+            let (fed, out) = tokio::join!(feed, child.wait_with_output());
+            let out = out?;
+            // A shim that exits without reading its stdin breaks the pipe: its exit
+            // status tells what happened.
+            if let Err(e) = fed {
+                if e.kind() != std::io::ErrorKind::BrokenPipe {
+                    return Err(e);
+                }
+            }
+            Ok(out)
+        };
+        let out = tokio::time::timeout(SHIM_COMMAND_TIMEOUT, run)
             .await
             .map_err(|_| Error::Shim(format!("{} start timed out", self.binary.display())))?
             .map_err(|e| Error::Shim(format!("run {} start: {e}", self.binary.display())))?;
@@ -122,13 +217,7 @@ impl ShimCommand {
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
         }
-        let address = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if !address.starts_with("unix://") {
-            return Err(Error::Shim(format!(
-                "shim start printed {address:?}, not a unix:// address"
-            )));
-        }
-        Ok(address)
+        start_address(String::from_utf8_lossy(&out.stdout).trim())
     }
 
     /// Runs `delete` for a shim that is gone: kills and removes the container, unmounts
@@ -253,6 +342,26 @@ mod tests {
     }
 
     #[test]
+    fn start_output_is_an_address_or_bootstrap_json() {
+        let a = "unix:///run/containerd/s/abc";
+        assert_eq!(start_address(a).unwrap(), a);
+        let json = format!(r#"{{"version":2,"address":"{a}","protocol":"ttrpc"}}"#);
+        assert_eq!(start_address(&json).unwrap(), a);
+        for refused in [
+            format!(r#"{{"version":3,"address":"{a}","protocol":"ttrpc"}}"#),
+            format!(r#"{{"version":2,"address":"{a}","protocol":"grpc"}}"#),
+            r#"{"version":2,"address":"tcp://x"}"#.to_string(),
+            "{not json".to_string(),
+            "/run/x.sock".to_string(),
+        ] {
+            assert!(
+                matches!(start_address(&refused), Err(Error::Shim(_))),
+                "{refused}"
+            );
+        }
+    }
+
+    #[test]
     fn runtime_names_resolve_like_containerd() {
         let dir = tempfile::tempdir().unwrap();
         let bin = dir.path().join("containerd-shim-runc-v2");
@@ -272,6 +381,17 @@ mod tests {
         ));
         assert!(matches!(
             resolve_runtime_in("", search),
+            Err(Error::InvalidArgument(_))
+        ));
+        // An absolute path is the shim itself, wherever it is.
+        let path = bin.display().to_string();
+        assert_eq!(resolve_runtime_in(&path, "".as_ref()).unwrap(), bin);
+        assert!(matches!(
+            resolve_runtime_in(&format!("{path}.missing"), search),
+            Err(Error::NotFound(_))
+        ));
+        assert!(matches!(
+            resolve_runtime_in("/usr/../bin/sh", search),
             Err(Error::InvalidArgument(_))
         ));
     }

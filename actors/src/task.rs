@@ -56,6 +56,7 @@ use life::{lock, Durable, Origin};
 use lifecycle::*;
 use recovery::*;
 pub use registry::{Reservation, Tasks};
+pub use requests::ProcessEntry;
 use requests::*;
 
 /// Deadline for one shim RPC other than Wait.
@@ -135,14 +136,35 @@ pub struct CreateTask {
     pub terminal: bool,
     /// Keep stdout and stderr in keel's per-task log file.
     pub log_to_file: bool,
-    /// Restore from this CRIU image tar (verified by [`verify_checkpoint`]).
-    pub checkpoint: Option<PathBuf>,
+    /// Restore the task's process instead of starting it anew.
+    pub checkpoint: Option<Restore>,
+    /// The task's own runtime options (type URL, value), checked by
+    /// [`crate::runtime_options::check`]; its container's apply when `None`.
+    pub options: Option<(String, Vec<u8>)>,
+    /// The task's own rootfs mounts (checked as a container's); its container's
+    /// when `None`. The shim mounts them and unmounts them at Delete.
+    pub rootfs: Option<Vec<MountRecord>>,
+}
+
+/// Where a restored task's CRIU image comes from.
+#[derive(Debug, Clone)]
+pub enum Restore {
+    /// A checkpoint's image tar in the content store (verified by
+    /// [`verify_checkpoint`]), unpacked for the restore and removed with the task,
+    /// and the CRIU options its restore needs again (given to runc in a CRIU
+    /// configuration file, as the shim passes none).
+    Image { tar: PathBuf, criu: Vec<String> },
+    /// A CRIU image directory the caller gave (`options.criu_image_path`), used
+    /// as it is and left in place.
+    Directory(PathBuf),
 }
 
 /// A task as the API shows it.
 #[derive(Debug, Clone)]
 pub struct TaskInfo {
     pub id: String,
+    /// The runtime options it was created with (type URL, value), if any.
+    pub runtime_options: Option<(String, Vec<u8>)>,
     pub pid: u32,
     pub state: TaskState,
     pub stdin: String,
@@ -169,6 +191,13 @@ async fn delete_and_shut_down(shim: &ShimClient, id: &str) -> Option<api::Delete
             rpc_timeout(),
         )
         .await;
+    // Fault injection (tests only): a stall between the shim's delete and its
+    // shutdown, for keeld to be killed in.
+    if let Some(keel_storage::faults::Fault::Stall(d)) =
+        keel_storage::faults::check(&format!("task:{id}:Shutdown"))
+    {
+        tokio::time::sleep(d).await;
+    }
     let _ = shim
         .shutdown(
             &api::ShutdownRequest {

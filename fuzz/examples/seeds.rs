@@ -271,6 +271,7 @@ fn main() {
             options: vec!["ro".into()],
         }],
         created: "2026-12-03T00:00:00Z".into(),
+        criu_restore: vec!["tcp-established".into()],
     };
     let index = cp.to_index().unwrap();
     assert_eq!(

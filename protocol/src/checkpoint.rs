@@ -1,6 +1,8 @@
 //! How a checkpoint lies in the content store: an OCI image index whose manifests
 //! are the CRIU image (a tar), the container's spec and the runtime options, with
-//! containerd's media types, so the layout is the one `ctr` reads.
+//! containerd's media types and labels (whether `ctr` can restore one is not
+//! tested), and keel's own annotations: the container's rootfs and the CRIU
+//! options its restore needs again.
 //!
 //! Both sides use this module: keeld writes the index and checks it again before a
 //! restore; keelctl reads it to recreate the container.
@@ -31,6 +33,11 @@ pub const ANNOTATION_RUNTIME: &str = "io.containerd.checkpoint.runtime";
 pub const ANNOTATION_CONTAINER: &str = "io.keel.checkpoint.container";
 /// Index annotation: the container's rootfs mounts, as JSON.
 pub const ANNOTATION_ROOTFS: &str = "io.keel.checkpoint.rootfs";
+/// Index annotation: the CRIU options the dump was taken with that its restore
+/// needs again (`tcp-established`, `ext-unix-sk`, `file-locks`), comma-separated.
+pub const ANNOTATION_CRIU_RESTORE: &str = "io.keel.checkpoint.criu-restore";
+/// The CRIU options [`ANNOTATION_CRIU_RESTORE`] may name.
+pub const CRIU_RESTORE_OPTIONS: &[&str] = &["tcp-established", "ext-unix-sk", "file-locks"];
 /// Index annotation: when the checkpoint was taken (RFC 3339).
 pub const ANNOTATION_CREATED: &str = "org.opencontainers.image.created";
 
@@ -71,6 +78,8 @@ pub struct Checkpoint {
     pub container: String,
     pub rootfs: Vec<RootfsMount>,
     pub created: String,
+    /// CRIU options the restore needs again (of [`CRIU_RESTORE_OPTIONS`]).
+    pub criu_restore: Vec<String>,
 }
 
 /// InvalidArgument: the blob `digest` names is not a checkpoint index.
@@ -111,6 +120,10 @@ impl Checkpoint {
             (ANNOTATION_CONTAINER.to_string(), self.container.clone()),
             (ANNOTATION_ROOTFS.to_string(), rootfs),
             (ANNOTATION_CREATED.to_string(), self.created.clone()),
+            (
+                ANNOTATION_CRIU_RESTORE.to_string(),
+                self.criu_restore.join(","),
+            ),
         ]);
         let index = ImageIndexBuilder::default()
             .schema_version(2u32)
@@ -168,7 +181,21 @@ impl Checkpoint {
                 .map_err(|e| invalid(&format!("annotation {ANNOTATION_ROOTFS}: {e}")))?,
             None => Vec::new(),
         };
+        let criu_restore: Vec<String> = get(ANNOTATION_CRIU_RESTORE)
+            .split(',')
+            .filter(|o| !o.is_empty())
+            .map(str::to_string)
+            .collect();
+        if let Some(o) = criu_restore
+            .iter()
+            .find(|o| !CRIU_RESTORE_OPTIONS.contains(&o.as_str()))
+        {
+            return Err(invalid(&format!(
+                "annotation {ANNOTATION_CRIU_RESTORE}: {o:?} is not one of {CRIU_RESTORE_OPTIONS:?}"
+            )));
+        }
         Ok(Self {
+            criu_restore,
             image,
             config,
             options: find(MEDIA_TYPE_RUNTIME_OPTIONS),
@@ -226,6 +253,7 @@ mod tests {
                 options: vec!["rbind".into()],
             }],
             created: "2026-01-01T00:00:00Z".into(),
+            criu_restore: vec!["tcp-established".into()],
         }
     }
 

@@ -22,6 +22,12 @@ pub const PROCESS_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-s
 pub const RESOURCES_TYPE_URL: &str =
     "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources";
 
+/// Type URL of runc's runtime options, as containerd's runc shims name it (no
+/// `type.googleapis.com/` prefix).
+pub const RUNC_OPTIONS_TYPE_URL: &str = "containerd.runc.v1.Options";
+/// Type URL of runc's checkpoint options, named likewise.
+pub const CHECKPOINT_OPTIONS_TYPE_URL: &str = "containerd.runc.v1.CheckpointOptions";
+
 /// Converts a wall-clock time into a protobuf timestamp.
 pub fn timestamp(t: SystemTime) -> Timestamp {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();

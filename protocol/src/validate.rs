@@ -164,6 +164,20 @@ fn truncated(s: &str) -> &str {
 }
 
 /// A path or URI: at most `path_bytes`, no NUL.
+/// An options `Any` a client sends (runtime or checkpoint options): its type URL
+/// bounded as a path, its value at most `spec_bytes`.
+pub fn options(field: &str, any: &Any, limits: &Limits) -> Result<(), Error> {
+    path(&format!("{field}.type_url"), &any.type_url, limits)?;
+    if any.value.len() > limits.spec_bytes {
+        return invalid(format!(
+            "{field}: {} bytes, the limit is {}",
+            any.value.len(),
+            limits.spec_bytes
+        ));
+    }
+    Ok(())
+}
+
 pub fn path(field: &str, value: &str, limits: &Limits) -> Result<(), Error> {
     if value.len() > limits.path_bytes {
         return invalid(format!(

@@ -58,6 +58,10 @@ pub struct TaskRecord {
     /// record); absent in records from before it was kept here.
     #[serde(default)]
     pub runtime: Option<String>,
+    /// The runtime options it was created with (type URL, value), as given: its
+    /// own, or its container's. Absent when none were given.
+    #[serde(default)]
+    pub runtime_options: Option<(String, Vec<u8>)>,
 }
 
 /// An exec process's durable facts: enough to watch it again after a restart.

@@ -277,6 +277,24 @@ impl Keeld {
         Path::new("/run/containerd/s").join(hex::encode(h))
     }
 
+    /// The pid of the shim this keeld launched for task `id` of its namespace.
+    pub fn shim_pid(&self, id: &str) -> nix::unistd::Pid {
+        let pattern = format!(
+            "containerd-shim-runc-v2 -namespace {} -id {id} -address {}",
+            self.namespace,
+            self.socket.display()
+        );
+        let out = Command::new("pgrep")
+            .args(["-f", &pattern])
+            .output()
+            .expect("pgrep");
+        let pid = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("not one shim for {id}: {}", describe(&out)));
+        nix::unistd::Pid::from_raw(pid)
+    }
+
     /// keelctl against this daemon.
     pub fn ctl_cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(bin_dir().join("keelctl"));
@@ -414,7 +432,6 @@ impl Drop for Keeld {
     }
 }
 
-/// A readable account of a finished command.
 /// How long one keelctl may run in a test before it fails the test:
 /// `KEEL_TEST_CTL_TIMEOUT` seconds, 180 by default. A lost exit or a stalled
 /// request then fails fast, naming the command that waited, instead of hanging
@@ -429,7 +446,7 @@ pub fn ctl_timeout() -> Duration {
 
 /// Waits for a keelctl with piped output; past [`ctl_timeout`] kills it and
 /// panics with what it was doing and what it had printed.
-fn finish_within(child: Child, args: &[&str]) -> Output {
+pub fn finish_within(child: Child, args: &[&str]) -> Output {
     let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -449,6 +466,7 @@ fn finish_within(child: Child, args: &[&str]) -> Output {
     }
 }
 
+/// A readable account of a finished command.
 pub fn describe(out: &Output) -> String {
     format!(
         "status {:?} (signal {:?})\nstdout: {}\nstderr: {}",
@@ -545,11 +563,18 @@ pub fn busybox_rootfs() -> PathBuf {
 pub fn require_runtime() {
     require_root("running containers");
     for bin in ["runc", "containerd-shim-runc-v2"] {
-        let found = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
-            .unwrap_or(false);
-        assert!(found, "{bin} is not on PATH: run deploy/install-deps.sh");
+        assert!(
+            on_path(bin).is_some(),
+            "{bin} is not on PATH: run deploy/install-deps.sh"
+        );
     }
+}
+
+/// Where `bin` is on PATH, if it is.
+pub fn on_path(bin: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(bin))
+        .find(|p| p.is_file())
 }
 
 /// Whether CRIU works on this machine (`criu check` passes). When it does not, the
@@ -944,4 +969,114 @@ pub fn topics_about(events: &[keel_protocol::api::events::Envelope], id: &str) -
         })
         .map(|e| e.topic.clone())
         .collect()
+}
+
+/// A keelctl on a terminal of its own (its stdin, stdout and stderr), with
+/// everything the terminal shows collected as it arrives.
+#[derive(Debug)]
+pub struct CtlOnTerminal {
+    child: Child,
+    master: std::os::fd::OwnedFd,
+    shown: std::sync::Arc<Mutex<Vec<u8>>>,
+    reader: std::thread::JoinHandle<()>,
+    args: Vec<String>,
+}
+
+fn winsize(cols: u16, rows: u16) -> nix::pty::Winsize {
+    nix::pty::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    }
+}
+
+nix::ioctl_write_ptr_bad!(set_winsize, libc::TIOCSWINSZ, nix::pty::Winsize);
+
+impl CtlOnTerminal {
+    /// Starts keelctl `args` against `k` on a fresh terminal of `cols` x `rows`.
+    pub fn spawn(k: &Keeld, args: &[&str], cols: u16, rows: u16) -> Self {
+        use std::io::Read;
+        let pty = nix::pty::openpty(Some(&winsize(cols, rows)), None).expect("openpty");
+        let slave = pty.slave;
+        // The Command, and with it the parent's copies of the terminal, ends here.
+        let child = k
+            .ctl_cmd(args)
+            .stdin(Stdio::from(slave.try_clone().expect("dup")))
+            .stdout(Stdio::from(slave.try_clone().expect("dup")))
+            .stderr(Stdio::from(slave))
+            .spawn()
+            .expect("spawn keelctl");
+        let shown = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let mut master = std::fs::File::from(pty.master.try_clone().expect("dup"));
+        let out = shown.clone();
+        let reader = std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            // EIO once keelctl, the terminal's last user, is gone.
+            while let Ok(n @ 1..) = master.read(&mut chunk) {
+                out.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        });
+        Self {
+            child,
+            master: pty.master,
+            shown,
+            reader,
+            args: args.iter().map(|a| a.to_string()).collect(),
+        }
+    }
+
+    /// What the terminal has shown so far.
+    pub fn shown(&self) -> String {
+        String::from_utf8_lossy(&self.shown.lock().unwrap()).to_string()
+    }
+
+    /// Waits (at most 20 s) until the terminal shows `text`.
+    pub fn wait_for(&self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.shown().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "keelctl {:?}: the terminal never showed {text:?}; it showed {:?}",
+                self.args,
+                self.shown()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Resizes the terminal and tells keelctl, as a terminal emulator tells the
+    /// terminal's foreground process (SIGWINCH).
+    pub fn resize(&self, cols: u16, rows: u16) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: the descriptor is the open master of a terminal and the pointer a
+        // valid winsize that outlives the call.
+        unsafe { set_winsize(self.master.as_raw_fd(), &winsize(cols, rows)) }.expect("TIOCSWINSZ");
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGWINCH).expect("SIGWINCH");
+    }
+
+    /// Waits (at most [`ctl_timeout`]) for keelctl to exit; returns its exit code and
+    /// everything the terminal showed.
+    pub fn finish(mut self) -> (Option<i32>, String) {
+        let deadline = Instant::now() + ctl_timeout();
+        let status = loop {
+            if let Some(st) = self.child.try_wait().expect("wait for keelctl") {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "keelctl {:?} on a terminal did not finish; it showed {:?}",
+                    self.args,
+                    self.shown()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        drop(self.master);
+        self.reader.join().expect("the terminal's reader");
+        let shown = String::from_utf8_lossy(&self.shown.lock().unwrap()).to_string();
+        (status.code(), shown)
+    }
 }

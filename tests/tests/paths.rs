@@ -1,6 +1,6 @@
 //! Paths of the API that only a request shaped by hand reaches: field masks,
 //! reads at the edges of a blob, signals out of range and to every process,
-//! forwarded events.
+//! forwarded events, a task's process list.
 
 use std::time::{Duration, Instant};
 
@@ -167,7 +167,7 @@ fn kill_checks_its_signal_and_all_reaches_every_process() {
         k.ctl_ok(&["tasks", "ps", "k"])
             .lines()
             .skip(1)
-            .filter_map(|l| l.trim().parse::<u32>().ok())
+            .filter_map(|l| l.split_whitespace().next()?.parse::<u32>().ok())
             .filter(|pid| {
                 let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
                 cmd.starts_with(b"sleep\x0060")
@@ -193,6 +193,8 @@ fn kill_checks_its_signal_and_all_reaches_every_process() {
         assert_eq!(status, ttrpc::Code::INVALID_ARGUMENT, "{msg}");
         assert!(msg.contains("signal"), "{msg}");
     }
+    // Signal 0 only asks whether the process is there.
+    kill(0, false).expect("signal 0 to a running task");
     // SIGUSR1 to the init alone: handled; the sleeps never see it.
     kill(10, false).expect("kill");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -383,4 +385,142 @@ fn update_checks_resources_and_annotations_and_applies_them() {
     assert_eq!(m["pids_limit"], 77, "{m}");
     k.ctl_ok(&["tasks", "rm", "-f", "u"]);
     k.ctl_ok(&["containers", "rm", "u"]);
+}
+
+/// Rows of `keelctl tasks ps`: (pid, exec id; empty for the init process).
+fn ps(k: &Keeld, id: &str) -> Vec<(u32, String)> {
+    k.ctl_ok(&["tasks", "ps", id])
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let mut cols = l.split_whitespace();
+            let pid = cols.next().and_then(|p| p.parse().ok()).expect("a pid");
+            (pid, cols.next().unwrap_or_default().to_string())
+        })
+        .collect()
+}
+
+fn task_pid(k: &Keeld, id: &str) -> u32 {
+    k.ctl_ok(&["tasks", "ls"])
+        .lines()
+        .find_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.first() == Some(&id)).then(|| cols[1].parse().expect("pid"))
+        })
+        .expect("the task is listed")
+}
+
+fn cmdline(pid: u32) -> Vec<u8> {
+    std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default()
+}
+
+#[test]
+fn ps_lists_the_init_and_each_exec_process_by_its_exec_id() {
+    require_runtime();
+    let k = Keeld::start();
+    let rootfs = busybox_rootfs();
+    let run = [
+        "run",
+        "-d",
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        "p",
+        "sleep",
+        "600",
+    ];
+    let out = k.ctl(&run);
+    assert!(out.status.success(), "{}", describe(&out));
+    let init = task_pid(&k, "p");
+    assert_eq!(ps(&k, "p"), vec![(init, String::new())]);
+    // The init process is named by the task's id, as containerd names it.
+    let rt = keel_tests::runtime();
+    let got = rt.block_on(async {
+        let c = k.client(None).await;
+        let req = keel_protocol::api::tasks::GetRequest {
+            container_id: "p".into(),
+            ..Default::default()
+        };
+        c.tasks.get(c.ctx(), &req).await.expect("get")
+    });
+    assert_eq!(got.process.id, "p");
+    let args = ["tasks", "exec", "--exec-id", "e1", "p", "sleep", "601"];
+    let exec = k
+        .ctl_cmd(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn keelctl");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let rows = loop {
+        let rows = ps(&k, "p");
+        if rows.len() == 2 {
+            break rows;
+        }
+        assert!(Instant::now() < deadline, "the exec never listed: {rows:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(rows.contains(&(init, String::new())), "{rows:?}");
+    let (exec_pid, _) = rows
+        .iter()
+        .find(|(_, e)| e == "e1")
+        .unwrap_or_else(|| panic!("no row for exec e1: {rows:?}"));
+    assert!(cmdline(*exec_pid).starts_with(b"sleep\x00601"), "{rows:?}");
+    k.ctl_ok(&["tasks", "kill", "-s", "9", "--exec-id", "e1", "p"]);
+    let out = keel_tests::finish_within(exec, &args);
+    assert_eq!(out.status.code(), Some(137), "{}", describe(&out));
+    assert_eq!(ps(&k, "p"), vec![(init, String::new())]);
+    k.ctl_ok(&["tasks", "rm", "-f", "p"]);
+    k.ctl_ok(&["containers", "rm", "p"]);
+}
+
+#[test]
+fn list_applies_its_filter() {
+    require_runtime();
+    let k = Keeld::start();
+    let rootfs = busybox_rootfs();
+    for id in ["la", "lb"] {
+        let out = k.ctl(&[
+            "run",
+            "-d",
+            "--rootfs",
+            rootfs.to_str().unwrap(),
+            id,
+            "sleep",
+            "600",
+        ]);
+        assert!(out.status.success(), "{}", describe(&out));
+    }
+    k.ctl_ok(&["tasks", "kill", "-s", "9", "lb"]);
+    let w = k.ctl(&["tasks", "wait", "lb"]);
+    assert_eq!(w.status.code(), Some(137), "{}", describe(&w));
+    let pid_a = task_pid(&k, "la");
+    let rt = keel_tests::runtime();
+    let list = |filter: &str| {
+        rt.block_on(async {
+            let c = k.client(None).await;
+            let req = keel_protocol::api::tasks::ListTasksRequest {
+                filter: filter.into(),
+                ..Default::default()
+            };
+            c.tasks.list(c.ctx(), &req).await.map(|r| {
+                let mut ids: Vec<String> = r.tasks.iter().map(|t| t.container_id.clone()).collect();
+                ids.sort();
+                ids
+            })
+        })
+    };
+    assert_eq!(list("").unwrap(), ["la", "lb"]);
+    assert_eq!(list("status==stopped").unwrap(), ["lb"]);
+    assert_eq!(list("status==running").unwrap(), ["la"]);
+    assert_eq!(list(&format!("pid=={pid_a}")).unwrap(), ["la"]);
+    assert_eq!(list("id~=^l,status!=running").unwrap(), ["lb"]);
+    assert!(list("namespace==elsewhere").unwrap().is_empty());
+    let (status, msg) = code(list("id==").unwrap_err());
+    assert_eq!(status, ttrpc::Code::INVALID_ARGUMENT, "{msg}");
+    k.ctl_ok(&["tasks", "rm", "-f", "la"]);
+    k.ctl_ok(&["tasks", "rm", "lb"]);
+    for id in ["la", "lb"] {
+        k.ctl_ok(&["containers", "rm", id]);
+    }
 }

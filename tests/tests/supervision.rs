@@ -256,3 +256,106 @@ fn past_the_restart_limit_keeld_exits_cleanly_and_the_restore_brings_every_task_
     k.ctl_ok(&["tasks", "rm", "-f", "victim"]);
     k.ctl_ok(&["tasks", "rm", "-f", "bystander"]);
 }
+
+#[test]
+fn the_reconciler_alone_finds_a_dead_shim_and_records_the_exit_once() {
+    require_runtime();
+    // The task's shim unwatched (no pidfd, no pending Wait): only the periodic
+    // check of every shim's process can find it gone.
+    let k = Keeld::start_with_env(&[("KEEL_FAULTS", "task:blind:Watch=fail")]);
+    let mut sub = keel_tests::Subscriber::spawn(&k, &["--since", "0", "topic==/tasks/exit"]);
+    k.run_detached("blind");
+    let (status, pid) = settled(&k, "blind");
+    assert_eq!(status, "RUNNING");
+    nix::sys::signal::kill(k.shim_pid("blind"), nix::sys::signal::Signal::SIGKILL).unwrap();
+    // Within a tick or two of the 10 s reconciler (the deadline is keelctl's).
+    let w = k.ctl(&["tasks", "wait", "blind"]);
+    assert_eq!(w.status.code(), Some(137), "{}", describe(&w));
+    let log = k.log();
+    assert!(
+        log.contains("fault injected"),
+        "the fault never fired: {log}"
+    );
+    assert!(log.contains("reconciler: shim is gone"), "{log}");
+    // The container went with its shim; its exit is published once, also past
+    // the next tick.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    assert!(
+        status.is_empty() || status.contains("State:\tZ"),
+        "the container's process {pid} outlived its shim: {status}"
+    );
+    let mut exits = sub
+        .until(Duration::from_secs(10), |e| {
+            e["event"]["containerId"] == "blind"
+        })
+        .expect("an exit event");
+    exits.extend(sub.take(16, Duration::from_secs(11)));
+    let about: Vec<_> = exits
+        .iter()
+        .filter(|e| e["event"]["containerId"] == "blind")
+        .map(|e| e["event"]["exitStatus"].as_u64())
+        .collect();
+    assert_eq!(about, [Some(137)], "{exits:#?}");
+    k.ctl_ok(&["tasks", "rm", "blind"]);
+    k.ctl_ok(&["containers", "rm", "blind"]);
+}
+
+#[test]
+fn a_delete_keeld_died_in_after_the_shim_deleted_the_task_is_finished_at_start() {
+    require_runtime();
+    // keeld killed after the shim deleted the task, before the shim's shutdown
+    // and the record's removal: the next start finds a shim without the task.
+    let mut k = Keeld::start_with_env(&[("KEEL_FAULTS", "task:half:Shutdown=stall:120000")]);
+    k.run_detached("half");
+    assert_eq!(settled(&k, "half").0, "RUNNING");
+    let shim = k.shim_pid("half");
+    let rm = k
+        .ctl_cmd(&["tasks", "rm", "-f", "half"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn keelctl");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !k.log().contains("task:half:Shutdown") {
+        assert!(
+            Instant::now() < deadline,
+            "the delete never reached the stall"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    k.kill9();
+    keel_tests::finish_within(rm, &["tasks", "rm", "-f", "half"]);
+    assert!(
+        std::path::Path::new(&format!("/proc/{shim}")).exists(),
+        "the shim was to outlive keeld"
+    );
+    k.set_env("KEEL_FAULTS", None);
+    k.spawn();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while k.ctl_ok(&["tasks", "ls"]).contains("half") {
+        assert!(Instant::now() < deadline, "the delete was never finished");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(k.log().contains("finishing the delete"), "{}", k.log());
+    // As a delete that was never cut short: one exit, one delete, in that order;
+    // the shim gone, the container free to be removed.
+    let rt = runtime();
+    let topics = topics_about(&rt.block_on(k.replay()), "half");
+    let ends: Vec<_> = topics
+        .iter()
+        .filter(|t| *t == "/tasks/exit" || *t == "/tasks/delete")
+        .collect();
+    assert_eq!(ends, ["/tasks/exit", "/tasks/delete"], "{topics:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(format!("/proc/{shim}/status"))
+        .is_ok_and(|s| !s.contains("State:\tZ"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the shim of a finished delete lives on"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    k.ctl_ok(&["containers", "rm", "half"]);
+}

@@ -4,7 +4,10 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use keel_tests::{busybox_rootfs, describe, require_runtime, Keeld, Subscriber};
+use keel_protocol::containerd::shim::oci::Options;
+use keel_protocol::protobuf::well_known_types::any::Any;
+use keel_protocol::protobuf::Message;
+use keel_tests::{busybox_rootfs, describe, require_runtime, CtlOnTerminal, Keeld, Subscriber};
 
 fn run(k: &Keeld, args: &[&str]) -> std::process::Output {
     let rootfs = busybox_rootfs();
@@ -320,19 +323,7 @@ fn sigkill_of_the_shim_stops_the_task_with_137_and_cleans_up() {
     let pid = serde_json::from_str::<serde_json::Value>(ls.trim()).unwrap()["pid"]
         .as_u64()
         .unwrap();
-    let pattern = format!(
-        "containerd-shim-runc-v2 -namespace {} -id rt-shim -address {}",
-        k.namespace,
-        k.socket.display()
-    );
-    let shim = std::process::Command::new("pgrep")
-        .args(["-f", &pattern])
-        .output()
-        .unwrap();
-    let shim_pid: i32 = String::from_utf8_lossy(&shim.stdout)
-        .trim()
-        .parse()
-        .expect("one shim");
+    let shim_pid = k.shim_pid("rt-shim");
     // An exec process, running when the shim dies, is reported too.
     let mut exec = k
         .ctl_cmd(&[
@@ -355,11 +346,7 @@ fn sigkill_of_the_shim_stops_the_task_with_137_and_cleans_up() {
             .contains("\"RUNNING\"")
             .then_some(())
     });
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(shim_pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    nix::sys::signal::kill(shim_pid, nix::sys::signal::Signal::SIGKILL).unwrap();
 
     let w = k.ctl(&["tasks", "wait", "rt-shim"]);
     assert_eq!(w.status.code(), Some(137), "{}", describe(&w));
@@ -689,26 +676,9 @@ fn delete_is_idempotent_and_a_failed_one_can_be_retried() {
     let mut k = k;
     let out = run(&k, &["-d", "del-2", "sleep", "600"]);
     assert!(out.status.success(), "{}", describe(&out));
-    let shim = std::process::Command::new("pgrep")
-        .args([
-            "-f",
-            &format!(
-                "containerd-shim-runc-v2 -namespace {} -id del-2 ",
-                k.namespace
-            ),
-        ])
-        .output()
-        .unwrap();
-    let shim_pid: i32 = String::from_utf8_lossy(&shim.stdout)
-        .trim()
-        .parse()
-        .expect("shim pid");
+    let shim_pid = k.shim_pid("del-2");
     k.kill9();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(shim_pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    nix::sys::signal::kill(shim_pid, nix::sys::signal::Signal::SIGKILL).unwrap();
     k.spawn();
     let deadline = Instant::now() + Duration::from_secs(20);
     while !k.ctl_ok(&["tasks", "ls"]).contains("STOPPED") {
@@ -1076,50 +1046,10 @@ fn exec_runs_a_process_in_a_running_task_with_its_own_exit() {
     assert_no_leaks(&k, &k.namespace, "ex");
 }
 
-/// Runs keelctl on a fresh terminal of `cols` x `rows` (its stdin, stdout and
-/// stderr); returns its exit code and everything the terminal showed.
+/// Runs keelctl on a fresh terminal of `cols` x `rows`; returns its exit code and
+/// everything the terminal showed.
 fn ctl_on_terminal(k: &Keeld, args: &[&str], cols: u16, rows: u16) -> (Option<i32>, String) {
-    use std::io::Read;
-    let ws = nix::pty::Winsize {
-        ws_row: rows,
-        ws_col: cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    let pty = nix::pty::openpty(Some(&ws), None).expect("openpty");
-    let slave = pty.slave;
-    // The Command, and with it the parent's copies of the terminal, ends here.
-    let mut child = k
-        .ctl_cmd(args)
-        .stdin(Stdio::from(slave.try_clone().unwrap()))
-        .stdout(Stdio::from(slave.try_clone().unwrap()))
-        .stderr(Stdio::from(slave))
-        .spawn()
-        .expect("spawn keelctl");
-    let mut master = std::fs::File::from(pty.master);
-    let reader = std::thread::spawn(move || {
-        let (mut seen, mut chunk) = (Vec::new(), [0u8; 4096]);
-        // EIO once keelctl, the terminal's last user, is gone.
-        while let Ok(n) = master.read(&mut chunk) {
-            if n == 0 {
-                break;
-            }
-            seen.extend_from_slice(&chunk[..n]);
-        }
-        String::from_utf8_lossy(&seen).to_string()
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("keelctl {args:?} on a terminal did not finish");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    (status.code(), reader.join().unwrap())
+    CtlOnTerminal::spawn(k, args, cols, rows).finish()
 }
 
 #[test]
@@ -1173,6 +1103,35 @@ fn a_terminal_follows_the_size_of_keelctls_own() {
     assert_eq!(code, Some(5), "{shown}");
     assert!(shown.contains("40 120"), "{shown:?}");
     assert!(shown.contains("/dev/pts/"), "{shown:?}");
+
+    // The terminal resized while the process runs: keelctl passes the new size on
+    // and the process hears of it (SIGWINCH), as on a terminal of its own. Ready
+    // once keelctl's first resize arrived (so keelctl follows SIGWINCH by then).
+    let script = "while [ -z \"$(busybox stty size 2>/dev/null)\" ]; do sleep 0.1; done; \
+                  trap 'echo size $(busybox stty size)' WINCH; echo ready; \
+                  while true; do sleep 1; done";
+    let term = CtlOnTerminal::spawn(
+        &k,
+        &[
+            "tasks",
+            "exec",
+            "-t",
+            "--exec-id",
+            "sh2",
+            "tty-2",
+            "sh",
+            "-c",
+            script,
+        ],
+        80,
+        24,
+    );
+    term.wait_for("ready");
+    term.resize(100, 37);
+    term.wait_for("size 37 100");
+    k.ctl_ok(&["tasks", "kill", "-s", "9", "--exec-id", "sh2", "tty-2"]);
+    let (code, shown) = term.finish();
+    assert_eq!(code, Some(137), "{shown}");
 
     // A detached task has nowhere to show a terminal.
     k.ctl_err(
@@ -1239,7 +1198,11 @@ fn checkpoint_and_restore_continue_a_counter_from_its_saved_value() {
         &k,
         &["topic==/tasks/checkpointed", "topic==/containers/delete"],
     );
-    let out = run(&k, &["-d", "cp-count", "sh", "-c", COUNTER]);
+    // With a runtime option, which the checkpoint carries to the restore.
+    let out = run(
+        &k,
+        &["-d", "--no-new-keyring", "cp-count", "sh", "-c", COUNTER],
+    );
     assert!(out.status.success(), "{}", describe(&out));
     eventually(Duration::from_secs(30), "the counter to count", || {
         (last_count(&k, "cp-count") >= 20).then_some(())
@@ -1290,6 +1253,16 @@ fn checkpoint_and_restore_continue_a_counter_from_its_saved_value() {
         info["labels"]["containerd.io/gc.root"].is_string(),
         "{info}"
     );
+    // The options blob: the task's options as given (keel's own runc root is not
+    // among them).
+    let options = verified_blob(&k, manifests[2]["digest"].as_str().unwrap());
+    let options = <Any as Message>::parse_from_bytes(&options).unwrap();
+    assert_eq!(options.type_url, "containerd.runc.v1.Options");
+    let options = <Options as Message>::parse_from_bytes(&options.value).unwrap();
+    assert!(
+        options.no_new_keyring && options.root.is_empty(),
+        "{options:?}"
+    );
     for (i, m) in manifests.iter().enumerate() {
         let d = m["digest"].as_str().unwrap();
         let blob = verified_blob(&k, d);
@@ -1331,8 +1304,30 @@ fn checkpoint_and_restore_continue_a_counter_from_its_saved_value() {
         || (last_count(&k, "cp-restored") > first + 5).then_some(()),
     );
 
-    // --image-path leaves the raw CRIU image in a directory instead.
+    // --image-path leaves the raw CRIU image in a directory instead; only in an
+    // empty one, whose contents a refused checkpoint leaves alone.
+    let used = k.dir.path().join("used-image-dir");
+    std::fs::create_dir(&used).unwrap();
+    std::fs::write(used.join("mine"), b"kept").unwrap();
+    let err = k.ctl_err(
+        &[
+            "tasks",
+            "checkpoint",
+            "--image-path",
+            used.to_str().unwrap(),
+            "cp-restored",
+        ],
+        "invalid argument",
+    );
+    assert!(err.contains("is not empty"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(&used)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["mine"]);
+    assert_eq!(std::fs::read(used.join("mine")).unwrap(), b"kept");
     let dir = k.dir.path().join("raw-image");
+    let at = last_count(&k, "cp-restored");
     let printed = k.ctl_ok(&[
         "tasks",
         "checkpoint",
@@ -1344,6 +1339,57 @@ fn checkpoint_and_restore_continue_a_counter_from_its_saved_value() {
     assert!(dir.join("descriptors.json").is_file());
     let ls = k.ctl_ok(&["tasks", "ls"]);
     assert!(ls.contains("RUNNING"), "{ls}");
+
+    // That directory restores (the task's options name it, as containerd's
+    // criu_image_path), into a container like the one checkpointed; CRIU works
+    // in the given work path and the image stays where it was.
+    let work = k.dir.path().join("criu-work");
+    let rootfs = busybox_rootfs();
+    let from_dir = |id: &str, image: &std::path::Path| {
+        k.ctl(&[
+            "run",
+            "-d",
+            "--rootfs",
+            rootfs.to_str().unwrap(),
+            "--criu-work-path",
+            work.to_str().unwrap(),
+            "--image-path",
+            image.to_str().unwrap(),
+            id,
+            "sh",
+            "-c",
+            COUNTER,
+        ])
+    };
+    let out = from_dir("cp-raw", &dir);
+    assert!(out.status.success(), "{}", describe(&out));
+    let first = eventually(
+        Duration::from_secs(30),
+        "the counter restored from a directory",
+        || first_count(&k, "cp-raw"),
+    );
+    assert!(
+        first > at,
+        "restored from a directory, it starts at {first}, not after {at}"
+    );
+    eventually(Duration::from_secs(20), "it to go on", || {
+        (last_count(&k, "cp-raw") > first + 5).then_some(())
+    });
+    assert!(
+        work.join("restore.log").is_file(),
+        "CRIU did not work in --criu-work-path"
+    );
+    assert!(
+        dir.join("inventory.img").is_file(),
+        "the image directory was touched"
+    );
+    k.ctl_ok(&["tasks", "rm", "-f", "cp-raw"]);
+    k.ctl_ok(&["containers", "rm", "cp-raw"]);
+    assert_no_leaks(&k, &k.namespace, "cp-raw");
+    let err = from_dir("cp-raw", &work);
+    let err = String::from_utf8_lossy(&err.stderr).to_string();
+    assert!(err.contains("holds no CRIU image"), "{err}");
+    assert!(!k.ctl_ok(&["containers", "ls"]).contains("cp-raw"));
 
     k.ctl_ok(&["tasks", "rm", "-f", "cp-restored"]);
     k.ctl_ok(&["containers", "rm", "cp-restored"]);
@@ -1398,6 +1444,31 @@ fn checkpoint_without_criu_fails_clearly_and_the_task_keeps_running() {
     // Bad input.
     k.ctl_err(&["tasks", "checkpoint", "nope"], "not found");
     k.ctl_err(&["tasks", "checkpoint", "../x"], "invalid argument");
+    let rt = keel_tests::runtime();
+    let e = rt.block_on(async {
+        let c = k.client(None).await;
+        let req = keel_protocol::api::tasks::CheckpointTaskRequest {
+            container_id: "no-criu".into(),
+            image_path: "relative/dir".into(),
+            ..Default::default()
+        };
+        c.tasks.checkpoint(c.ctx(), &req).await.unwrap_err()
+    });
+    assert!(
+        matches!(&e, ttrpc::Error::RpcStatus(s) if s.code() == ttrpc::Code::INVALID_ARGUMENT
+            && s.message().contains("image_path") && s.message().contains("absolute")),
+        "{e:?}"
+    );
+    // A task with a terminal is refused for that, before CRIU is looked for.
+    let term = run_on_terminal(&k, "cp-tty", "echo ready; sleep 600");
+    term.wait_for("ready");
+    let err = k.ctl_err(&["tasks", "checkpoint", "cp-tty"], "failed precondition");
+    assert!(err.contains("it has a terminal"), "{err}");
+    k.ctl_ok(&["tasks", "kill", "-s", "KILL", "cp-tty"]);
+    let (code, shown) = term.finish();
+    assert_eq!(code, Some(137), "{shown}");
+    k.ctl_ok(&["tasks", "rm", "cp-tty"]);
+    k.ctl_ok(&["containers", "rm", "cp-tty"]);
     k.ctl_ok(&["tasks", "kill", "-s", "KILL", "no-criu"]);
     assert_eq!(waited(&k, "no-criu"), 137);
     k.ctl_err(&["tasks", "checkpoint", "no-criu"], "it is stopped");
@@ -1432,4 +1503,187 @@ fn checkpoint_without_criu_fails_clearly_and_the_task_keeps_running() {
     k.ctl_ok(&["tasks", "rm", "no-criu"]);
     k.ctl_ok(&["containers", "rm", "no-criu"]);
     assert_no_leaks(&k, &k.namespace, "no-criu");
+}
+
+/// `keelctl run -t` of `script` in container `id`, on a terminal of its own.
+fn run_on_terminal(k: &Keeld, id: &str, script: &str) -> CtlOnTerminal {
+    let rootfs = busybox_rootfs();
+    let args = [
+        "run",
+        "-t",
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        id,
+        "sh",
+        "-c",
+        script,
+    ];
+    CtlOnTerminal::spawn(k, &args, 80, 24)
+}
+
+/// The checkpoint index's CRIU options for its restore.
+fn criu_restore_annotation(k: &Keeld, digest: &str) -> String {
+    let index: serde_json::Value = serde_json::from_slice(&verified_blob(k, digest)).unwrap();
+    index["annotations"]["io.keel.checkpoint.criu-restore"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn established_tcp_connections_are_dumped_only_with_tcp_established() {
+    require_runtime();
+    if !keel_tests::criu_or_skip("established_tcp_connections_are_dumped_only_with_tcp_established")
+    {
+        return;
+    }
+    let k = Keeld::start();
+    // A counter sent over TCP inside the container (the listener runs it with its
+    // output on the connection); the client prints it.
+    let script =
+        "nc -l -p 5000 -e sh -c 'i=0; while true; do i=$((i+1)); echo $i; sleep 0.1; done' & \
+                  sleep 0.5; nc 127.0.0.1 5000";
+    let out = run(&k, &["-d", "tcp", "sh", "-c", script]);
+    assert!(out.status.success(), "{}", describe(&out));
+    eventually(Duration::from_secs(30), "numbers over TCP", || {
+        (last_count(&k, "tcp") >= 10).then_some(())
+    });
+    // Without the option CRIU refuses the connection (and says which option it
+    // lacks); the task runs on.
+    let dump_log =
+        |dir: &std::path::Path| std::fs::read_to_string(dir.join("dump.log")).unwrap_or_default();
+    let work0 = k.dir.path().join("tcp-work-0");
+    k.ctl_err(
+        &[
+            "tasks",
+            "checkpoint",
+            "--work-path",
+            work0.to_str().unwrap(),
+            "tcp",
+        ],
+        "checkpoint",
+    );
+    const HINT: &str = "Connected TCP socket, consider using --tcp-established";
+    assert!(dump_log(&work0).contains(HINT), "{}", dump_log(&work0));
+    assert!(k.ctl_ok(&["tasks", "ls"]).contains("RUNNING"));
+    let now = last_count(&k, "tcp");
+    eventually(Duration::from_secs(20), "the counter to go on", || {
+        (last_count(&k, "tcp") > now + 5).then_some(())
+    });
+    // With it, CRIU dumps the connection (working in the given work path) and
+    // the restore brings it back, so the numbers go on over it.
+    let work = k.dir.path().join("tcp-work");
+    let out = k.ctl(&[
+        "tasks",
+        "checkpoint",
+        "--exit",
+        "--tcp-established",
+        "--work-path",
+        work.to_str().unwrap(),
+        "tcp",
+    ]);
+    let log = dump_log(&work);
+    assert!(!log.is_empty(), "CRIU did not work in --work-path");
+    assert!(!log.contains(HINT), "the option did not reach CRIU: {log}");
+    if !out.status.success() {
+        // Kernels from 6.x refuse SO_PASSCRED/SO_PASSSEC on inet sockets, which
+        // CRIU 4.1 reads from every socket it dumps: the dump of a TCP
+        // connection cannot succeed there, whatever keel passes.
+        assert!(
+            log.contains("sockets: Can't get 1:16 opt: Operation not supported"),
+            "{}\n{log}",
+            describe(&out)
+        );
+        eprintln!(
+            "NOTE: this kernel refuses CRIU's getsockopt(SO_PASSCRED) on a TCP socket; \
+             the option reached CRIU, the restore of a connection is not exercised here"
+        );
+        assert!(k.ctl_ok(&["tasks", "ls"]).contains("RUNNING"));
+        k.ctl_ok(&["tasks", "rm", "-f", "tcp"]);
+        k.ctl_ok(&["containers", "rm", "tcp"]);
+    } else {
+        let digest = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert_eq!(waited(&k, "tcp"), 137);
+        assert_eq!(criu_restore_annotation(&k, &digest), "tcp-established");
+        let last = last_count(&k, "tcp");
+        k.ctl_ok(&["tasks", "rm", "tcp"]);
+        k.ctl_ok(&["containers", "rm", "tcp"]);
+        k.ctl_ok(&["run", "-d", "--checkpoint", &digest, "tcp-restored"]);
+        let first = eventually(Duration::from_secs(30), "numbers after the restore", || {
+            first_count(&k, "tcp-restored")
+        });
+        assert!(
+            first > last.saturating_sub(50),
+            "restored at {first}, dumped at {last}"
+        );
+        eventually(Duration::from_secs(20), "them to go on", || {
+            (last_count(&k, "tcp-restored") > first + 10).then_some(())
+        });
+        k.ctl_ok(&["tasks", "rm", "-f", "tcp-restored"]);
+        k.ctl_ok(&["containers", "rm", "tcp-restored"]);
+    }
+    // Options keel cannot honour are refused, naming them.
+    k.run_detached("cg");
+    let err = k.ctl_err(
+        &["tasks", "checkpoint", "--cgroups-mode", "soft", "cg"],
+        "invalid argument",
+    );
+    assert!(err.contains("options.cgroups_mode"), "{err}");
+    let err = k.ctl_err(
+        &["tasks", "checkpoint", "--empty-ns", "pid", "cg"],
+        "invalid argument",
+    );
+    assert!(err.contains("options.empty_namespaces"), "{err}");
+    k.ctl_ok(&["tasks", "rm", "-f", "cg"]);
+}
+
+#[test]
+fn a_task_with_a_terminal_is_checkpointed_with_terminal_and_restored_on_a_new_one() {
+    require_runtime();
+    if !keel_tests::criu_or_skip(
+        "a_task_with_a_terminal_is_checkpointed_with_terminal_and_restored_on_a_new_one",
+    ) {
+        return;
+    }
+    let k = Keeld::start();
+    let term = run_on_terminal(&k, "cp-tty", COUNTER);
+    term.wait_for("\n20");
+    let err = k.ctl_err(&["tasks", "checkpoint", "cp-tty"], "failed precondition");
+    assert!(err.contains("--terminal"), "{err}");
+    let digest = k
+        .ctl_ok(&["tasks", "checkpoint", "--exit", "--terminal", "cp-tty"])
+        .trim()
+        .to_string();
+    let (code, shown) = term.finish();
+    assert_eq!(code, Some(137), "{shown}");
+    let last: u64 = shown
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .next_back()
+        .expect("numbers on the terminal");
+    k.ctl_ok(&["tasks", "rm", "cp-tty"]);
+    k.ctl_ok(&["containers", "rm", "cp-tty"]);
+    // Restored on a terminal of its own, it counts on from where it was.
+    let restored = CtlOnTerminal::spawn(
+        &k,
+        &["run", "-t", "--checkpoint", &digest, "cp-tty-2"],
+        80,
+        24,
+    );
+    restored.wait_for(&format!("\n{}", last + 20));
+    let first: u64 = restored
+        .shown()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .next()
+        .expect("numbers on the new terminal");
+    assert!(
+        first > last.saturating_sub(5),
+        "restored at {first}, dumped at {last}"
+    );
+    k.ctl_ok(&["tasks", "kill", "-s", "9", "cp-tty-2"]);
+    let (code, shown) = restored.finish();
+    assert_eq!(code, Some(137), "{shown}");
+    k.ctl_ok(&["tasks", "rm", "cp-tty-2"]);
+    k.ctl_ok(&["containers", "rm", "cp-tty-2"]);
 }

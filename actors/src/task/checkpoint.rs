@@ -25,6 +25,8 @@ use sha2::Digest as _;
 
 use super::*;
 use crate::storage::StorageHandle;
+use keel_protocol::containerd::shim::oci::{CheckpointOptions, Options};
+use protobuf::Message;
 
 /// Deadline for the shim's CRIU work: a dump, or a restore at Start.
 pub(super) const CRIU_RPC_TIMEOUT: Duration = Duration::from_secs(120);
@@ -38,6 +40,11 @@ pub struct CheckpointRequest {
     pub exit: bool,
     /// Leave the raw CRIU image in this (absolute) directory instead of the store.
     pub image_path: Option<PathBuf>,
+    /// What CRIU may dump (established TCP connections, external unix sockets, a
+    /// terminal, file locks, namespaces left empty) and where it works, checked by
+    /// [`crate::runtime_options::check_checkpoint`]. `exit` and `image_path` are
+    /// taken from the fields above.
+    pub options: CheckpointOptions,
 }
 
 /// Parses the version `criu --version` prints (`Version: 4.1.1`).
@@ -96,6 +103,28 @@ pub fn criu_ready() -> Result<()> {
     Ok(())
 }
 
+/// What a checkpoint records for its restore besides the image and the spec.
+struct Restorable {
+    /// The task's runtime options, as given.
+    runtime_options: Option<(String, Vec<u8>)>,
+    /// The CRIU options the restore needs again ([`criu_restore`]).
+    criu_restore: Vec<String>,
+}
+
+/// The CRIU options a restore of a dump taken with `o` needs given again: CRIU
+/// keeps none of them in the image, and the runc shim passes none at restore.
+fn criu_restore(o: &CheckpointOptions) -> Vec<String> {
+    [
+        (o.open_tcp, "tcp-established"),
+        (o.external_unix_sockets, "ext-unix-sk"),
+        (o.file_locks, "file-locks"),
+    ]
+    .into_iter()
+    .filter(|(on, _)| *on)
+    .map(|(_, name)| name.to_string())
+    .collect()
+}
+
 /// Has the shim dump the task into `path` (pausing it around the dump when it runs).
 #[derive(Message)]
 #[rtype(result = "Result<()>")]
@@ -105,6 +134,8 @@ pub(super) struct Dump {
     /// CRIU's work directory (its logs).
     pub work: PathBuf,
     pub exit: bool,
+    /// The rest of what the shim passes on to `runc checkpoint`.
+    pub options: CheckpointOptions,
 }
 
 impl Handler<Dump> for TaskActor {
@@ -125,13 +156,14 @@ impl Handler<Dump> for TaskActor {
             self.state = TaskState::Pausing;
         }
         let id = self.id.clone();
-        let options = keel_protocol::containerd::shim::oci::CheckpointOptions {
+        let options = CheckpointOptions {
             exit: m.exit,
             work_path: m.work.display().to_string(),
-            ..Default::default()
+            image_path: String::new(),
+            ..m.options
         };
         let request = pack(&options).map(|mut any| {
-            any.type_url = "containerd.runc.v1.CheckpointOptions".into();
+            any.type_url = keel_protocol::types::CHECKPOINT_OPTIONS_TYPE_URL.into();
             api::CheckpointTaskRequest {
                 id: id.clone(),
                 path: m.path.display().to_string(),
@@ -173,8 +205,20 @@ impl Handler<Dump> for TaskActor {
 }
 
 impl TaskHandle {
-    async fn dump(&self, path: PathBuf, work: PathBuf, exit: bool) -> Result<()> {
-        self.call(Dump { path, work, exit }).await?
+    async fn dump(
+        &self,
+        path: PathBuf,
+        work: PathBuf,
+        exit: bool,
+        options: CheckpointOptions,
+    ) -> Result<()> {
+        self.call(Dump {
+            path,
+            work,
+            exit,
+            options,
+        })
+        .await?
     }
 }
 
@@ -342,13 +386,14 @@ fn verified_blob(
 }
 
 /// Reads and checks a checkpoint index (at most `max_index` bytes) and every blob it
-/// references. Returns the path of its CRIU image tar in the store.
+/// references. Returns how to restore it: the path of its CRIU image tar in the
+/// store, and the CRIU options its restore needs again.
 pub fn verify_checkpoint(
     store: &ContentStore,
     ns: &str,
     digest: &str,
     max_index: usize,
-) -> Result<PathBuf> {
+) -> Result<Restore> {
     let d = Digest::parse("checkpoint", digest)?;
     let size = store.info(ns, &d)?.size;
     if size > max_index as u64 {
@@ -366,7 +411,10 @@ pub fn verify_checkpoint(
             image = Some(path);
         }
     }
-    Ok(image.expect("a parsed checkpoint has an image"))
+    Ok(Restore::Image {
+        tar: image.expect("a parsed checkpoint has an image"),
+        criu: checkpoint.criu_restore,
+    })
 }
 
 impl Tasks {
@@ -385,9 +433,9 @@ impl Tasks {
         // that cannot be checkpointed is refused for that, before CRIU is examined.
         let info = task.info().await?;
         info.state.can_checkpoint(id)?;
-        if info.terminal {
+        if info.terminal && !req.options.terminal {
             return Err(Error::FailedPrecondition(format!(
-                "cannot checkpoint task {id}: it has a terminal"
+                "cannot checkpoint task {id}: it has a terminal (allow it with options.terminal, keelctl --terminal)"
             )));
         }
         blocking_io(criu_ready).await?;
@@ -399,7 +447,11 @@ impl Tasks {
             .join("checkpoints")
             .join(ns)
             .join(format!("{id}-{stamp}"));
-        let criu_work = work.join("criu");
+        // CRIU works (and leaves its logs) where the options say, else in scratch.
+        let criu_work = match req.options.work_path.as_str() {
+            "" => work.join("criu"),
+            given => PathBuf::from(given),
+        };
         std::fs::create_dir_all(&criu_work).map_err(io_err("create", &criu_work))?;
         let _scratch = Scratch(work.clone());
 
@@ -415,13 +467,15 @@ impl Tasks {
                     dir.display()
                 )));
             }
-            task.dump(dir, criu_work, req.exit).await?;
+            task.dump(dir, criu_work, req.exit, req.options).await?;
             return Ok(None);
         }
 
         let image_dir = work.join("image");
         std::fs::create_dir_all(&image_dir).map_err(io_err("create", &image_dir))?;
-        task.dump(image_dir.clone(), criu_work, req.exit).await?;
+        let criu_restore = criu_restore(&req.options);
+        task.dump(image_dir.clone(), criu_work, req.exit, req.options)
+            .await?;
 
         let tar_path = work.join("image.tar");
         let (dir, tp) = (image_dir.clone(), tar_path.clone());
@@ -445,7 +499,17 @@ impl Tasks {
                     let _ = std::fs::write(work.join(NEW_IMAGE_FILE), digest.to_string());
                 }
                 let stored = self
-                    .store_checkpoint(storage, ns, container, (digest.clone(), size), stamp)
+                    .store_checkpoint(
+                        storage,
+                        ns,
+                        container,
+                        Restorable {
+                            runtime_options: info.runtime_options.clone(),
+                            criu_restore: criu_restore.clone(),
+                        },
+                        (digest.clone(), size),
+                        stamp,
+                    )
                     .await;
                 if stored.is_err() && new {
                     drop_unreferenced(storage, ns, digest).await;
@@ -476,16 +540,21 @@ impl Tasks {
     }
 
     /// Writes the rest of a dumped checkpoint into the content store, its CRIU image
-    /// tar being stored: the container's spec, the runtime options, then the index
-    /// that references them all.
+    /// tar being stored: the container's spec, the runtime options the task runs
+    /// with (as given, when any were), then the index that references them all.
     async fn store_checkpoint(
         &self,
         storage: &StorageHandle,
         ns: &str,
         container: &ContainerRecord,
+        restorable: Restorable,
         (image_digest, image_size): (Digest, u64),
         stamp: u64,
     ) -> Result<(Digest, u64)> {
+        let Restorable {
+            runtime_options: options,
+            criu_restore,
+        } = restorable;
         let id = &container.id;
         let reference = |what: &str| ingest_ref(ns, id, stamp, what);
         let put_bytes = |what: &'static str, bytes: Vec<u8>| {
@@ -498,13 +567,30 @@ impl Tasks {
         };
         let (config_digest, config_size) =
             put_bytes("config", layout::config_blob(&container.spec)?).await?;
-        let options = self.runc_options()?;
-        let (options_digest, options_size) = put_bytes(
-            "options",
-            protobuf::Message::write_to_bytes(&options)
-                .map_err(|e| Error::Io(format!("encode runtime options: {e}")))?,
-        )
-        .await?;
+        let options = match options {
+            Some((type_url, value)) => {
+                // The options a container restored from this checkpoint runs with:
+                // not the image directory this task may itself have come from.
+                let value = match Options::parse_from_bytes(&value) {
+                    Ok(o) if !o.criu_image_path.is_empty() => Options {
+                        criu_image_path: String::new(),
+                        ..o
+                    }
+                    .write_to_bytes()
+                    .map_err(|e| Error::Io(format!("encode runtime options: {e}")))?,
+                    _ => value,
+                };
+                let any = protobuf::well_known_types::any::Any {
+                    type_url,
+                    value,
+                    ..Default::default()
+                };
+                let bytes = protobuf::Message::write_to_bytes(&any)
+                    .map_err(|e| Error::Io(format!("encode runtime options: {e}")))?;
+                Some(put_bytes("options", bytes).await?)
+            }
+            None => None,
+        };
 
         let blob = |media: &str, d: Digest, size: u64| Blob {
             media_type: media.to_string(),
@@ -514,11 +600,7 @@ impl Tasks {
         let checkpoint = Checkpoint {
             image: blob(MEDIA_TYPE_CRIU_TAR, image_digest, image_size),
             config: blob(MEDIA_TYPE_CONFIG, config_digest, config_size),
-            options: Some(blob(
-                MEDIA_TYPE_RUNTIME_OPTIONS,
-                options_digest,
-                options_size,
-            )),
+            options: options.map(|(d, size)| blob(MEDIA_TYPE_RUNTIME_OPTIONS, d, size)),
             runtime: container.runtime.clone(),
             container: id.clone(),
             rootfs: container
@@ -531,6 +613,7 @@ impl Tasks {
                 })
                 .collect(),
             created: keel_protocol::types::rfc3339(SystemTime::now()),
+            criu_restore,
         };
         let index = checkpoint.to_index()?;
         let (digest, size) = storage

@@ -2,6 +2,7 @@
 //! then its actor. On failure nothing is left behind.
 
 use super::*;
+use crate::runtime_options;
 
 /// The container's rootfs mounts as the shim takes them with Create.
 fn mounts(rootfs: &[MountRecord]) -> Vec<api::Mount> {
@@ -88,11 +89,18 @@ impl Tasks {
         std::fs::create_dir_all(bundle.join("rootfs"))
             .map_err(|e| fail(Error::Io(format!("create bundle: {e}"))))?;
         let spec = bundle::bundle_spec(&req.container.spec, ns, id, req.terminal).map_err(fail)?;
+        let spec = match &req.checkpoint {
+            Some(Restore::Image { criu, .. }) => {
+                bundle::with_criu_config(spec, bundle, criu).map_err(fail)?
+            }
+            _ => spec,
+        };
         std::fs::write(bundle.join("config.json"), spec)
             .map_err(|e| fail(Error::Io(format!("write config.json: {e}"))))?;
         let log = LogFifo::open(bundle, ns, id).map_err(fail)?;
         let checkpoint_dir = match &req.checkpoint {
-            Some(tar) => {
+            Some(Restore::Directory(dir)) => Some(dir.clone()),
+            Some(Restore::Image { tar, .. }) => {
                 let (tar, dir) = (tar.clone(), self.env.restore_dir(ns, id));
                 let (d, limits) = (dir.clone(), self.env.limits.clone());
                 let _ = std::fs::remove_dir_all(&dir);
@@ -115,7 +123,25 @@ impl Tasks {
                 (req.stdout.clone(), req.stderr.clone(), None)
             };
 
-        let address = cmd.start().await.map_err(fail)?;
+        // The options it runs with, as the shim gets them: on `start`'s stdin and
+        // with Create. Its own when given, else its container's (checked again:
+        // a binary named when the container was made may be gone).
+        let (field, given) = match &req.options {
+            Some(own) => ("options", Some(own.clone())),
+            None => (
+                "container.runtime.options",
+                req.container.runtime_options.clone(),
+            ),
+        };
+        let checked = given
+            .as_ref()
+            .map(|(url, value)| runtime_options::check(field, url, value))
+            .transpose()
+            .map_err(fail)?;
+        let options =
+            runtime_options::for_shim(checked.as_ref(), &self.env.runc_root()).map_err(fail)?;
+        let stdin = runtime_options::start_stdin(&options).map_err(fail)?;
+        let address = cmd.start(&stdin).await.map_err(fail)?;
         // The shim's address is durable before anything reports the task created, so
         // a crash from here on leaves a task keel can find and reconcile.
         let mut record = TaskRecord {
@@ -132,6 +158,7 @@ impl Tasks {
             created_ns: nanos(SystemTime::now()),
             started: false,
             runtime: Some(req.container.runtime.clone()),
+            runtime_options: given,
         };
         let persist = |record: TaskRecord| {
             let meta = self.env.meta.clone();
@@ -157,16 +184,15 @@ impl Tasks {
         record.shim_pid = conn.shim_pid;
         reservation.shim_started(conn.shim_pid);
 
-        let any = self.runc_options().map_err(with_shim)?;
         let create = api::CreateTaskRequest {
             id: id.clone(),
             bundle: bundle.display().to_string(),
-            rootfs: mounts(&req.container.rootfs),
+            rootfs: mounts(req.rootfs.as_deref().unwrap_or(&req.container.rootfs)),
             terminal: req.terminal,
             stdin: req.stdin.clone(),
             stdout: record.stdout.clone(),
             stderr: record.stderr.clone(),
-            options: MessageField::some(any),
+            options: MessageField::some(options),
             checkpoint: checkpoint_dir
                 .as_ref()
                 .map(|d| d.display().to_string())

@@ -448,6 +448,7 @@ impl Handler<GetExec> for TaskActor {
         };
         Ok(TaskInfo {
             id: exec_id,
+            runtime_options: None,
             pid: p.rec.pid,
             state,
             stdin: p.rec.stdin.clone(),

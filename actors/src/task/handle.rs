@@ -195,7 +195,8 @@ impl TaskHandle {
             }
         }
     }
-    pub async fn pids(&self) -> Result<Vec<u32>> {
+    /// The task's processes, as its shim lists them (none once its shim is gone).
+    pub async fn pids(&self) -> Result<Vec<ProcessEntry>> {
         self.call(Pids).await?
     }
 

@@ -9,6 +9,11 @@ impl TaskActor {
         let Some(shim) = self.shim.clone() else {
             return;
         };
+        // Fault injection (tests only): the shim unwatched, so that only the
+        // reconciler's periodic check can find it gone.
+        if self.fault("Watch", ctx).is_err() {
+            return;
+        }
         // Liveness, first way: a pidfd on the shim becomes readable when it dies.
         match PidFd::open(self.record.shim_pid) {
             Ok(pidfd) => {

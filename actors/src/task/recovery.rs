@@ -133,24 +133,25 @@ impl TaskActor {
                 // record removed and `/tasks/delete` published.
                 tracing::warn!(namespace = %ns, task_id = %id, "shim no longer has the task (keeld stopped during its delete); finishing the delete");
                 self.deleting = true;
+                // In a delete's order: the record removed (durably), then the
+                // event, then the shim's leftovers; a crash in between is finished
+                // by the next start's reconciliation or orphan scan.
                 let (cmd, meta) = (self.cmd.clone(), self.env.meta.clone());
                 Box::pin(self.exited(137, SystemTime::now()).then(move |(), act, _| {
-                    async move {
-                        blocking(move || meta.delete_task(&ns, &id)).await?;
-                        restore::cleanup_orphan(&cmd).await;
-                        Ok::<_, Error>(())
-                    }
+                    async move { durably(&meta, move |m| m.delete_task(&ns, &id)).await }
                     .into_actor(act)
                     .then(|removed, act, _| {
                         let published = removed.map(|()| act.publish_delete().1);
                         async move {
                             match published {
-                                Ok(Some(p)) => {
-                                    if let Err(e) = p.await {
-                                        tracing::error!(error = %e, "publishing /tasks/delete failed");
+                                Ok(published) => {
+                                    if let Some(p) = published {
+                                        if let Err(e) = p.await {
+                                            tracing::error!(error = %e, "publishing /tasks/delete failed");
+                                        }
                                     }
+                                    restore::cleanup_orphan(&cmd).await;
                                 }
-                                Ok(None) => {}
                                 Err(e) => tracing::error!(error = %e, "removing the task record"),
                             }
                         }

@@ -293,15 +293,4 @@ impl Tasks {
         lock(&self.runtimes).insert(name.to_string(), p.clone());
         Ok(p)
     }
-
-    /// The runtime options keel gives the shim with Create (`containerd.runc.v1.Options`).
-    pub(super) fn runc_options(&self) -> Result<protobuf::well_known_types::any::Any> {
-        let options = keel_protocol::containerd::shim::oci::Options {
-            root: self.env.runc_root().display().to_string(),
-            ..Default::default()
-        };
-        let mut any = pack(&options)?;
-        any.type_url = "containerd.runc.v1.Options".into();
-        Ok(any)
-    }
 }

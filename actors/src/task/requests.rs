@@ -7,6 +7,7 @@ impl TaskActor {
     pub(super) fn info(&self) -> TaskInfo {
         TaskInfo {
             id: self.id.clone(),
+            runtime_options: self.record.runtime_options.clone(),
             pid: self.record.pid,
             state: self.state,
             stdin: self.record.stdin.clone(),
@@ -367,12 +368,43 @@ impl Handler<Wait> for TaskActor {
     }
 }
 
+/// A process of a task, as its shim lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessEntry {
+    /// Host pid.
+    pub pid: u32,
+    /// Exec id of a process started with Exec; empty for the init process and for
+    /// processes the task's own processes started.
+    pub exec_id: String,
+}
+
+impl ProcessEntry {
+    /// Reads a shim's process entry: the runc shims put the exec id of a process
+    /// they exec'd in its `info` (`containerd.runc.v1.ProcessDetails`).
+    fn from_shim(p: &api::ProcessInfo) -> Self {
+        use keel_protocol::containerd::shim::oci::ProcessDetails;
+        use protobuf::{Message, MessageFull};
+        let name = ProcessDetails::descriptor();
+        let exec_id = p
+            .info
+            .as_ref()
+            .filter(|any| any.type_url.rsplit('/').next() == Some(name.full_name()))
+            .and_then(|any| ProcessDetails::parse_from_bytes(&any.value).ok())
+            .map(|d| d.exec_id)
+            .unwrap_or_default();
+        Self {
+            pid: p.pid,
+            exec_id,
+        }
+    }
+}
+
 #[derive(Message)]
-#[rtype(result = "Result<Vec<u32>>")]
+#[rtype(result = "Result<Vec<ProcessEntry>>")]
 pub(super) struct Pids;
 
 impl Handler<Pids> for TaskActor {
-    type Result = ResponseFuture<Result<Vec<u32>>>;
+    type Result = ResponseFuture<Result<Vec<ProcessEntry>>>;
 
     fn handle(&mut self, _: Pids, ctx: &mut Self::Context) -> Self::Result {
         let fault = self.fault("Pids", ctx);
@@ -387,7 +419,7 @@ impl Handler<Pids> for TaskActor {
                 return Ok(Vec::new());
             };
             let r = shim.pids(&req, rpc_timeout()).await?;
-            Ok(r.processes.iter().map(|p| p.pid).collect())
+            Ok(r.processes.iter().map(ProcessEntry::from_shim).collect())
         })
     }
 }

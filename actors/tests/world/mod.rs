@@ -120,6 +120,8 @@ impl World {
                     terminal: false,
                     log_to_file: false,
                     checkpoint: None,
+                    options: None,
+                    rootfs: None,
                 },
             )
             .await

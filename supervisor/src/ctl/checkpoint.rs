@@ -10,7 +10,8 @@ use keel_protocol::api::types::{Descriptor, Mount};
 use keel_protocol::checkpoint::{spec_from_config, Checkpoint};
 use keel_protocol::types::{json_any, SPEC_TYPE_URL};
 use keel_protocol::{Client, Error};
-use protobuf::MessageField;
+use protobuf::well_known_types::any::Any;
+use protobuf::{Message, MessageField};
 
 use super::tasks::{kv, put_container, rootfs_mount, ContainerArgs};
 
@@ -20,6 +21,7 @@ pub async fn checkpoint(
     id: &str,
     exit: bool,
     image_path: Option<PathBuf>,
+    criu: &super::options::CheckpointFlags,
 ) -> anyhow::Result<()> {
     let image_path = match image_path {
         Some(p) => std::path::absolute(&p)
@@ -32,6 +34,7 @@ pub async fn checkpoint(
         container_id: id.to_string(),
         exit,
         image_path,
+        options: criu.options()?.into(),
         ..Default::default()
     };
     let resp = client.tasks.checkpoint(client.ctx(), &req).await?;
@@ -72,7 +75,7 @@ pub async fn restore_container(
     let checkpoint = Checkpoint::parse(digest, &index)?;
     let spec = spec_from_config(digest, &read_blob(client, &checkpoint.config.digest).await?)?;
     let rootfs = match &a.rootfs {
-        Some(dir) => vec![rootfs_mount(dir)?],
+        Some(dir) => vec![rootfs_mount(dir, &a.fs)?],
         None => checkpoint
             .rootfs
             .iter()
@@ -89,11 +92,20 @@ pub async fn restore_container(
     } else {
         checkpoint.runtime.clone()
     };
+    // The options the task was checkpointed with, unless flags give others.
+    let options = match (a.runc.options()?, &checkpoint.options) {
+        (Some(given), _) => Some(given),
+        (None, Some(blob)) => Some(Any::parse_from_bytes(
+            &read_blob(client, &blob.digest).await?,
+        )?),
+        (None, None) => None,
+    };
     let c = Container {
         id: a.id.clone(),
         labels: kv(&a.labels, "--label")?.into_iter().collect(),
         runtime: MessageField::some(Runtime {
             name: runtime,
+            options: options.into(),
             ..Default::default()
         }),
         spec: MessageField::some(json_any(SPEC_TYPE_URL, spec)),

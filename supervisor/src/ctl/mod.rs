@@ -3,6 +3,8 @@
 pub mod checkpoint;
 pub mod content;
 pub mod events;
+pub mod mounts;
+pub mod options;
 pub mod output;
 pub mod tasks;
 
@@ -31,7 +33,7 @@ pub enum Command {
     #[command(subcommand)]
     Content(content::ContentCmd),
     /// Create a container and run its task.
-    Run(tasks::RunArgs),
+    Run(Box<tasks::RunArgs>),
     /// Manage containers.
     #[command(subcommand, alias = "c")]
     Containers(tasks::ContainersCmd),
@@ -76,7 +78,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Content(cmd) => content::run(&connect().await?, cmd).await,
-        Command::Run(a) => tasks::run(&connect().await?, a).await,
+        Command::Run(a) => tasks::run(&connect().await?, *a).await,
         Command::Containers(cmd) => tasks::containers(&connect().await?, cmd).await,
         Command::Tasks(cmd) => tasks::tasks(&connect().await?, cmd).await,
         Command::Events(a) => events::run(&connect().await?, a).await,

@@ -38,6 +38,10 @@ pub struct ContainerArgs {
     /// Runtime name.
     #[arg(long, default_value = "io.containerd.runc.v2")]
     pub runtime: String,
+    #[command(flatten)]
+    pub runc: super::options::RuncFlags,
+    #[command(flatten)]
+    pub fs: super::mounts::MountFlags,
     pub id: String,
     /// Command and arguments (none for a restore).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -105,8 +109,13 @@ pub struct RunArgs {
     pub tty: bool,
     /// Restore the task from this checkpoint (the index digest `tasks checkpoint`
     /// printed): the container's spec comes from it and its process continues.
-    #[arg(long, value_name = "DIGEST", conflicts_with = "tty")]
+    #[arg(long, value_name = "DIGEST")]
     pub checkpoint: Option<String>,
+    /// Restore the task from a raw CRIU image directory (one `tasks checkpoint
+    /// --image-path` left) into the container the other arguments describe, as
+    /// the one checkpointed was.
+    #[arg(long, value_name = "DIR", conflicts_with = "checkpoint")]
+    pub image_path: Option<PathBuf>,
     #[command(flatten)]
     pub container: ContainerArgs,
 }
@@ -114,7 +123,7 @@ pub struct RunArgs {
 #[derive(Debug, Subcommand)]
 pub enum ContainersCmd {
     /// Create a container (no task).
-    Create(ContainerArgs),
+    Create(Box<ContainerArgs>),
     /// List containers.
     #[command(alias = "list")]
     Ls {
@@ -226,6 +235,8 @@ pub enum TasksCmd {
         /// Leave the raw CRIU image in this directory instead of the content store.
         #[arg(long, value_name = "DIR")]
         image_path: Option<PathBuf>,
+        #[command(flatten)]
+        criu: super::options::CheckpointFlags,
         id: String,
     },
 }
@@ -306,16 +317,21 @@ fn spec(a: &ContainerArgs) -> anyhow::Result<Vec<u8>> {
     }
     p["env"] = serde_json::json!(env);
     v["linux"]["resources"] = a.limits.resources()?;
+    a.fs.apply(&mut v)?;
     Ok(serde_json::to_vec(&v)?)
 }
 
-/// A host directory as the container's rootfs: an rbind mount.
-pub(super) fn rootfs_mount(dir: &std::path::Path) -> anyhow::Result<Mount> {
+/// A host directory as the container's rootfs: an rbind mount, read-only with
+/// `--read-only`.
+pub(super) fn rootfs_mount(
+    dir: &std::path::Path,
+    fs: &super::mounts::MountFlags,
+) -> anyhow::Result<Mount> {
     let rootfs = std::fs::canonicalize(dir).with_context(|| format!("rootfs {}", dir.display()))?;
     Ok(Mount {
         type_: "bind".into(),
         source: rootfs.display().to_string(),
-        options: vec!["rbind".into(), "rw".into()],
+        options: fs.rootfs_options(),
         ..Default::default()
     })
 }
@@ -332,10 +348,11 @@ async fn create_container(client: &Client, a: &ContainerArgs) -> anyhow::Result<
         labels: kv(&a.labels, "--label")?.into_iter().collect(),
         runtime: MessageField::some(Runtime {
             name: a.runtime.clone(),
+            options: a.runc.options()?.into(),
             ..Default::default()
         }),
         spec: MessageField::some(json_any(SPEC_TYPE_URL, spec(a)?)),
-        rootfs: vec![rootfs_mount(rootfs)?],
+        rootfs: vec![rootfs_mount(rootfs, &a.fs)?],
         ..Default::default()
     };
     put_container(client, c).await
@@ -610,9 +627,16 @@ pub async fn run(client: &Client, a: RunArgs) -> anyhow::Result<i32> {
             MessageField::none()
         }
     };
+    // From an image directory: the task's own options say where (with the
+    // container's flags, which task options replace as a whole).
+    let options = match &a.image_path {
+        Some(dir) => MessageField::some(a.container.runc.task_options(dir)?),
+        None => MessageField::none(),
+    };
     if a.detach {
         let req = CreateTaskRequest {
             checkpoint,
+            options,
             ..detached(&id)
         };
         let r = create_and_start(client, req).await;
@@ -634,6 +658,7 @@ pub async fn run(client: &Client, a: RunArgs) -> anyhow::Result<i32> {
             stderr,
             terminal: a.tty,
             checkpoint,
+            options,
             ..Default::default()
         };
         // Waiting from before the start, as ctr does: the exit is answered as soon
@@ -878,7 +903,7 @@ pub async fn tasks(client: &Client, cmd: TasksCmd) -> anyhow::Result<i32> {
         TasksCmd::Info { exec_id, id } => {
             let req = GetRequest {
                 container_id: id,
-                exec_id,
+                exec_id: exec_id.clone(),
                 ..Default::default()
             };
             let resp = client.tasks.get(client.ctx(), &req).await?;
@@ -887,7 +912,7 @@ pub async fn tasks(client: &Client, cmd: TasksCmd) -> anyhow::Result<i32> {
                 "{}",
                 serde_json::json!({
                     "id": p.container_id,
-                    "exec_id": p.id,
+                    "exec_id": exec_id,
                     "pid": p.pid,
                     "status": status_name(p.status.value()),
                     "exit_status": p.exit_status,
@@ -951,9 +976,9 @@ pub async fn tasks(client: &Client, cmd: TasksCmd) -> anyhow::Result<i32> {
             let rows: Vec<Vec<String>> = r
                 .processes
                 .iter()
-                .map(|p| vec![p.pid.to_string()])
+                .map(|p| vec![p.pid.to_string(), p.exec_id.clone()])
                 .collect();
-            table(&["PID"], &rows);
+            table(&["PID", "EXEC ID"], &rows);
         }
         TasksCmd::Pause { id } => {
             let req = PauseTaskRequest {
@@ -987,8 +1012,9 @@ pub async fn tasks(client: &Client, cmd: TasksCmd) -> anyhow::Result<i32> {
         TasksCmd::Checkpoint {
             exit,
             image_path,
+            criu,
             id,
-        } => super::checkpoint::checkpoint(client, &id, exit, image_path).await?,
+        } => super::checkpoint::checkpoint(client, &id, exit, image_path, &criu).await?,
         TasksCmd::Metrics { format, id } => {
             let req = MetricsRequest {
                 filters: vec![format!("id=={id}")],

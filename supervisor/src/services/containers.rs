@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use keel_actors::events::EventSink;
+use keel_actors::runtime_options;
 use keel_actors::shim::resolve_runtime;
 use keel_actors::task::Tasks;
 use keel_protocol::api::containers::{container::Runtime, *};
@@ -102,20 +103,25 @@ async fn spec(any: Option<Any>, limits: &Limits) -> ttrpc::Result<Vec<u8>> {
     blocking(move || validate::spec("container.spec", any.as_ref(), &limits)).await
 }
 
-fn validate_rootfs(mounts: &[Mount], limits: &Limits) -> Result<Vec<MountRecord>, Error> {
+/// Checks rootfs mounts given in `field` (a container's, or a task's own).
+pub(super) fn validate_rootfs(
+    field: &str,
+    mounts: &[Mount],
+    limits: &Limits,
+) -> Result<Vec<MountRecord>, Error> {
     if mounts.is_empty() {
-        return Err(Error::InvalidArgument(
-            "container.rootfs is required (a directory or mounts)".into(),
-        ));
+        return Err(Error::InvalidArgument(format!(
+            "{field} is required (a directory or mounts)"
+        )));
     }
-    validate::mounts("container.rootfs", mounts, limits)?;
+    validate::mounts(field, mounts, limits)?;
     mounts
         .iter()
         .enumerate()
         .map(|(i, m)| {
             if m.type_ == "bind" && !std::path::Path::new(&m.source).is_dir() {
                 return Err(Error::InvalidArgument(format!(
-                    "container.rootfs[{i}].source {:?} is not a directory",
+                    "{field}[{i}].source {:?} is not a directory",
                     m.source
                 )));
             }
@@ -231,22 +237,21 @@ impl containers_ttrpc::Containers for ContainersService {
             identifiers::validate("container.id", &c.id).rpc()?;
             validate::labels("container.labels", &c.labels, &self.limits).rpc()?;
             let spec = spec(c.spec.clone().into_option(), &self.limits).await?;
-            let rootfs = validate_rootfs(&c.rootfs, &self.limits).rpc()?;
+            let rootfs = validate_rootfs("container.rootfs", &c.rootfs, &self.limits).rpc()?;
             if let Some(r) = c.runtime.as_ref() {
                 validate::path("container.runtime.name", &r.name, &self.limits).rpc()?;
                 if let Some(o) = r.options.as_ref() {
-                    validate::path(
-                        "container.runtime.options.type_url",
-                        &o.type_url,
-                        &self.limits,
-                    )
-                    .rpc()?;
-                    if o.value.len() > self.limits.spec_bytes {
-                        return Err(Error::InvalidArgument(format!(
-                            "container.runtime.options: {} bytes, the limit is {}",
-                            o.value.len(),
-                            self.limits.spec_bytes
-                        ))
+                    validate::options("container.runtime.options", o, &self.limits).rpc()?;
+                    let checked =
+                        runtime_options::check("container.runtime.options", &o.type_url, &o.value)
+                            .map_err(keel_protocol::Error::from)
+                            .rpc()?;
+                    // As in containerd, only a task's own options name the image it
+                    // is restored from.
+                    if !checked.criu_image_path.is_empty() {
+                        return Err(Error::InvalidArgument(
+                            "container.runtime.options.criu_image_path: give it in the task's options (CreateTaskRequest.options), which name the image a task is restored from".into(),
+                        )
                         .into());
                     }
                 }
@@ -394,9 +399,9 @@ mod tests {
             source: "/nonexistent/rootfs".into(),
             ..Default::default()
         };
-        let e = validate_rootfs(&[m], &Limits::default()).unwrap_err();
+        let e = validate_rootfs("container.rootfs", &[m], &Limits::default()).unwrap_err();
         assert!(e.message().contains("rootfs[0].source"), "{e}");
-        assert!(validate_rootfs(&[], &Limits::default()).is_err());
+        assert!(validate_rootfs("container.rootfs", &[], &Limits::default()).is_err());
         let many = vec![
             Mount {
                 type_: "tmpfs".into(),
@@ -404,7 +409,7 @@ mod tests {
             };
             65
         ];
-        let e = validate_rootfs(&many, &Limits::default()).unwrap_err();
+        let e = validate_rootfs("container.rootfs", &many, &Limits::default()).unwrap_err();
         assert!(e.message().contains("65 mounts"), "{e}");
     }
 }

@@ -2,10 +2,11 @@
 
 use std::sync::Arc;
 
+use keel_actors::runtime_options;
 use keel_actors::state::TaskState;
 use keel_actors::storage::StorageHandle;
 use keel_actors::task::{
-    verify_checkpoint, CheckpointRequest, CreateTask, ExecSpec, TaskInfo, Tasks,
+    verify_checkpoint, CheckpointRequest, CreateTask, ExecSpec, Restore, TaskInfo, Tasks,
 };
 use keel_protocol::api::tasks::*;
 use keel_protocol::api::tasks_ttrpc;
@@ -44,9 +45,13 @@ fn status(s: TaskState) -> Status {
     }
 }
 
-fn process(ns_id: &str, i: &TaskInfo) -> Process {
+/// A process of task `container_id` as the API shows it: its id is its exec id,
+/// or (as containerd has it) the task's own id for the init process, which is
+/// what `TaskInfo::id` holds either way.
+fn process(container_id: &str, i: &TaskInfo) -> Process {
     Process {
-        container_id: ns_id.to_string(),
+        container_id: container_id.to_string(),
+        id: i.id.clone(),
         pid: i.pid,
         status: status(i.state).into(),
         stdin: i.stdin.clone(),
@@ -92,8 +97,25 @@ impl Adaptor for MetricFields<'_> {
     }
 }
 
-fn unimplemented<T>(what: &str) -> ttrpc::Result<T> {
-    Err(Error::Unimplemented(format!("{what} is not supported yet")).into())
+/// The fields a List filter can name: `id`, `namespace`, `pid`, `status`
+/// (`created`, `running`, `stopped`, `paused`, `pausing`, `unknown`).
+struct TaskFields<'a> {
+    ns: &'a str,
+    info: &'a TaskInfo,
+}
+
+impl Adaptor for TaskFields<'_> {
+    fn field(&self, path: &[String]) -> Option<String> {
+        match path {
+            [f] if f == "id" => Some(self.info.id.clone()),
+            [f] if f == "namespace" => Some(self.ns.to_string()),
+            [f] if f == "pid" => Some(self.info.pid.to_string()),
+            [f] if f == "status" => {
+                Some(format!("{:?}", status(self.info.state)).to_ascii_lowercase())
+            }
+            _ => None,
+        }
+    }
 }
 
 fn exit_response(
@@ -143,24 +165,55 @@ impl tasks_ttrpc::Tasks for TasksService {
                 )
                 .into());
             }
-            let checkpoint = match req.checkpoint.as_ref() {
-                Some(d) => {
-                    if req.terminal {
-                        return Err(Error::InvalidArgument(
-                            "terminal: a task restored from a checkpoint cannot have a terminal".into(),
-                        )
-                        .into());
-                    }
+            // The task's own runtime options, checked as a container's are.
+            let options = match req.options.as_ref() {
+                Some(o) => {
+                    validate::options("options", o, &self.limits).rpc()?;
+                    let checked = runtime_options::check("options", &o.type_url, &o.value)
+                        .map_err(Error::from)
+                        .rpc()?;
+                    Some(((o.type_url.clone(), o.value.clone()), checked))
+                }
+                None => None,
+            };
+            // Restored from a checkpoint in the content store, or (as containerd
+            // takes it, from the task's options) from a CRIU image directory.
+            let image_dir = options
+                .as_ref()
+                .map(|(_, o)| o.criu_image_path.clone())
+                .filter(|p| !p.is_empty());
+            let checkpoint = match (req.checkpoint.as_ref(), image_dir) {
+                (Some(_), Some(_)) => {
+                    return Err(Error::InvalidArgument(
+                        "options.criu_image_path: a task is restored from a checkpoint or from an image directory, not both".into(),
+                    )
+                    .into())
+                }
+                (Some(d), None) => {
                     let (store, ns2, digest) =
                         (self.storage.store().clone(), ns.clone(), d.digest.clone());
                     let max_index = self.limits.checkpoint_index_bytes;
                     Some(blocking(move || verify_checkpoint(&store, &ns2, &digest, max_index)).await?)
                 }
-                None => None,
+                (None, Some(dir)) => {
+                    let dir = std::path::PathBuf::from(dir);
+                    if !dir.join("inventory.img").is_file() {
+                        return Err(Error::FailedPrecondition(format!(
+                            "options.criu_image_path: {} holds no CRIU image (no inventory.img)",
+                            dir.display()
+                        ))
+                        .into());
+                    }
+                    Some(Restore::Directory(dir))
+                }
+                (None, None) => None,
             };
-            if !req.rootfs.is_empty() {
-                return unimplemented("task rootfs mounts (give them to the container)");
-            }
+            // The task's own rootfs mounts, instead of its container's.
+            let rootfs = if req.rootfs.is_empty() {
+                None
+            } else {
+                Some(super::containers::validate_rootfs("rootfs", &req.rootfs, &self.limits).rpc()?)
+            };
             // The id is held before anything is read or made: of two concurrent creates
             // one gets AlreadyExists and touches nothing.
             let reservation = self.tasks.reserve(&ns, &req.container_id).rpc()?;
@@ -178,6 +231,8 @@ impl tasks_ttrpc::Tasks for TasksService {
                         terminal: req.terminal,
                         log_to_file: req.log_to_file,
                         checkpoint,
+                        options: options.map(|(given, _)| given),
+                        rootfs,
                     },
                 )
                 .await
@@ -283,10 +338,8 @@ impl tasks_ttrpc::Tasks for TasksService {
                 task.exec_info(&req.exec_id).await
             }
             .rpc()?;
-            let mut p = process(&req.container_id, &info);
-            p.id = req.exec_id;
             Ok(GetResponse {
-                process: MessageField::some(p),
+                process: MessageField::some(process(&req.container_id, &info)),
                 ..Default::default()
             })
         })
@@ -296,13 +349,22 @@ impl tasks_ttrpc::Tasks for TasksService {
     async fn list(
         &self,
         ctx: &TtrpcContext,
-        _: ListTasksRequest,
+        req: ListTasksRequest,
     ) -> ttrpc::Result<ListTasksResponse> {
         guarded("Tasks.List", async move {
             let ns = self.auth.request(ctx, "Tasks.List").rpc()?.namespace;
+            let given: Vec<String> = Some(req.filter)
+                .into_iter()
+                .filter(|f| !f.is_empty())
+                .collect();
+            let filter = filters(given, &self.limits).await?;
             let mut tasks = Vec::new();
             for h in self.tasks.list(&ns) {
-                if let Ok(info) = h.info().await {
+                let info = h.info().await;
+                let info = info
+                    .ok()
+                    .filter(|info| filter.matches(&TaskFields { ns: &ns, info }));
+                if let Some(info) = info {
                     tasks.push(process(&info.id, &info));
                 }
             }
@@ -319,9 +381,10 @@ impl tasks_ttrpc::Tasks for TasksService {
             let ns = self.auth.request(ctx, "Tasks.Kill").rpc()?.namespace;
             id("container_id", &req.container_id)?;
             exec_id(&req.exec_id)?;
-            if req.signal == 0 || req.signal > 64 {
+            // Signal 0, as with kill(2), only checks that the process is there.
+            if req.signal > 64 {
                 return Err(Error::InvalidArgument(format!(
-                    "signal {} is not a signal number (1-64)",
+                    "signal {} is not a signal number (0-64)",
                     req.signal
                 ))
                 .into());
@@ -377,8 +440,9 @@ impl tasks_ttrpc::Tasks for TasksService {
             Ok(ListPidsResponse {
                 processes: pids
                     .into_iter()
-                    .map(|pid| ProcessInfo {
-                        pid,
+                    .map(|p| ProcessInfo {
+                        pid: p.pid,
+                        exec_id: p.exec_id,
                         ..Default::default()
                     })
                     .collect(),
@@ -509,18 +573,36 @@ impl tasks_ttrpc::Tasks for TasksService {
         guarded("Tasks.Checkpoint", async move {
             let ns = self.auth.request(ctx, "Tasks.Checkpoint").rpc()?.namespace;
             id("container_id", &req.container_id)?;
-            if req.options.is_some() {
-                return unimplemented("checkpoint options");
-            }
-            validate::path("image_path", &req.image_path, &self.limits).rpc()?;
-            let image_path = if req.image_path.is_empty() {
+            let options = match req.options.as_ref() {
+                Some(o) => {
+                    validate::options("options", o, &self.limits).rpc()?;
+                    runtime_options::check_checkpoint("options", &o.type_url, &o.value)
+                        .map_err(Error::from)
+                        .rpc()?
+                }
+                None => Default::default(),
+            };
+            // `exit` and `image_path` may come in the options too, as containerd
+            // sends them.
+            let exit = req.exit || options.exit;
+            let image_path = match (req.image_path.as_str(), options.image_path.as_str()) {
+                (a, b) if !a.is_empty() && !b.is_empty() && a != b => {
+                    return Err(Error::InvalidArgument(format!(
+                        "image_path {a:?} and options.image_path {b:?} differ"
+                    ))
+                    .into())
+                }
+                ("", b) => b.to_string(),
+                (a, _) => a.to_string(),
+            };
+            validate::path("image_path", &image_path, &self.limits).rpc()?;
+            let image_path = if image_path.is_empty() {
                 None
             } else {
-                let p = std::path::PathBuf::from(&req.image_path);
+                let p = std::path::PathBuf::from(&image_path);
                 if !p.is_absolute() {
                     return Err(Error::InvalidArgument(format!(
-                        "image_path {:?} must be an absolute path",
-                        req.image_path
+                        "image_path {image_path:?} must be an absolute path"
                     ))
                     .into());
                 }
@@ -534,8 +616,9 @@ impl tasks_ttrpc::Tasks for TasksService {
                     &ns,
                     &container,
                     CheckpointRequest {
-                        exit: req.exit,
+                        exit,
                         image_path,
+                        options,
                     },
                 )
                 .await

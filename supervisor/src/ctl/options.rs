@@ -1,0 +1,137 @@
+//! keelctl's runtime options flags (ctr's names where ctr has them): they become
+//! the container's `containerd.runc.v1.Options`.
+
+use clap::Args;
+use keel_protocol::containerd::shim::oci::{CheckpointOptions, Options};
+use keel_protocol::types::{CHECKPOINT_OPTIONS_TYPE_URL, RUNC_OPTIONS_TYPE_URL};
+use protobuf::well_known_types::any::Any;
+use protobuf::Message;
+
+#[derive(Debug, Default, Args)]
+pub struct RuncFlags {
+    /// OCI runtime binary the shim runs instead of `runc` (a name on keeld's PATH
+    /// or an absolute path).
+    #[arg(long, value_name = "BINARY")]
+    pub runc_binary: Option<String>,
+    /// The OCI runtime's state directory (keel's own by default).
+    #[arg(long, value_name = "DIR")]
+    pub runc_root: Option<String>,
+    /// Use systemd's cgroup driver (refused where systemd is not PID 1).
+    #[arg(long)]
+    pub runc_systemd_cgroup: bool,
+    /// Enter the root filesystem with chroot, not pivot_root.
+    #[arg(long)]
+    pub no_pivot: bool,
+    /// Keep the caller's session keyring instead of a new one.
+    #[arg(long)]
+    pub no_new_keyring: bool,
+    /// Cgroup the task's shim is put in.
+    #[arg(long, value_name = "PATH")]
+    pub shim_cgroup: Option<String>,
+    /// Owner (uid) of the pipes carrying the task's stdio.
+    #[arg(long, value_name = "UID")]
+    pub io_uid: Option<u32>,
+    /// Group (gid) of the pipes carrying the task's stdio.
+    #[arg(long, value_name = "GID")]
+    pub io_gid: Option<u32>,
+    /// Directory CRIU works in (and leaves its logs in) when the task is restored.
+    #[arg(long, value_name = "DIR")]
+    pub criu_work_path: Option<String>,
+}
+
+impl RuncFlags {
+    /// The options the flags give, packed; `None` when no flag was given.
+    pub fn options(&self) -> anyhow::Result<Option<Any>> {
+        let o = self.fields();
+        if o == Options::default() {
+            return Ok(None);
+        }
+        any(RUNC_OPTIONS_TYPE_URL, &o).map(Some)
+    }
+
+    /// A task's own options: the flags' with a CRIU image directory to restore
+    /// from.
+    pub fn task_options(&self, image_dir: &std::path::Path) -> anyhow::Result<Any> {
+        let dir = std::path::absolute(image_dir)?;
+        let o = Options {
+            criu_image_path: dir.display().to_string(),
+            ..self.fields()
+        };
+        any(RUNC_OPTIONS_TYPE_URL, &o)
+    }
+
+    fn fields(&self) -> Options {
+        Options {
+            binary_name: self.runc_binary.clone().unwrap_or_default(),
+            root: self.runc_root.clone().unwrap_or_default(),
+            systemd_cgroup: self.runc_systemd_cgroup,
+            no_pivot_root: self.no_pivot,
+            no_new_keyring: self.no_new_keyring,
+            shim_cgroup: self.shim_cgroup.clone().unwrap_or_default(),
+            io_uid: self.io_uid.unwrap_or_default(),
+            io_gid: self.io_gid.unwrap_or_default(),
+            criu_work_path: self.criu_work_path.clone().unwrap_or_default(),
+            ..Default::default()
+        }
+    }
+}
+
+/// `message` packed under `type_url` (runc's options take no
+/// `type.googleapis.com/` prefix).
+fn any(type_url: &str, message: &impl Message) -> anyhow::Result<Any> {
+    Ok(Any {
+        type_url: type_url.into(),
+        value: message.write_to_bytes()?,
+        ..Default::default()
+    })
+}
+
+/// `tasks checkpoint`'s flags for CRIU (ctr's names): they become the request's
+/// `containerd.runc.v1.CheckpointOptions`.
+#[derive(Debug, Default, Args)]
+pub struct CheckpointFlags {
+    /// Dump established TCP connections (they are restored too).
+    #[arg(long)]
+    pub tcp_established: bool,
+    /// Dump unix sockets connected outside the container.
+    #[arg(long)]
+    pub external_unix_sockets: bool,
+    /// Dump a task that has a terminal.
+    #[arg(long)]
+    pub terminal: bool,
+    /// Dump file locks.
+    #[arg(long)]
+    pub file_locks: bool,
+    /// A namespace left out of the dump, to be given empty at restore (network).
+    #[arg(long = "empty-ns", value_name = "NS")]
+    pub empty_namespaces: Vec<String>,
+    /// How CRIU handles cgroups (soft, full, strict, ignore).
+    #[arg(long, value_name = "MODE")]
+    pub cgroups_mode: Option<String>,
+    /// Directory CRIU works in and leaves its logs in.
+    #[arg(long, value_name = "DIR")]
+    pub work_path: Option<std::path::PathBuf>,
+}
+
+impl CheckpointFlags {
+    /// The options the flags give, packed; `None` when no flag was given.
+    pub fn options(&self) -> anyhow::Result<Option<Any>> {
+        let o = CheckpointOptions {
+            open_tcp: self.tcp_established,
+            external_unix_sockets: self.external_unix_sockets,
+            terminal: self.terminal,
+            file_locks: self.file_locks,
+            empty_namespaces: self.empty_namespaces.clone(),
+            cgroups_mode: self.cgroups_mode.clone().unwrap_or_default(),
+            work_path: match &self.work_path {
+                Some(p) => std::path::absolute(p)?.display().to_string(),
+                None => String::new(),
+            },
+            ..Default::default()
+        };
+        if o == CheckpointOptions::default() {
+            return Ok(None);
+        }
+        any(CHECKPOINT_OPTIONS_TYPE_URL, &o).map(Some)
+    }
+}
