@@ -1,27 +1,9 @@
 //! Records the git revision keel was built from (`KEEL_GIT_REVISION`).
 
-use std::process::Command;
+#[path = "../build-support/revision.rs"]
+mod revision;
 
 fn main() {
-    let rev = Command::new("git")
-        .args(["rev-parse", "--short=12", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "unknown".to_string());
-    let dirty = Command::new("git")
-        .args(["status", "--porcelain", "--untracked-files=no"])
-        .output()
-        .ok()
-        .is_some_and(|o| o.status.success() && !o.stdout.is_empty());
-    let rev = if dirty && rev != "unknown" {
-        format!("{rev}-dirty")
-    } else {
-        rev
-    };
-    println!("cargo:rustc-env=KEEL_GIT_REVISION={rev}");
-    println!("cargo:rerun-if-changed=../.git/HEAD");
-    println!("cargo:rerun-if-changed=../.git/index");
+    revision::emit();
+    println!("cargo:rerun-if-changed=../build-support/revision.rs");
 }

@@ -67,6 +67,14 @@ impl Client {
         }
     }
 
+    /// The same connection, sending `namespace`.
+    pub fn with_namespace(&self, namespace: &str) -> Self {
+        Self {
+            namespace: namespace.to_string(),
+            ..self.clone()
+        }
+    }
+
     /// The namespace this client sends.
     pub fn namespace(&self) -> &str {
         &self.namespace

@@ -61,5 +61,7 @@ pub use ttrpc;
 
 /// ttrpc metadata key carrying the namespace, as containerd sends it.
 pub const NAMESPACE_KEY: &str = "containerd-namespace-ttrpc";
+/// keeld's socket when none is configured.
+pub const DEFAULT_ADDRESS: &str = "/run/keel/keel.sock";
 /// Namespace used when a request names none.
 pub const DEFAULT_NAMESPACE: &str = "default";

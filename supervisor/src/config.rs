@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 pub const DEFAULT_ROOT: &str = "/var/lib/keel";
 pub const DEFAULT_STATE: &str = "/run/keel";
-pub const DEFAULT_ADDRESS: &str = "/run/keel/keel.sock";
+pub const DEFAULT_ADDRESS: &str = keel_protocol::DEFAULT_ADDRESS;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
 #[serde(rename_all = "lowercase")]

@@ -1,9 +1,8 @@
-//! keeld, keel's daemon, and keelctl, its command line. The daemon binary only wires
-//! the layers together: configuration, observability, the ttrpc server and its
-//! services, and the actors that own state.
+//! keeld, keel's daemon. The daemon binary only wires the layers together:
+//! configuration, observability, the ttrpc server and its services, and the actors
+//! that own state. keelctl, the command line, is a crate of its own on keel-client.
 
 pub mod config;
-pub mod ctl;
 pub mod daemon;
 pub mod observability;
 pub mod root;

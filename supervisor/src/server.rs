@@ -337,6 +337,7 @@ fn access(method: &str) -> Access {
         | "Tasks.Metrics"
         | "Tasks.ListPids"
         | "Events.Subscribe"
+        | "Events.Head"
         | "Content.Info"
         | "Content.List"
         | "Content.Read"

@@ -243,6 +243,17 @@ impl events_ttrpc::Events for EventsService {
         .await
     }
 
+    async fn head(&self, ctx: &TtrpcContext, _: Empty) -> ttrpc::Result<HeadResponse> {
+        guarded("Events.Head", async move {
+            self.auth.request(ctx, "Events.Head").rpc()?;
+            Ok(HeadResponse {
+                sequence: self.events.head(),
+                ..Default::default()
+            })
+        })
+        .await
+    }
+
     async fn subscribe(
         &self,
         ctx: &TtrpcContext,

@@ -4,10 +4,10 @@
 use std::io::Read;
 
 use clap::{Args, Subcommand};
-use keel_protocol::api::events::{PublishRequest, SubscribeRequest};
-use keel_protocol::types::{event_from_json, event_json, system_time, STRUCT_TYPE_URL};
-use keel_protocol::{Client, Error};
-use protobuf::MessageField;
+use keel_client::protocol::api::events::{PublishRequest, SubscribeRequest};
+use keel_client::protocol::protobuf::MessageField;
+use keel_client::protocol::types::{event_from_json, event_json, system_time, STRUCT_TYPE_URL};
+use keel_client::protocol::{Client, Error};
 
 use super::output::Format;
 
@@ -106,7 +106,7 @@ async fn publish(client: &Client, p: PublishArgs) -> anyhow::Result<i32> {
 }
 
 fn rfc3339_nanos(t: std::time::SystemTime) -> String {
-    let base = keel_protocol::types::rfc3339(t);
+    let base = keel_client::protocol::types::rfc3339(t);
     let nanos = t
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()

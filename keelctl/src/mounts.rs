@@ -3,6 +3,7 @@
 
 use anyhow::{bail, Context};
 use clap::Args;
+use keel_client::ContainerSpec;
 
 #[derive(Debug, Default, Args)]
 pub struct MountFlags {
@@ -16,23 +17,13 @@ pub struct MountFlags {
 }
 
 impl MountFlags {
-    /// Writes the flags into an OCI spec (JSON): the root's mode and the mounts.
-    pub fn apply(&self, spec: &mut serde_json::Value) -> anyhow::Result<()> {
-        spec["root"]["readonly"] = serde_json::json!(self.read_only);
+    /// Gives a container the flags: the root's mode and the mounts.
+    pub fn apply(&self, mut spec: ContainerSpec) -> anyhow::Result<ContainerSpec> {
+        spec = spec.read_only(self.read_only);
         for m in &self.mounts {
-            let mount = parse(m).with_context(|| format!("--mount {m:?}"))?;
-            match spec["mounts"].as_array_mut() {
-                Some(all) => all.push(mount),
-                None => spec["mounts"] = serde_json::json!([mount]),
-            }
+            spec = spec.oci_mount(parse(m).with_context(|| format!("--mount {m:?}"))?);
         }
-        Ok(())
-    }
-
-    /// The options of the rootfs bind mount.
-    pub fn rootfs_options(&self) -> Vec<String> {
-        let mode = if self.read_only { "ro" } else { "rw" };
-        vec!["rbind".into(), mode.into()]
+        Ok(spec)
     }
 }
 
@@ -88,22 +79,25 @@ mod tests {
 
     #[test]
     fn the_rootfs_is_writable_unless_read_only() {
-        let mut spec =
-            serde_json::json!({"root": {"path": "rootfs", "readonly": true}, "mounts": []});
+        let spec_of = |flags: &MountFlags| -> serde_json::Value {
+            let spec = ContainerSpec::new("c", "/").args(["true"]);
+            let spec = flags.apply(spec).unwrap();
+            let mount = &spec.to_proto().unwrap().rootfs[0];
+            assert_eq!(mount.options[1], if flags.read_only { "ro" } else { "rw" });
+            serde_json::from_slice(&spec.spec_json().unwrap()).unwrap()
+        };
         let flags = MountFlags {
             mounts: vec!["type=bind,src=/srv,dst=/data".into()],
             ..Default::default()
         };
-        flags.apply(&mut spec).unwrap();
+        let spec = spec_of(&flags);
         assert_eq!(spec["root"]["readonly"], false);
-        assert_eq!(spec["mounts"][0]["destination"], "/data");
-        assert_eq!(flags.rootfs_options(), ["rbind", "rw"]);
+        let last = spec["mounts"].as_array().unwrap().last().unwrap().clone();
+        assert_eq!(last["destination"], "/data");
         let ro = MountFlags {
             read_only: true,
             ..Default::default()
         };
-        ro.apply(&mut spec).unwrap();
-        assert_eq!(spec["root"]["readonly"], true);
-        assert_eq!(ro.rootfs_options(), ["rbind", "ro"]);
+        assert_eq!(spec_of(&ro)["root"]["readonly"], true);
     }
 }

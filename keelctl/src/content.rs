@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
-use keel_protocol::api::content::*;
-use keel_protocol::types::system_time;
-use keel_protocol::{Client, Error};
-use protobuf::well_known_types::field_mask::FieldMask;
-use protobuf::MessageField;
+use keel_client::protocol::api::content::*;
+use keel_client::protocol::protobuf::well_known_types::field_mask::FieldMask;
+use keel_client::protocol::protobuf::MessageField;
+use keel_client::protocol::types::system_time;
+use keel_client::protocol::{Client, Error};
 use tokio::sync::{mpsc, Semaphore};
 
 use super::output::{ago, size, table, Format};
@@ -93,8 +93,10 @@ fn info_json(i: &Info) -> serde_json::Value {
     })
 }
 
-fn rfc3339(ts: Option<&protobuf::well_known_types::timestamp::Timestamp>) -> String {
-    ts.map(|t| keel_protocol::types::rfc3339(system_time(t)))
+fn rfc3339(
+    ts: Option<&keel_client::protocol::protobuf::well_known_types::timestamp::Timestamp>,
+) -> String {
+    ts.map(|t| keel_client::protocol::types::rfc3339(system_time(t)))
         .unwrap_or_default()
 }
 

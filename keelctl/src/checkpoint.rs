@@ -2,18 +2,17 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
-use keel_protocol::api::containers::{container::Runtime, Container};
-use keel_protocol::api::content::ReadContentRequest;
-use keel_protocol::api::tasks::CheckpointTaskRequest;
-use keel_protocol::api::types::{Descriptor, Mount};
-use keel_protocol::checkpoint::{spec_from_config, Checkpoint};
-use keel_protocol::types::{json_any, SPEC_TYPE_URL};
-use keel_protocol::{Client, Error};
-use protobuf::well_known_types::any::Any;
-use protobuf::{Message, MessageField};
+use anyhow::bail;
+use keel_client::protocol::api::containers::{container::Runtime, Container};
+use keel_client::protocol::api::content::ReadContentRequest;
+use keel_client::protocol::api::types::{Descriptor, Mount};
+use keel_client::protocol::checkpoint::{spec_from_config, Checkpoint};
+use keel_client::protocol::protobuf::well_known_types::any::Any;
+use keel_client::protocol::protobuf::{Message, MessageField};
+use keel_client::protocol::types::{json_any, SPEC_TYPE_URL};
+use keel_client::{CheckpointOptions, Client, Error};
 
-use super::tasks::{kv, put_container, rootfs_mount, ContainerArgs};
+use super::tasks::{kv, rootfs_mount, ContainerArgs};
 
 /// Checkpoints a task; prints the index digest (nothing with `--image-path`).
 pub async fn checkpoint(
@@ -23,22 +22,12 @@ pub async fn checkpoint(
     image_path: Option<PathBuf>,
     criu: &super::options::CheckpointFlags,
 ) -> anyhow::Result<()> {
-    let image_path = match image_path {
-        Some(p) => std::path::absolute(&p)
-            .with_context(|| format!("--image-path {}", p.display()))?
-            .display()
-            .to_string(),
-        None => String::new(),
-    };
-    let req = CheckpointTaskRequest {
-        container_id: id.to_string(),
-        exit,
-        image_path,
-        options: criu.options()?.into(),
-        ..Default::default()
-    };
-    let resp = client.tasks.checkpoint(client.ctx(), &req).await?;
-    if let Some(index) = resp.descriptors.first() {
+    let mut options = CheckpointOptions::new().exit(exit);
+    if let Some(p) = image_path {
+        options = options.image_path(p);
+    }
+    let task = client.load_task(id).await?;
+    if let Some(index) = task.checkpoint(&criu.apply(options)).await? {
         println!("{}", index.digest);
     }
     Ok(())
@@ -50,7 +39,8 @@ async fn read_blob(client: &Client, digest: &str) -> anyhow::Result<Vec<u8>> {
         digest: digest.to_string(),
         ..Default::default()
     };
-    let mut rx = client.content.read(client.ctx(), &req).await?;
+    let raw = client.raw().await?;
+    let mut rx = raw.content.read(raw.ctx(), &req).await?;
     let mut data = Vec::new();
     while let Some(resp) = rx.recv().await.map_err(Error::from)? {
         data.extend_from_slice(&resp.data);
@@ -112,7 +102,7 @@ pub async fn restore_container(
         rootfs,
         ..Default::default()
     };
-    put_container(client, c).await?;
+    client.containers().create_raw(c).await?;
     Ok(Descriptor {
         media_type: oci_spec::image::MediaType::ImageIndex.to_string(),
         digest: digest.to_string(),

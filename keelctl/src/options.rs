@@ -2,11 +2,9 @@
 //! the container's `containerd.runc.v1.Options`.
 
 use clap::Args;
-use keel_protocol::containerd::shim::oci::{CheckpointOptions, Options};
-use keel_protocol::types::{CHECKPOINT_OPTIONS_TYPE_URL, RUNC_OPTIONS_TYPE_URL};
-use protobuf::well_known_types::any::Any;
-use protobuf::Message;
-
+use keel_client::containers::pack_runc;
+use keel_client::protocol::containerd::shim::oci::Options;
+use keel_client::protocol::protobuf::well_known_types::any::Any;
 #[derive(Debug, Default, Args)]
 pub struct RuncFlags {
     /// OCI runtime binary the shim runs instead of `runc` (a name on keeld's PATH
@@ -46,7 +44,7 @@ impl RuncFlags {
         if o == Options::default() {
             return Ok(None);
         }
-        any(RUNC_OPTIONS_TYPE_URL, &o).map(Some)
+        Ok(Some(pack_runc(&o)?))
     }
 
     /// A task's own options: the flags' with a CRIU image directory to restore
@@ -57,7 +55,7 @@ impl RuncFlags {
             criu_image_path: dir.display().to_string(),
             ..self.fields()
         };
-        any(RUNC_OPTIONS_TYPE_URL, &o)
+        Ok(pack_runc(&o)?)
     }
 
     fn fields(&self) -> Options {
@@ -74,16 +72,6 @@ impl RuncFlags {
             ..Default::default()
         }
     }
-}
-
-/// `message` packed under `type_url` (runc's options take no
-/// `type.googleapis.com/` prefix).
-fn any(type_url: &str, message: &impl Message) -> anyhow::Result<Any> {
-    Ok(Any {
-        type_url: type_url.into(),
-        value: message.write_to_bytes()?,
-        ..Default::default()
-    })
 }
 
 /// `tasks checkpoint`'s flags for CRIU (ctr's names): they become the request's
@@ -114,24 +102,22 @@ pub struct CheckpointFlags {
 }
 
 impl CheckpointFlags {
-    /// The options the flags give, packed; `None` when no flag was given.
-    pub fn options(&self) -> anyhow::Result<Option<Any>> {
-        let o = CheckpointOptions {
-            open_tcp: self.tcp_established,
-            external_unix_sockets: self.external_unix_sockets,
-            terminal: self.terminal,
-            file_locks: self.file_locks,
-            empty_namespaces: self.empty_namespaces.clone(),
-            cgroups_mode: self.cgroups_mode.clone().unwrap_or_default(),
-            work_path: match &self.work_path {
-                Some(p) => std::path::absolute(p)?.display().to_string(),
-                None => String::new(),
-            },
-            ..Default::default()
-        };
-        if o == CheckpointOptions::default() {
-            return Ok(None);
+    /// The library's checkpoint options with the flags' CRIU options set.
+    pub fn apply(&self, mut o: keel_client::CheckpointOptions) -> keel_client::CheckpointOptions {
+        o = o
+            .tcp_established(self.tcp_established)
+            .external_unix_sockets(self.external_unix_sockets)
+            .terminal(self.terminal)
+            .file_locks(self.file_locks);
+        for ns in &self.empty_namespaces {
+            o = o.empty_namespace(ns);
         }
-        any(CHECKPOINT_OPTIONS_TYPE_URL, &o).map(Some)
+        if let Some(m) = &self.cgroups_mode {
+            o = o.cgroups_mode(m);
+        }
+        if let Some(p) = &self.work_path {
+            o = o.work_path(p);
+        }
+        o
     }
 }

@@ -1,22 +1,27 @@
-//! keelctl: the command line, shaped like containerd's `ctr`.
+//! keelctl: keel's command line, shaped like containerd's `ctr`, on keel-client.
 
-pub mod checkpoint;
-pub mod content;
-pub mod events;
-pub mod mounts;
-pub mod options;
-pub mod output;
-pub mod tasks;
+mod checkpoint;
+mod content;
+mod events;
+mod mounts;
+mod options;
+mod output;
+mod tasks;
 
 use clap::{Parser, Subcommand};
-use keel_protocol::Client;
+use keel_client::protocol as keel_protocol;
+
+/// keelctl's version.
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The git revision keelctl was built from.
+const REVISION: &str = env!("KEEL_GIT_REVISION");
 
 /// keelctl's global options.
 #[derive(Debug, Parser)]
-#[command(name = "keelctl", version = crate::VERSION, about = "Control keeld, the keel container node agent")]
+#[command(name = "keelctl", version = VERSION, about = "Control keeld, the keel container node agent")]
 pub struct Cli {
     /// keeld's socket.
-    #[arg(long, global = true, env = "KEEL_ADDRESS", default_value = crate::config::DEFAULT_ADDRESS)]
+    #[arg(long, global = true, env = "KEEL_ADDRESS", default_value = keel_client::DEFAULT_ADDRESS)]
     pub address: String,
     /// Namespace for the request.
     #[arg(long, short = 'n', global = true, env = "KEEL_NAMESPACE", default_value = keel_protocol::DEFAULT_NAMESPACE)]
@@ -57,39 +62,46 @@ pub enum DebugCmd {
     },
 }
 
+/// How long a command waits for keeld when it cannot be reached.
+const RECONNECT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Runs a parsed command; returns the process exit code.
-pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+async fn run(cli: Cli) -> anyhow::Result<i32> {
     let Cli {
         address,
         namespace,
         command,
     } = cli;
-    let connect = || Client::connect(&address, Some(&namespace));
+    let connect = || {
+        keel_client::ClientBuilder::new(address.as_str())
+            .namespace(namespace.as_str())
+            .reconnect_timeout(RECONNECT)
+            .connect()
+    };
     match command {
         Command::Version => {
-            println!(
-                "Client:\n  Version:  {}\n  Revision: {}",
-                crate::VERSION,
-                crate::REVISION
-            );
+            println!("Client:\n  Version:  {VERSION}\n  Revision: {REVISION}");
             let client = connect().await?;
-            let (v, r) = client.daemon_version().await?;
+            let (v, r) = client.version().await?;
             println!("\nServer:\n  Version:  {v}\n  Revision: {r}");
             Ok(0)
         }
-        Command::Content(cmd) => content::run(&connect().await?, cmd).await,
+        Command::Content(cmd) => content::run(&connect().await?.raw().await?, cmd).await,
         Command::Run(a) => tasks::run(&connect().await?, *a).await,
         Command::Containers(cmd) => tasks::containers(&connect().await?, cmd).await,
         Command::Tasks(cmd) => tasks::tasks(&connect().await?, cmd).await,
-        Command::Events(a) => events::run(&connect().await?, a).await,
+        Command::Events(a) => events::run(&connect().await?.raw().await?, a).await,
         Command::Debug(DebugCmd::Supervision { format }) => {
-            supervision(&connect().await?, format).await
+            supervision(&connect().await?.raw().await?, format).await
         }
     }
 }
 
 /// `keelctl debug supervision`.
-async fn supervision(client: &Client, format: output::Format) -> anyhow::Result<i32> {
+async fn supervision(
+    client: &keel_protocol::Client,
+    format: output::Format,
+) -> anyhow::Result<i32> {
     let r = client
         .health
         .supervision(client.ctx(), &Default::default())
@@ -146,4 +158,34 @@ async fn supervision(client: &Client, format: output::Format) -> anyhow::Result<
         }
     }
     Ok(0)
+}
+
+fn main() {
+    // Output piped into `head` and the like ends quietly when the reader goes, as
+    // with any Unix tool, rather than as a panic on a broken pipe.
+    // SAFETY: no other thread exists yet, and SIG_DFL installs no handler code.
+    unsafe {
+        let _ = nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        );
+    }
+    let cli = Cli::parse();
+    // One thread: a command's work is a few requests in a row, and on a busy host
+    // every extra thread is one more to be scheduled.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(run(cli)) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            // Show keel's own error (code and message), not ttrpc's status structure.
+            match e.downcast_ref::<keel_client::protocol::ttrpc::Error>() {
+                Some(t) => eprintln!("keelctl: {}", keel_client::Error::from(t.clone())),
+                None => eprintln!("keelctl: {e:#}"),
+            }
+            std::process::exit(1);
+        }
+    }
 }
