@@ -227,6 +227,11 @@ impl Client {
             .with_namespace(&self.namespace))
     }
 
+    /// How long a call waits for keeld while it cannot be reached.
+    pub fn reconnect_timeout(&self) -> Duration {
+        self.inner.reconnect_timeout
+    }
+
     /// A call context with this client's namespace and request timeout.
     pub fn context(&self) -> Context {
         self.context_with(self.inner.request_timeout)
@@ -266,12 +271,25 @@ impl Client {
     {
         // When keeld was first found unreachable during this call.
         let mut outage = None;
+        let mut pause = Backoff::new();
         loop {
             let lease = self.connection(&mut outage).await?;
             if retry == Retry::Once && !lease.fresh && !self.alive(&lease).await {
                 continue;
             }
-            match f(lease.raw.clone(), ctx.clone()).await.map_err(Error::from) {
+            let sent = Instant::now();
+            let result = f(lease.raw.clone(), ctx.clone()).await;
+            if let Err(e) = &result {
+                // The connection was gone before the request left: whatever the
+                // call, it goes out again on a new one.
+                if never_sent(e) {
+                    self.broken(lease.generation).await;
+                    let since = *outage.get_or_insert_with(Instant::now);
+                    self.give_up_after(since, what, &e.to_string())?;
+                    continue;
+                }
+            }
+            match result.map_err(classify) {
                 Ok(v) => {
                     self.used(lease.generation).await;
                     return Ok(v);
@@ -283,20 +301,39 @@ impl Client {
                             "the connection to keeld broke during {what} ({e}); whether it took effect is unknown"
                         )));
                     }
-                    outage.get_or_insert_with(Instant::now);
+                    // The outage starts now, unless this is one going on (a new
+                    // connection dropped at once). A call that ran longer than
+                    // the deadline (a wait) starts a new one: each keeld restart
+                    // gets the whole deadline.
+                    if outage.is_none() || sent.elapsed() >= self.inner.reconnect_timeout {
+                        outage = Some(Instant::now());
+                    }
+                    let since = outage.unwrap_or(sent);
+                    self.give_up_after(since, what, &e)?;
+                    pause.sleep().await;
                 }
                 // keeld is starting or stopping (or an actor is restarting): a
                 // call that changes nothing tries again, within the same deadline.
                 Err(Error::Unavailable(m)) if retry == Retry::Always => {
                     let since = *outage.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= self.inner.reconnect_timeout {
-                        return Err(Error::Unavailable(m));
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    self.give_up_after(since, what, &m)?;
+                    pause.sleep().await;
                 }
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Unavailable once keeld has been unreachable since `since` for longer than
+    /// the reconnect timeout.
+    fn give_up_after(&self, since: Instant, what: &str, why: &str) -> Result<()> {
+        if since.elapsed() >= self.inner.reconnect_timeout {
+            return Err(Error::Unavailable(format!(
+                "{what}: keeld at {} unavailable for {:?}: {why}",
+                self.inner.address, self.inner.reconnect_timeout
+            )));
+        }
+        Ok(())
     }
 
     /// Whether an idle connection still answers; drops it if not.
@@ -316,6 +353,9 @@ impl Client {
     /// cannot be reached, until the reconnect timeout has passed since `outage`
     /// (set to now if unset).
     pub(crate) async fn connection(&self, outage: &mut Option<Instant>) -> Result<Lease> {
+        // Taken before the lock: a caller queued behind a reconnect waits for the
+        // same deadline as the one making it, not a deadline of its own after it.
+        let since = outage.unwrap_or_else(Instant::now);
         let mut conn = self.inner.conn.lock().await;
         if let Some(raw) = &conn.raw {
             return Ok(Lease {
@@ -324,8 +364,8 @@ impl Client {
                 fresh: conn.last_ok.is_some_and(|t| t.elapsed() < KNOWN_ALIVE),
             });
         }
-        let since = *outage.get_or_insert_with(Instant::now);
-        let mut pause = Duration::from_millis(20);
+        *outage = Some(since);
+        let mut pause = Backoff::new();
         loop {
             match Raw::connect(&self.inner.address, None).await {
                 Ok(raw) => {
@@ -339,17 +379,18 @@ impl Client {
                     });
                 }
                 Err(e) if since.elapsed() >= self.inner.reconnect_timeout => {
-                    return Err(Error::Unavailable(format!(
-                        "keeld at {} could not be reached for {:?}: {}",
-                        self.inner.address,
-                        self.inner.reconnect_timeout,
-                        e.message()
-                    )));
+                    return Err(if self.inner.reconnect_timeout.is_zero() {
+                        e
+                    } else {
+                        Error::Unavailable(format!(
+                            "keeld at {} could not be reached for {:?}: {}",
+                            self.inner.address,
+                            self.inner.reconnect_timeout,
+                            e.message()
+                        ))
+                    });
                 }
-                Err(_) => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(500));
-                }
+                Err(_) => pause.sleep().await,
             }
         }
     }
@@ -368,6 +409,54 @@ impl Client {
         if conn.generation == generation {
             conn.raw = None;
         }
+    }
+}
+
+/// Pauses between attempts: 20 ms, doubling up to 500 ms.
+pub(crate) struct Backoff(Duration);
+
+impl Backoff {
+    pub(crate) fn new() -> Self {
+        Self(Duration::from_millis(20))
+    }
+
+    pub(crate) async fn sleep(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(Duration::from_millis(500));
+    }
+
+    pub(crate) fn reset(&mut self) {
+        *self = Self::new();
+    }
+}
+
+/// Whether ttrpc failed a call before its request was written: the connection's
+/// writer was already gone (or the request was withdrawn).
+fn never_sent(e: &ttrpc::Error) -> bool {
+    match e {
+        ttrpc::Error::LocalClosed => true,
+        ttrpc::Error::Others(m) => m.starts_with("reserve channel capacity failed"),
+        _ => false,
+    }
+}
+
+/// keel's error for a failed ttrpc call. Only a broken connection is
+/// [`Error::Transport`] (and so retried or reported as of unknown outcome); a
+/// client-side deadline is DeadlineExceeded, anything else ttrpc fails with
+/// locally (an oversized request, an undecodable answer) is Internal.
+pub(crate) fn classify(e: ttrpc::Error) -> Error {
+    if never_sent(&e) {
+        return Error::Transport(e.to_string());
+    }
+    match e {
+        ttrpc::Error::RpcStatus(s) => Error::from_status(&s),
+        ttrpc::Error::Socket(_)
+        | ttrpc::Error::LocalClosed
+        | ttrpc::Error::RemoteClosed
+        | ttrpc::Error::Eof
+        | ttrpc::Error::Nix(_) => Error::Transport(e.to_string()),
+        ttrpc::Error::Others(m) if m.contains("deadline") => Error::DeadlineExceeded(m),
+        other => Error::Internal(other.to_string()),
     }
 }
 

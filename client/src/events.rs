@@ -9,6 +9,11 @@
 //! oldest retained event, and events keeld lost in a crash before writing them
 //! out, come as an [`Event::Gap`] item with the range.
 //!
+//! Resubscribing goes on however long keeld is away; each attempt that fails
+//! for longer than the client's reconnect timeout is told as an `Unavailable`
+//! item, and the stream goes on. A request keeld refuses (a bad filter) is the
+//! stream's one and last item.
+//!
 //! ```no_run
 //! use futures::StreamExt;
 //!
@@ -25,7 +30,7 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use futures::future::BoxFuture;
 use futures::Stream;
@@ -36,7 +41,7 @@ use keel_protocol::{Error, Result};
 use protobuf::well_known_types::any::Any;
 use protobuf::MessageFull;
 
-use crate::client::Client;
+use crate::client::{classify, Backoff, Client};
 
 /// The topic of keel's gap notices.
 pub const GAP_TOPIC: &str = "/keel/events/gap";
@@ -148,6 +153,9 @@ struct Cursor {
     )>,
     /// A bad request ended it: nothing more comes.
     done: bool,
+    /// Subscriptions in a row that ended without an event.
+    failures: u32,
+    pause: Backoff,
 }
 
 /// A `Stream` of events that resumes across keeld restarts: see the module
@@ -177,7 +185,9 @@ impl Subscription {
 impl Client {
     /// Subscribes to the events matching any of `filters` (containerd's filter
     /// language over `topic`, `namespace` and `event.<field>`; all events when
-    /// there are none), from after sequence number `since`, or from now.
+    /// there are none), from after sequence number `since`, or from now. A filter
+    /// keeld cannot parse comes back as the stream's first and last item
+    /// (InvalidArgument).
     pub async fn subscribe(&self, filters: &[&str], since: Option<u64>) -> Result<Subscription> {
         let since = match since {
             Some(s) => s,
@@ -189,8 +199,11 @@ impl Client {
             last: since,
             stream: None,
             done: false,
+            failures: 0,
+            pause: Backoff::new(),
         };
-        // Open it now, so that a bad filter is this call's error.
+        // Sent now; keeld's refusal of a bad filter is the stream's first item,
+        // and ends it.
         cursor.open().await?;
         Ok(Subscription {
             cursor: Some(cursor),
@@ -201,7 +214,9 @@ impl Client {
 }
 
 impl Cursor {
-    /// Subscribes from `last`, waiting for keeld while it is down.
+    /// Subscribes from `last`, waiting for keeld while it is down (up to the
+    /// client's reconnect timeout, then Unavailable). keeld's answer to the
+    /// request itself (a bad filter) comes with the first `recv`.
     async fn open(&mut self) -> Result<()> {
         let req = SubscribeRequest {
             filters: self.filters.clone(),
@@ -209,6 +224,7 @@ impl Cursor {
             ..Default::default()
         };
         let mut outage = None;
+        let mut pause = Backoff::new();
         loop {
             let lease = self.client.connection(&mut outage).await?;
             match lease
@@ -216,14 +232,20 @@ impl Cursor {
                 .events
                 .subscribe(self.client.context_with(None), &req)
                 .await
-                .map_err(Error::from)
+                .map_err(classify)
             {
                 Ok(rx) => {
                     self.stream = Some((lease.generation(), rx));
                     return Ok(());
                 }
-                Err(Error::Transport(_)) => self.client.broken(lease.generation()).await,
-                Err(Error::Unavailable(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(Error::Transport(e)) => {
+                    self.client.broken(lease.generation()).await;
+                    let since = *outage.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() >= self.client.reconnect_timeout() {
+                        return Err(Error::Unavailable(format!("subscribing: {e}")));
+                    }
+                    pause.sleep().await;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -236,8 +258,14 @@ impl Cursor {
                 return (self, None);
             }
             if self.stream.is_none() {
+                // Not at once after a failure: a keeld that accepts and drops
+                // connections (at its connection limit) is not hammered.
+                if self.failures > 0 {
+                    self.pause.sleep().await;
+                }
                 if let Err(e) = self.open().await {
-                    self.done = !e.is_retriable();
+                    self.failures += 1;
+                    self.done = is_final(&e);
                     return (self, Some(Err(e)));
                 }
             }
@@ -245,8 +273,10 @@ impl Cursor {
                 continue;
             };
             let generation = *generation;
-            match rx.recv().await.map_err(Error::from) {
+            match rx.recv().await.map_err(classify) {
                 Ok(Some(env)) => {
+                    self.failures = 0;
+                    self.pause.reset();
                     // A replay never goes back; skip anything at or before what
                     // was yielded, whatever happens.
                     if env.sequence <= self.last {
@@ -257,18 +287,38 @@ impl Cursor {
                 }
                 // keeld ended the stream (it is stopping), or cut this
                 // subscriber off (Unavailable): subscribe again from `last`.
-                Ok(None) | Err(Error::Unavailable(_)) => self.stream = None,
+                Ok(None) | Err(Error::Unavailable(_)) => {
+                    self.failures += 1;
+                    self.stream = None;
+                }
                 Err(Error::Transport(_)) => {
+                    self.failures += 1;
                     self.stream = None;
                     self.client.broken(generation).await;
                 }
-                Err(e) => {
+                // The request itself is refused: nothing more will come.
+                Err(e) if is_final(&e) => {
                     self.done = true;
+                    return (self, Some(Err(e)));
+                }
+                // Anything else (a limit reached, a failure inside keeld) is
+                // told, and the next poll subscribes again.
+                Err(e) => {
+                    self.failures += 1;
+                    self.stream = None;
                     return (self, Some(Err(e)));
                 }
             }
         }
     }
+}
+
+/// Errors after which subscribing again cannot help: the request is wrong.
+fn is_final(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::InvalidArgument(_) | Error::PermissionDenied(_) | Error::Unimplemented(_)
+    )
 }
 
 impl Stream for Subscription {

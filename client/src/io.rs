@@ -43,8 +43,7 @@ pub struct Io {
     pub(crate) log_to_file: bool,
     /// Copied into the stdin FIFO once the process has started.
     pending_stdin: Option<(PathBuf, Input)>,
-    /// Output copies running in the background.
-    copies: Vec<JoinHandle<()>>,
+    copies: Copies,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -96,6 +95,20 @@ impl Fifos {
     pub fn dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.dir = Some(dir.into());
         self
+    }
+}
+
+/// Output copies running in the background, stopped when dropped: dropped before
+/// the shim ever opened the FIFOs (a failed create), they would wait for a
+/// writer forever. [`crate::Process::wait_output`] lets them finish first.
+#[derive(Default)]
+struct Copies(Vec<JoinHandle<()>>);
+
+impl Drop for Copies {
+    fn drop(&mut self) {
+        for c in &self.0 {
+            c.abort();
+        }
     }
 }
 
@@ -176,10 +189,12 @@ fn reader(p: &Path) -> Result<pipe::Receiver> {
         .map_err(|e| io_error("open fifo", p, &e))
 }
 
-/// Opens a FIFO's writing end whether or not its reader has opened it yet.
-fn writer(p: &Path) -> Result<pipe::Sender> {
+/// Opens a FIFO's writing end. `early`: whether or not its reader (the shim) has
+/// opened it yet, at the cost of never seeing it go; otherwise the reader must
+/// be there, and writes fail once it is gone.
+fn writer(p: &Path, early: bool) -> Result<pipe::Sender> {
     pipe::OpenOptions::new()
-        .read_write(true)
+        .read_write(early)
         .open_sender(p)
         .map_err(|e| io_error("open fifo", p, &e))
 }
@@ -223,7 +238,7 @@ impl Io {
     pub fn streams(fifos: Fifos) -> Result<(Self, Streams)> {
         let made = fifos.make()?;
         let streams = Streams {
-            stdin: made.stdin.as_deref().map(writer).transpose()?,
+            stdin: made.stdin.as_deref().map(|p| writer(p, true)).transpose()?,
             stdout: reader(&made.stdout)?,
             stderr: made.stderr.as_deref().map(reader).transpose()?,
         };
@@ -241,7 +256,8 @@ impl Io {
     /// FIFOs copied to and from the caller's: `stdin` (if given) copied in after
     /// the process starts and closed when it ends, the output copied to `stdout`
     /// and `stderr` (stderr unused with a terminal) until the process's side
-    /// closes. [`crate::Process::wait_output`] waits for the copies to finish.
+    /// closes. [`crate::Process::wait_output`] waits for the copies to finish;
+    /// dropping the process (or this `Io`, if its create failed) stops them.
     ///
     /// ```no_run
     /// # fn f() -> keel_client::Result<()> {
@@ -272,7 +288,7 @@ impl Io {
             stderr: show(made.stderr.as_ref()),
             terminal: fifos.terminal,
             pending_stdin: made.stdin.zip(stdin),
-            copies,
+            copies: Copies(copies),
             _dir: made.temp,
             ..Self::default()
         })
@@ -287,7 +303,8 @@ impl Io {
     /// opened for writing, and the source.
     pub(crate) fn take_stdin(&mut self) -> Result<Option<(pipe::Sender, Input)>> {
         match self.pending_stdin.take() {
-            Some((path, input)) => Ok(Some((writer(&path)?, input))),
+            // After the start the shim has its end open.
+            Some((path, input)) => Ok(Some((writer(&path, false)?, input))),
             None => Ok(None),
         }
     }
@@ -295,7 +312,7 @@ impl Io {
     /// Waits (up to `timeout`) for the output copies to finish: they end when the
     /// shim closes its side after the process exits.
     pub(crate) async fn finish(&mut self, timeout: Duration) {
-        for c in std::mem::take(&mut self.copies) {
+        for c in std::mem::take(&mut self.copies.0) {
             let _ = tokio::time::timeout(timeout, c).await;
         }
     }
@@ -321,7 +338,10 @@ pub(crate) fn attach(stdin: &str, stdout: &str, stderr: &str) -> Result<Streams>
         ));
     };
     Ok(Streams {
-        stdin: fifo("stdin", stdin)?.as_deref().map(writer).transpose()?,
+        stdin: fifo("stdin", stdin)?
+            .as_deref()
+            .map(|p| writer(p, false))
+            .transpose()?,
         stdout: reader(&out)?,
         stderr: fifo("stderr", stderr)?.as_deref().map(reader).transpose()?,
     })
@@ -339,7 +359,7 @@ mod tests {
         assert!(io.stderr.ends_with("stderr") && !io.terminal);
         // The shim's side of stdin and stdout, as it would open them.
         let mut shim_in = reader(Path::new(&io.stdin)).unwrap();
-        let mut shim_out = writer(Path::new(&io.stdout)).unwrap();
+        let mut shim_out = writer(Path::new(&io.stdout), false).unwrap();
         s.stdin.as_mut().unwrap().write_all(b"ping").await.unwrap();
         let mut buf = [0u8; 4];
         shim_in.read_exact(&mut buf).await.unwrap();

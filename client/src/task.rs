@@ -193,7 +193,12 @@ impl Process {
                 async move { raw.tasks.start(ctx, &req).await }
             })
             .await?;
-        let stdin = self.lock_io().take_stdin()?;
+        let stdin = self.lock_io().take_stdin().map_err(|e| {
+            Error::Internal(format!(
+                "{} started, but its stdin cannot be opened: {e}",
+                self.describe()
+            ))
+        })?;
         if let Some((mut fifo, mut source)) = stdin {
             let (client, id, exec_id) = (
                 self.client.clone(),
@@ -207,6 +212,15 @@ impl Process {
             });
         }
         Ok(r.pid)
+    }
+
+    /// "task ID" or "process EXEC of task ID", for messages.
+    fn describe(&self) -> String {
+        if self.exec_id.is_empty() {
+            format!("task {}", self.container_id)
+        } else {
+            format!("process {} of task {}", self.exec_id, self.container_id)
+        }
     }
 
     fn lock_io(&self) -> std::sync::MutexGuard<'_, Io> {

@@ -26,7 +26,7 @@ pub async fn checkpoint(
     if let Some(p) = image_path {
         options = options.image_path(p);
     }
-    let task = client.load_task(id).await?;
+    let task = client.task(id);
     if let Some(index) = task.checkpoint(&criu.apply(options)).await? {
         println!("{}", index.digest);
     }

@@ -62,8 +62,9 @@ pub enum DebugCmd {
     },
 }
 
-/// How long a command waits for keeld when it cannot be reached.
-const RECONNECT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a command waits for keeld when it cannot be reached: not at all,
+/// as keelctl always has (a script retries if it wants to).
+const RECONNECT: std::time::Duration = std::time::Duration::ZERO;
 
 /// Runs a parsed command; returns the process exit code.
 async fn run(cli: Cli) -> anyhow::Result<i32> {

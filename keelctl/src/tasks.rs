@@ -316,8 +316,7 @@ pub(super) fn rootfs_mount(
     dir: &std::path::Path,
     fs: &super::mounts::MountFlags,
 ) -> anyhow::Result<Mount> {
-    keel_client::containers::bind_rootfs(dir, fs.read_only)
-        .with_context(|| format!("rootfs {}", dir.display()))
+    Ok(keel_client::containers::bind_rootfs(dir, fs.read_only)?)
 }
 
 /// Deletes task and container `id`; the first error, if any (both are tried).

@@ -616,8 +616,16 @@ pub struct Subscriber {
 
 impl Subscriber {
     /// Starts `keelctl events --format json ARGS…` (filters, `--since`) against `k`.
+    /// Without `--since`, it starts from keeld's newest event now (Events.Head),
+    /// so an event published after this returns reaches it however soon: a live
+    /// subscription would race its own start.
     pub fn spawn(k: &Keeld, args: &[&str]) -> Self {
         let mut all = vec!["events", "--format", "json"];
+        let head;
+        if !args.contains(&"--since") {
+            head = k.head().to_string();
+            all.extend_from_slice(&["--since", &head]);
+        }
         all.extend_from_slice(args);
         let mut child = k
             .ctl_cmd(&all)
@@ -770,6 +778,25 @@ impl Keeld {
         std::fs::copy(bin_dir().join("keelctl"), &keelctl).expect("copy keelctl");
         mode(&keelctl, 0o755);
         keelctl
+    }
+
+    /// The sequence number of the newest event keeld has delivered.
+    pub fn head(&self) -> u64 {
+        // On a thread of its own: callers may be inside a runtime already.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                runtime().block_on(async {
+                    let c = self.client(None).await;
+                    c.events
+                        .head(c.ctx(), &Default::default())
+                        .await
+                        .expect("Events.Head")
+                        .sequence
+                })
+            })
+            .join()
+            .expect("head thread")
+        })
     }
 
     /// A ttrpc client of this daemon in namespace `ns` (this daemon's own when `None`).
