@@ -16,8 +16,8 @@ echo "== cargo clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 # The tests' keeld carries fault injection (KEEL_FAULTS); release builds never do.
 cargo clippy --locked --workspace --all-targets --features keel-supervisor/faults -- -D warnings
-echo "== cargo doc (keel-client: every public item documented, every link resolved)"
-RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps -p keel-client
+echo "== cargo doc (every link resolved; keel-client: every public item documented)"
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --workspace
 echo "== build"
 cargo build --locked --workspace --bins --features keel-supervisor/faults
 cargo build --locked -p keel-client --examples

@@ -2,7 +2,7 @@
 //!
 //! [`Tasks::create`] writes the bundle, launches the shim (`start`), records the shim's
 //! address durably *before* the task is reported created, connects, sends Create and
-//! then starts a [`TaskActor`] on the task arbiter. The actor owns the task's shim
+//! then starts a `TaskActor` on the task arbiter. The actor owns the task's shim
 //! connection and its state machine; every request goes through its mailbox.
 //! Requests that change state (start, delete, an exit) are atomic: the actor handles
 //! nothing else until they finish, so an exit is never published before the start.

@@ -8,7 +8,7 @@
 //!   or namespace (PermissionDenied, logged with pid and uid), refuses a request
 //!   beyond the connection's `requests_per_connection` (ResourceExhausted), and yields
 //!   the request's validated namespace;
-//! - the connection's payload transform ([`Accounting`]), which ttrpc calls for every
+//! - the connection's payload transform (`Accounting`), which ttrpc calls for every
 //!   frame in wire order, on the thread that reads the connection, before any task is
 //!   spawned for it. It passes payloads through untouched and counts: requests in
 //!   flight (a REQUEST frame opens one, the RESPONSE frame or the close of its stream

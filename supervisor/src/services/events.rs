@@ -16,7 +16,7 @@
 //! resume from when it falls more than `subscriber_buffer` events behind what was
 //! published since it subscribed (or more than `subscriber_buffer_bytes` of them),
 //! when retention overtakes it, or when one send to it blocks for longer than
-//! [`SEND_STALL`] (its client stopped reading).
+//! `SEND_STALL` (its client stopped reading).
 
 use std::cell::OnceCell;
 use std::sync::Arc;
