@@ -62,7 +62,15 @@ fn run(store: PathBuf, mountpoint: PathBuf, log: Option<PathBuf>) -> std::io::Re
     let mut session = fuser::Session::new(fs::PowerCut(state.clone()), &mountpoint, &options)?;
     println!("mounted");
     std::io::stdout().flush()?;
-    session.run()?;
+    match session.run() {
+        Ok(()) => {}
+        // The kernel ended the connection (it reports an aborted one this way
+        // rather than as an unmount): power is off all the same.
+        Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {
+            eprintln!("keel-powercut: the kernel aborted the connection");
+        }
+        Err(e) => return Err(e),
+    }
     drop(session);
     let dropped = state
         .lock()

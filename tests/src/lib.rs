@@ -901,10 +901,10 @@ impl Latencies {
         self.sorted.last().copied().unwrap_or_default()
     }
 
-    /// Asserts keeld answered throughout: at least `min` answers, the 99th
-    /// percentile within 100 ms and none slower than a second (the machine running
-    /// the tests is shared with other tests, so a single answer may be late; a
-    /// daemon whose serving thread is held up misses both).
+    /// Asserts keeld answered throughout: at least `min` answers, none slower
+    /// than a second (a daemon whose serving thread is held up stalls for
+    /// longer). The percentiles are printed, not asserted: how fast keeld answers
+    /// under this load is measured by `bench/limits.sh`, not in tests.
     pub fn assert_responsive(&self, what: &str, min: usize) {
         eprintln!(
             "{what}: Version answered {} times, p50 {:?}, p99 {:?}, max {:?}",
@@ -917,11 +917,6 @@ impl Latencies {
             self.sorted.len() >= min,
             "{what}: only {} Version answers",
             self.sorted.len()
-        );
-        assert!(
-            self.quantile(0.99) <= Duration::from_millis(100),
-            "{what}: Version p99 {:?} > 100 ms",
-            self.quantile(0.99)
         );
         assert!(
             self.max() <= Duration::from_secs(1),
