@@ -191,11 +191,10 @@ impl ContainerSpec {
     }
 
     /// One more mount in the container (an OCI spec mount).
-    pub fn mount(mut self, kind: &str, source: &str, destination: &str, options: &[&str]) -> Self {
-        self.mounts.push(serde_json::json!({
+    pub fn mount(self, kind: &str, source: &str, destination: &str, options: &[&str]) -> Self {
+        self.oci_mount(serde_json::json!({
             "type": kind, "source": source, "destination": destination, "options": options,
-        }));
-        self
+        }))
     }
 
     /// One more mount in the container, as an OCI spec mount (JSON object with

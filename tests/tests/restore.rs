@@ -112,11 +112,6 @@ fn bundles(k: &Keeld) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
-/// The newest sequence number so far.
-fn head(k: &Keeld) -> u64 {
-    *seqs(&log_to_marker(k, 0)).last().unwrap()
-}
-
 /// The ids of the containers keeld lists.
 fn containers(k: &Keeld) -> BTreeSet<String> {
     k.ctl_ok(&["containers", "ls", "--format", "json"])
@@ -170,7 +165,7 @@ fn exits_during_a_30s_outage_are_published_once_and_running_tasks_come_back() {
     }
     let before = tasks(&k);
     assert!(before.values().all(|t| status(t) == "RUNNING"));
-    let since = head(&k);
+    let since = k.head();
 
     k.kill9();
     let victims: Vec<&String> = ids.iter().step_by(10).collect();
@@ -584,7 +579,7 @@ fn exec_processes_are_watched_again_after_a_restart_and_their_exits_published_on
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-    let since = head(&k);
+    let since = k.head();
 
     k.kill9();
     for c in &mut clients {
