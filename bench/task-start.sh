@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Task start cost, paired in one run on the same busybox bundle:
-#   keel   keelctl run --rm … /bin/busybox true        (keeld → shim → runc)
+#   keel   keelctl run --rm … /bin/busybox true        (keeld → Go shim → runc)
+#   keel+k the same with --runtime io.containerd.keel.v1 (keeld → keel's shim, which
+#          makes the container in its own process)
 #   ctr    ctr run --rm --rootfs … /bin/busybox true   (a containerd this script starts
 #                                                       on its own root and socket)
+#   ctr+k  the same containerd with --runtime io.containerd.keel.v1
 #   floor  the same steps driven straight through the shim, nothing recorded and
 #          no events (tests/examples/shim_floor.rs): what shim and runc cost alone
 #   runc   runc run of the same rootfs
@@ -36,7 +39,7 @@ busybox_rootfs "$R"
 "$BIN/keeld" --root "$DIR/keel-root" --state "$DIR/keel-state" --address "$DIR/keel.sock" 2>"$DIR/keeld.log" &
 KEELD=$!
 printf 'version = 2\ndisabled_plugins = ["io.containerd.grpc.v1.cri"]\n' >"$DIR/containerd.toml"
-containerd --config "$DIR/containerd.toml" --root "$DIR/ctd-root" --state "$DIR/ctd-state" --address "$DIR/ctd.sock" 2>"$DIR/containerd.log" &
+PATH="$PWD/$BIN:$PATH" containerd --config "$DIR/containerd.toml" --root "$DIR/ctd-root" --state "$DIR/ctd-state" --address "$DIR/ctd.sock" 2>"$DIR/containerd.log" &
 CTD=$!
 for _ in $(seq 200); do [ -S "$DIR/keel.sock" ] && [ -S "$DIR/ctd.sock" ] && break; sleep 0.05; done
 
@@ -60,20 +63,27 @@ cpu() { cat /proc/"$KEELD"/task/*/schedstat | awk '{s += $1} END {print s}'; }
 switches() { cat /proc/"$KEELD"/task/*/status | awk '/ctxt_switches/ {s += $2} END {print s}'; }
 
 : >"$DIR/keel.us"; : >"$DIR/ctr.us"; : >"$DIR/floor.us"; : >"$DIR/runc.us"
+: >"$DIR/keelk.us"; : >"$DIR/ctrk.us"
+KS="--runtime io.containerd.keel.v1"
 c=0 sw=0
 for i in $(seq "$RUNS"); do
     c0=$(cpu) s0=$(switches)
     us $K run --rm --rootfs "$R" "k$i" /bin/busybox true >>"$DIR/keel.us"
     c=$((c + $(cpu) - c0)) sw=$((sw + $(switches) - s0))
+    us $K run --rm $KS --rootfs "$R" "kk$i" /bin/busybox true >>"$DIR/keelk.us"
     us $C run --rm --rootfs "$R" "c$i" /bin/busybox true >>"$DIR/ctr.us"
+    us $C run --rm $KS --rootfs "$R" "ck$i" /bin/busybox true >>"$DIR/ctrk.us"
     us $F >>"$DIR/floor.us"
     us runc run -b "$B" "r$i" >>"$DIR/runc.us"
 done
 keel=$(median <"$DIR/keel.us"); ctrm=$(median <"$DIR/ctr.us"); floor=$(median <"$DIR/floor.us")
 runcm=$(median <"$DIR/runc.us")
-echo "median start-to-exit, $RUNS runs each (µs): keel $keel  ctr $ctrm  floor $floor  runc $runcm"
+keelk=$(median <"$DIR/keelk.us"); ctrk=$(median <"$DIR/ctrk.us")
+echo "median start-to-exit, $RUNS runs each (µs): keel $keel  keel+keel-shim $keelk  ctr $ctrm  ctr+keel-shim $ctrk  floor $floor  runc $runcm"
 awk -v k="$keel" -v c="$ctrm" -v f="$floor" -v r="$runcm" \
     'BEGIN { printf "keel/runc %.2f   containerd/runc %.2f   floor/runc %.2f\n", k / r, c / r, f / r }'
+awk -v k="$keelk" -v c="$ctrk" -v cg="$ctrm" -v r="$runcm" \
+    'BEGIN { printf "with the keel shim: keel/runc %.2f   containerd/runc %.2f   containerd keel-shim/Go-shim %.2f\n", k / r, c / r, c / cg }'
 awk -v t="$c" -v s="$sw" -v n="$RUNS" \
     'BEGIN { printf "keeld per task run: %.2f ms CPU, %d context switches\n", t / 1e6 / n, s / n }'
 

@@ -17,9 +17,6 @@ use crate::client::{Client, Retry};
 use crate::io::Io;
 use crate::task::{Task, TaskOptions};
 
-/// The runtime a container gets unless its spec names another.
-pub const DEFAULT_RUNTIME: &str = "io.containerd.runc.v2";
-
 /// Resource limits, written into the OCI spec's `linux.resources` (and taken by
 /// [`Task::update`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -131,7 +128,7 @@ impl ContainerSpec {
             limits: Limits::default(),
             mounts: Vec::new(),
             labels: HashMap::new(),
-            runtime: DEFAULT_RUNTIME.into(),
+            runtime: String::new(),
             runtime_options: None,
             spec: None,
         }
@@ -210,7 +207,8 @@ impl ContainerSpec {
         self
     }
 
-    /// The runtime (default `io.containerd.runc.v2`; a shim name, or a path).
+    /// The runtime: a shim name (`io.containerd.runc.v2`, `io.containerd.keel.v1`)
+    /// or a path. By default, keeld's `default_runtime`.
     pub fn runtime(mut self, name: impl Into<String>) -> Self {
         self.runtime = name.into();
         self

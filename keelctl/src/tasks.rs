@@ -29,8 +29,9 @@ pub struct ContainerArgs {
     pub cwd: String,
     #[command(flatten)]
     pub limits: Limits,
-    /// Runtime name.
-    #[arg(long, default_value = "io.containerd.runc.v2")]
+    /// Runtime name (io.containerd.runc.v2, io.containerd.keel.v1) or shim path;
+    /// keeld's default_runtime when not given.
+    #[arg(long, default_value = "")]
     pub runtime: String,
     #[command(flatten)]
     pub runc: super::options::RuncFlags,

@@ -10,6 +10,7 @@ use serde::Deserialize;
 pub const DEFAULT_ROOT: &str = "/var/lib/keel";
 pub const DEFAULT_STATE: &str = "/run/keel";
 pub const DEFAULT_ADDRESS: &str = keel_protocol::DEFAULT_ADDRESS;
+pub const DEFAULT_RUNTIME: &str = "io.containerd.runc.v2";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
 #[serde(rename_all = "lowercase")]
@@ -28,6 +29,9 @@ pub struct FileConfig {
     pub address: Option<PathBuf>,
     pub log_level: Option<String>,
     pub log_format: Option<LogFormat>,
+    /// The runtime of a container that names none (`io.containerd.runc.v2` by
+    /// default; `io.containerd.keel.v1` is keel's own shim).
+    pub default_runtime: Option<String>,
     /// uids besides 0 that may use the API as admins (the older form of
     /// `[[access]]` with `role = "admin"`).
     #[serde(default)]
@@ -119,6 +123,8 @@ pub struct Config {
     pub address: PathBuf,
     pub log_level: String,
     pub log_format: LogFormat,
+    /// The runtime of a container that names none.
+    pub default_runtime: String,
     /// Who besides root may call keeld (the `allowed_uids` as admins, then
     /// `[[access]]`).
     pub access: Vec<AccessEntry>,
@@ -156,6 +162,9 @@ impl Config {
                 .or(file.log_level)
                 .unwrap_or_else(|| "info".into()),
             log_format: flags.log_format.or(file.log_format).unwrap_or_default(),
+            default_runtime: file
+                .default_runtime
+                .unwrap_or_else(|| DEFAULT_RUNTIME.into()),
             access: file
                 .allowed_uids
                 .iter()
@@ -216,6 +225,13 @@ impl Config {
             cfg.events.subscriber_buffer > 0,
             "events.subscriber_buffer must be at least 1"
         );
+        // Its binary is looked for when a container is created, as containerd does.
+        keel_actors::shim::resolve_runtime(&cfg.default_runtime)
+            .or_else(|e| match e {
+                keel_actors::Error::NotFound(_) => Ok(Default::default()),
+                e => Err(e),
+            })
+            .map_err(|e| anyhow::anyhow!("default_runtime: {e}"))?;
         for (name, p) in [
             ("root", &cfg.root),
             ("state", &cfg.state),

@@ -222,6 +222,7 @@ async fn serve(
                 events: events.clone(),
                 tasks: tasks.clone(),
                 limits: limits.clone(),
+                default_runtime: cfg.default_runtime.clone(),
             },
         )))
         .register_service(tasks_ttrpc::create_tasks(Arc::new(TasksService {

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use keel_tests::{busybox_rootfs, describe, require_runtime, seqs, Keeld, Subscriber};
+use keel_tests::{busybox_rootfs, describe, require_runtime, seqs, shim_binary, Keeld, Subscriber};
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
@@ -80,7 +80,7 @@ fn shims(k: &Keeld) -> Vec<String> {
     let out = std::process::Command::new("pgrep")
         .args([
             "-af",
-            &format!("containerd-shim-runc-v2 -namespace {} ", k.namespace),
+            &format!("{} -namespace {} ", shim_binary(), k.namespace),
         ])
         .output()
         .unwrap();

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use keel_protocol::containerd::shim::oci::Options;
 use keel_protocol::protobuf::well_known_types::any::Any;
 use keel_protocol::protobuf::Message;
-use keel_tests::{busybox_rootfs, describe, require_runtime, CtlOnTerminal, Keeld, Subscriber};
+use keel_tests::{
+    busybox_rootfs, describe, require_runtime, shim_binary, CtlOnTerminal, Keeld, Subscriber,
+};
 
 fn run(k: &Keeld, args: &[&str]) -> std::process::Output {
     let rootfs = busybox_rootfs();
@@ -22,7 +24,8 @@ fn assert_no_leaks(k: &Keeld, ns: &str, id: &str) {
         .args([
             "-f",
             &format!(
-                "containerd-shim-runc-v2 -namespace {ns} -id {id} -address {}",
+                "{} -namespace {ns} -id {id} -address {}",
+                shim_binary(),
                 k.socket.display()
             ),
         ])

@@ -30,9 +30,6 @@ use crate::server::Auth;
 /// takes milliseconds.
 const INLINE_SPEC_BYTES: usize = 64 << 10;
 
-/// The runtime used when a container names none, as in containerd.
-pub const DEFAULT_RUNTIME: &str = "io.containerd.runc.v2";
-
 #[derive(Debug)]
 pub struct ContainersService {
     pub auth: Arc<Auth>,
@@ -40,6 +37,8 @@ pub struct ContainersService {
     pub events: EventSink,
     pub tasks: Tasks,
     pub limits: Arc<Limits>,
+    /// The runtime of a container that names none (configuration's `default_runtime`).
+    pub default_runtime: String,
 }
 
 fn to_proto(c: &ContainerRecord) -> Container {
@@ -261,7 +260,7 @@ impl containers_ttrpc::Containers for ContainersService {
                 .as_ref()
                 .map(|r| r.name.clone())
                 .filter(|n| !n.is_empty())
-                .unwrap_or_else(|| DEFAULT_RUNTIME.into());
+                .unwrap_or_else(|| self.default_runtime.clone());
             resolve_runtime(&runtime)
                 .map_err(keel_protocol::Error::from)
                 .rpc()?;
