@@ -54,12 +54,13 @@ PATH="$PWD/$BIN:$PATH" containerd --config "$DIR/containerd.toml" --root "$DIR/c
 CTD=$!
 for _ in $(seq 200); do [ -S "$DIR/keel.sock" ] && [ -S "$DIR/ctd.sock" ] && break; sleep 0.05; done
 
-# burst NAME COMMAND…: starts N tasks PAR at a time with COMMAND ID; prints ms.
+# burst NAME COMMAND…: starts N tasks PAR at a time with COMMAND, whose {} is
+# each task's id (NAME1, NAME2…); prints ms.
 burst() {
     local name=$1 s e
     shift
     s=$EPOCHREALTIME
-    seq "$N" | xargs -P "$PAR" -I{} "$@" "$name{}" >/dev/null
+    seq "$N" | sed "s/^/$name/" | xargs -P "$PAR" -I{} "$@" >/dev/null
     e=$EPOCHREALTIME
     echo $(((${e/./} - ${s/./}) / 1000))
 }
@@ -74,18 +75,18 @@ mem() {
 
 KS="--runtime io.containerd.keel.v1"
 echo "# burst of $N detached tasks, $PAR at a time, until all run (ms)"
-kk=$(burst kk $K run -d $KS --rootfs "$R" {} sleep 100000)
+kk=$(burst kk $K run -d $KS --rootfs "$R" {} /bin/sleep 100000)
 echo "keel + keel shim:        $kk"
 echo "keel shims under keeld, $N running: $(mem "containerd-shim-keel-v1 -namespace default -id kk")"
 keel_clean
-kg=$(burst kg $K run -d --rootfs "$R" {} sleep 100000)
+kg=$(burst kg $K run -d --rootfs "$R" {} /bin/sleep 100000)
 echo "keel + Go shim:          $kg"
 keel_clean
-cg=$(burst cg $C run -d --rootfs "$R" {} sleep 100000)
+cg=$(burst cg $C run -d --rootfs "$R" {} /bin/sleep 100000)
 echo "containerd + Go shim:    $cg"
 echo "Go shims under containerd, $N running: $(mem "containerd-shim-runc-v2 -namespace default -id cg")"
 ctr_clean
-ck=$(burst ck $C run -d $KS --rootfs "$R" {} sleep 100000)
+ck=$(burst ck $C run -d $KS --rootfs "$R" {} /bin/sleep 100000)
 echo "containerd + keel shim:  $ck"
 ctr_clean
 awk -v kk="$kk" -v kg="$kg" -v cg="$cg" -v ck="$ck" 'BEGIN {
