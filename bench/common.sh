@@ -37,3 +37,18 @@ floor_spec() {
     "$@" tasks rm -f floorspec >/dev/null
     "$@" containers rm floorspec >/dev/null
 }
+
+# start_daemons DIR BIN: a keeld from BIN (socket DIR/keel.sock) and a containerd
+# of the run's own (socket DIR/ctd.sock, CRI off, keel's shim from BIN on its
+# PATH), logs in DIR; sets KEELD and CTD to their pids and waits for both sockets.
+start_daemons() {
+    local dir=$1 bin
+    bin=$(realpath "$2")
+    "$bin/keeld" --root "$dir/keel-root" --state "$dir/keel-state" --address "$dir/keel.sock" 2>"$dir/keeld.log" &
+    KEELD=$!
+    printf 'version = 2\ndisabled_plugins = ["io.containerd.grpc.v1.cri"]\n' >"$dir/containerd.toml"
+    PATH="$bin:$PATH" containerd --config "$dir/containerd.toml" --root "$dir/ctd-root" --state "$dir/ctd-state" \
+        --address "$dir/ctd.sock" 2>"$dir/containerd.log" &
+    CTD=$!
+    for _ in $(seq 200); do [ -S "$dir/keel.sock" ] && [ -S "$dir/ctd.sock" ] && break; sleep 0.05; done
+}

@@ -5,7 +5,10 @@
 #      shim, containerd with the keel shim (each on its own root and socket);
 #   2. memory of the shims with N running tasks, from /proc/PID/smaps_rollup:
 #      private (clean + dirty), proportional (PSS) and resident (RSS) per shim, for
-#      keel's shims under keeld and the Go shims under containerd.
+#      keel's shims under keeld and the Go shims under containerd;
+#   3. each shim's own start, alternating, 20 times: its `start` subcommand until
+#      it prints an address, and until the shim there answers Connect
+#      (bench/lib/shim_start.py).
 #
 # usage: sudo bench/shim.sh [N] [PAR]    (default 200 8)
 set -euo pipefail
@@ -46,13 +49,7 @@ trap cleanup EXIT
 
 R="$DIR/rootfs"
 busybox_rootfs "$R"
-"$BIN/keeld" --root "$DIR/keel-root" --state "$DIR/keel-state" --address "$DIR/keel.sock" 2>"$DIR/keeld.log" &
-KEELD=$!
-printf 'version = 2\ndisabled_plugins = ["io.containerd.grpc.v1.cri"]\n' >"$DIR/containerd.toml"
-PATH="$PWD/$BIN:$PATH" containerd --config "$DIR/containerd.toml" --root "$DIR/ctd-root" --state "$DIR/ctd-state" \
-    --address "$DIR/ctd.sock" 2>"$DIR/containerd.log" &
-CTD=$!
-for _ in $(seq 200); do [ -S "$DIR/keel.sock" ] && [ -S "$DIR/ctd.sock" ] && break; sleep 0.05; done
+start_daemons "$DIR" "$BIN"
 
 # burst NAME COMMAND…: starts N tasks PAR at a time with COMMAND, whose {} is
 # each task's id (NAME1, NAME2…); prints ms.
@@ -91,3 +88,19 @@ echo "containerd + keel shim:  $ck"
 ctr_clean
 awk -v kk="$kk" -v kg="$kg" -v cg="$cg" -v ck="$ck" 'BEGIN {
     printf "keel+keel-shim / containerd %.2f   keel+Go-shim / containerd %.2f   containerd keel-shim / Go-shim %.2f\n", kk / cg, kg / cg, ck / cg }'
+
+echo "# shim start, median of 20 (µs): start printed its address / the shim answered Connect"
+SB="$DIR/shim-bundle"
+mkdir -p "$SB"
+echo '{"ociVersion":"1.0.2"}' >"$SB/config.json"
+mkfifo "$SB/log"
+exec 9<>"$SB/log"
+: >"$DIR/keel-start.us"; : >"$DIR/go-start.us"
+for i in $(seq 20); do
+    python3 bench/lib/shim_start.py "$(realpath "$BIN")/containerd-shim-keel-v1" "$SB" "s$i" >>"$DIR/keel-start.us"
+    python3 bench/lib/shim_start.py "$(command -v containerd-shim-runc-v2)" "$SB" "s$i" >>"$DIR/go-start.us"
+done
+exec 9<&-
+for s in keel go; do
+    printf '%-5s shim: %s / %s\n' "$s" "$(cut -d' ' -f1 <"$DIR/$s-start.us" | median)" "$(cut -d' ' -f2 <"$DIR/$s-start.us" | median)"
+done

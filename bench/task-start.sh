@@ -36,12 +36,7 @@ trap cleanup EXIT
 R="$DIR/rootfs"
 busybox_rootfs "$R"
 
-"$BIN/keeld" --root "$DIR/keel-root" --state "$DIR/keel-state" --address "$DIR/keel.sock" 2>"$DIR/keeld.log" &
-KEELD=$!
-printf 'version = 2\ndisabled_plugins = ["io.containerd.grpc.v1.cri"]\n' >"$DIR/containerd.toml"
-PATH="$PWD/$BIN:$PATH" containerd --config "$DIR/containerd.toml" --root "$DIR/ctd-root" --state "$DIR/ctd-state" --address "$DIR/ctd.sock" 2>"$DIR/containerd.log" &
-CTD=$!
-for _ in $(seq 200); do [ -S "$DIR/keel.sock" ] && [ -S "$DIR/ctd.sock" ] && break; sleep 0.05; done
+start_daemons "$DIR" "$BIN"
 
 # runc bundle over the same rootfs.
 B="$DIR/bundle"

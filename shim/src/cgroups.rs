@@ -184,6 +184,13 @@ fn pack<M: MessageFull>(m: &M) -> Result<Any, Error> {
     })
 }
 
+/// Nanoseconds in one clock tick (USER_HZ).
+fn ns_per_tick() -> u64 {
+    // SAFETY: sysconf reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    1_000_000_000 / u64::try_from(hz).ok().filter(|&h| h > 0).unwrap_or(100)
+}
+
 fn to_v1(s: &Stats) -> v1::Metrics {
     let entry = |d: &libcgroups::stats::MemoryData| v1::MemoryEntry {
         limit: d.limit,
@@ -236,8 +243,9 @@ fn to_v1(s: &Stats) -> v1::Metrics {
     let cpu = v1::CPUStat {
         usage: MessageField::some(v1::CPUUsage {
             total: u.usage_total,
-            kernel: u.usage_kernel,
-            user: u.usage_user,
+            // cpuacct.stat counts in clock ticks; containerd's figures are ns.
+            kernel: u.usage_kernel.saturating_mul(ns_per_tick()),
+            user: u.usage_user.saturating_mul(ns_per_tick()),
             per_cpu: u.per_core_usage_total.clone(),
             ..Default::default()
         }),
@@ -305,12 +313,13 @@ fn to_v2(s: &Stats) -> v2::Metrics {
             ..Default::default()
         }),
         cpu: MessageField::some(v2::CPUStat {
-            usage_usec: u.usage_total / 1000,
-            user_usec: u.usage_user / 1000,
-            system_usec: u.usage_kernel / 1000,
+            // cgroup v2's cpu.stat is in µs, as libcgroups reads it.
+            usage_usec: u.usage_total,
+            user_usec: u.usage_user,
+            system_usec: u.usage_kernel,
             nr_periods: s.cpu.throttling.periods,
             nr_throttled: s.cpu.throttling.throttled_periods,
-            throttled_usec: s.cpu.throttling.throttled_time / 1000,
+            throttled_usec: s.cpu.throttling.throttled_time,
             ..Default::default()
         }),
         memory: MessageField::some(v2::MemoryStat {
@@ -337,6 +346,7 @@ mod tests {
         s.memory.memory.limit = 1 << 20;
         s.memory.stats.insert("total_rss".into(), 77);
         s.cpu.usage.usage_total = 5_000_000;
+        s.cpu.usage.usage_user = 3;
         s.pids.current = 3;
         s.pids.limit = 10;
         let m = to_v1(&s);
@@ -346,10 +356,11 @@ mod tests {
         );
         assert_eq!(m.memory.total_rss, 77);
         assert_eq!(m.cpu.usage.total, 5_000_000);
+        assert_eq!(m.cpu.usage.user, 3 * ns_per_tick(), "ticks become ns");
         assert_eq!((m.pids.current, m.pids.limit), (3, 10));
         let m = to_v2(&s);
         assert_eq!((m.memory.usage, m.memory.usage_limit), (4096, 1 << 20));
-        assert_eq!(m.cpu.usage_usec, 5000);
+        assert_eq!(m.cpu.usage_usec, 5_000_000, "v2 figures are µs already");
         let any = pack(&to_v1(&s)).unwrap();
         assert_eq!(any.type_url, "io.containerd.cgroups.v1.Metrics");
     }

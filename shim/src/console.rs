@@ -20,6 +20,21 @@ pub struct Console {
     output: JoinHandle<()>,
 }
 
+/// A terminal's stdin and stdout, which the shim copies, must each be a FIFO
+/// (or not given).
+pub fn check(stdin: &str, stdout: &str) -> Result<(), Error> {
+    use std::os::unix::fs::FileTypeExt;
+    for (field, path) in [("stdin", stdin), ("stdout", stdout)] {
+        let fifo = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo());
+        if !path.is_empty() && !fifo {
+            return Err(Error::InvalidArgument(format!(
+                "{field} {path:?}: with a terminal, only a FIFO (runtime io.containerd.keel.v1)"
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl Console {
     /// Starts copying between `master` and the FIFOs (`""`: none).
     pub fn start(master: OwnedFd, stdin: &str, stdout: &str) -> Result<Self, Error> {

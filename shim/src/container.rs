@@ -17,7 +17,6 @@ use containerd_shim_protos::api::Mount;
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
 use libcontainer::error::LibcontainerError;
-use libcontainer::signal::Signal;
 use libcontainer::syscall::syscall::SyscallType;
 use libcontainer::workload::default::get_executor;
 use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
@@ -98,8 +97,14 @@ pub fn create(
         .with_no_pivot(no_pivot)
         .build()
         .map_err(|e| lc("create", e))?;
-    let master = console.map(|c| c.receive()).transpose()?;
-    Ok((container, master))
+    match console.map(|c| c.receive()).transpose() {
+        Ok(master) => Ok((container, master)),
+        Err(e) => {
+            let mut container = container;
+            let _ = delete(&mut container);
+            Err(e)
+        }
+    }
 }
 
 /// Starts a process in the running container as `process` (a runtime-spec
@@ -117,15 +122,13 @@ pub fn exec(
         .with_process(Some(process))
         .build()
         .map_err(|e| lc("exec", e))?;
-    let master = console.map(|c| c.receive()).transpose()?;
-    Ok((pid.as_raw(), master))
-}
-
-/// Signals every process of the container.
-pub fn kill_all(container: &mut Container, signal: i32) -> Result<(), Error> {
-    let sig = Signal::try_from(signal)
-        .map_err(|_| Error::InvalidArgument(format!("signal {signal}: not a signal")))?;
-    container.kill(sig, true).map_err(|e| lc("kill", e))
+    match console.map(|c| c.receive()).transpose() {
+        Ok(master) => Ok((pid.as_raw(), master)),
+        Err(e) => {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            Err(e)
+        }
+    }
 }
 
 /// Pauses (freezes) the container.
@@ -322,9 +325,15 @@ pub struct ConsoleSocket {
 }
 
 impl ConsoleSocket {
-    /// Listens on a new socket in `dir`.
-    pub fn new(dir: &Path, name: &str) -> Result<Self, Error> {
-        let path = dir.join(format!("console-{name}.sock"));
+    /// Listens on a new socket of this shim's own (a short path: sun_path holds
+    /// 108 bytes), in the shims' socket directory.
+    pub fn new() -> Result<Self, Error> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = Path::new(crate::launch::SOCKET_DIR);
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Internal(format!("{}: {e}", dir.display())))?;
+        let path = dir.join(format!("keel-console-{}-{n}.sock", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path)
             .map_err(|e| Error::Internal(format!("console socket {}: {e}", path.display())))?;

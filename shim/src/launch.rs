@@ -64,8 +64,16 @@ pub fn start(args: &Args) -> Result<()> {
     }
     std::fs::create_dir_all(SOCKET_DIR).map_err(|e| format!("{SOCKET_DIR}: {e}"))?;
     let listener = UnixListener::bind(&path).map_err(|e| format!("listen on {address}: {e}"))?;
-    let launched = launch(args, &bundle, &listener, &opts.shim_cgroup);
-    if let Err(e) = launched.and_then(|()| write_address(&bundle, &address)) {
+    let mut child = match launch(args, &bundle, &listener, &opts.shim_cgroup) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+    };
+    if let Err(e) = write_address(&bundle, &address) {
+        let _ = child.kill();
+        let _ = child.wait();
         let _ = std::fs::remove_file(&path);
         return Err(e);
     }
@@ -73,7 +81,12 @@ pub fn start(args: &Args) -> Result<()> {
     std::io::stdout().flush().map_err(|e| e.to_string())
 }
 
-fn launch(args: &Args, bundle: &Path, listener: &UnixListener, shim_cgroup: &str) -> Result<()> {
+fn launch(
+    args: &Args,
+    bundle: &Path,
+    listener: &UnixListener,
+    shim_cgroup: &str,
+) -> Result<std::process::Child> {
     let exe = std::fs::read_link("/proc/self/exe").map_err(|e| format!("own binary: {e}"))?;
     let guard = Guard::new(&exe).map_err(|e| format!("own binary: {e}"))?;
     let mut cmd = Command::new(&exe);
@@ -108,11 +121,14 @@ fn launch(args: &Args, bundle: &Path, listener: &UnixListener, shim_cgroup: &str
             guard.apply()
         });
     }
-    let child = cmd.spawn().map_err(|e| format!("start shim: {e}"))?;
+    let mut child = cmd.spawn().map_err(|e| format!("start shim: {e}"))?;
     let pid = child.id();
     if !shim_cgroup.is_empty() {
-        cgroups::add_process(shim_cgroup, pid)
-            .map_err(|e| format!("options.shim_cgroup {shim_cgroup:?}: {e}"))?;
+        if let Err(e) = cgroups::add_process(shim_cgroup, pid) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("options.shim_cgroup {shim_cgroup:?}: {e}"));
+        }
     }
     // As containerd's shims: one more likely to be chosen by the OOM killer than
     // whoever started it.
@@ -124,7 +140,7 @@ fn launch(args: &Args, bundle: &Path, listener: &UnixListener, shim_cgroup: &str
             );
         }
     }
-    Ok(())
+    Ok(child)
 }
 
 /// Writes `<bundle>/address` atomically.

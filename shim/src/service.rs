@@ -241,34 +241,6 @@ impl Shim {
         );
     }
 
-    fn streams(
-        &self,
-        root: &Path,
-        name: &str,
-        terminal: bool,
-        stdin: &str,
-        stdout: &str,
-        stderr: &str,
-    ) -> Result<(Streams, Held)> {
-        if terminal {
-            std::fs::create_dir_all(root)
-                .map_err(|e| Error::Internal(format!("{}: {e}", root.display())))?;
-            return Ok((
-                Streams::Terminal(ConsoleSocket::new(root, name)?),
-                Held::default(),
-            ));
-        }
-        let o = stdio::open(stdin, stdout, stderr)?;
-        Ok((
-            Streams::Fds {
-                stdin: o.stdin,
-                stdout: o.stdout,
-                stderr: o.stderr,
-            },
-            o.held,
-        ))
-    }
-
     fn create(&self, req: CreateTaskRequest) -> Result<CreateTaskResponse> {
         self.check_id(&req.id)?;
         let mut st = self.lock();
@@ -300,38 +272,45 @@ impl Shim {
             if !opts.no_new_keyring {
                 new_session_keyring()?;
             }
-            let (streams, held) = self.streams(
-                &root,
-                "init",
-                req.terminal,
-                &req.stdin,
-                &req.stdout,
-                &req.stderr,
-            )?;
+            let (streams, held) = streams(req.terminal, &req.stdin, &req.stdout, &req.stderr)?;
             let (container, master) =
                 ctr::create(&req.id, &root, &bundle, streams, opts.no_pivot_root)?;
             Ok::<_, Error>((container, master, held))
         })();
-        let (container, master, held) = match made {
+        let (mut container, master, held) = match made {
             Ok(m) => m,
             Err(e) => {
+                // What libcontainer may have left of a container it did not finish.
+                let _ = ctr::remove_leftover(&root, &req.id);
                 ctr::unmount_rootfs(&bundle);
                 return Err(e);
             }
         };
-        std::fs::write(
-            bundle.join(launch::ROOT_FILE),
-            root.as_os_str().as_encoded_bytes(),
-        )
-        .map_err(|e| Error::Internal(format!("{}: {e}", launch::ROOT_FILE)))?;
         let pid = container.pid().map(|p| p.as_raw()).unwrap_or(0);
-        let cgroup = ctr::cgroup(&container)?;
         let mut proc = Proc::new("", &req.stdin, &req.stdout, &req.stderr, req.terminal);
         proc.pid = pid;
         proc.held = held;
-        proc.console = master
-            .map(|m| Console::start(m, &req.stdin, &req.stdout))
-            .transpose()?;
+        let finished = (|| {
+            std::fs::write(
+                bundle.join(launch::ROOT_FILE),
+                root.as_os_str().as_encoded_bytes(),
+            )
+            .map_err(|e| Error::Internal(format!("{}: {e}", launch::ROOT_FILE)))?;
+            proc.console = master
+                .map(|m| Console::start(m, &req.stdin, &req.stdout))
+                .transpose()?;
+            ctr::cgroup(&container)
+        })();
+        let cgroup = match finished {
+            Ok(c) => c,
+            Err(e) => {
+                // Made but not handed over: nothing of it may stay.
+                let _ = ctr::delete(&mut container);
+                ctr::unmount_rootfs(&bundle);
+                let _ = std::fs::remove_file(bundle.join(launch::ROOT_FILE));
+                return Err(e);
+            }
+        };
         let mut oom_kills = None;
         let oom = match cgroups::OomWatch::new(pid) {
             Ok(Some(mut watch)) => {
@@ -441,14 +420,7 @@ impl Shim {
             )));
         };
         let started = (|| {
-            let (streams, held) = self.streams(
-                &root,
-                &req.exec_id,
-                proc.terminal,
-                &proc.stdin,
-                &proc.stdout,
-                &proc.stderr,
-            )?;
+            let (streams, held) = streams(proc.terminal, &proc.stdin, &proc.stdout, &proc.stderr)?;
             let (pid, master) = ctr::exec(&self.id, &root, &spec_path, streams)?;
             Ok::<_, Error>((pid, master, held))
         })();
@@ -456,9 +428,18 @@ impl Shim {
         let (pid, master, held) = started?;
         proc.pid = pid;
         proc.held = held;
-        proc.console = master
+        match master
             .map(|m| Console::start(m, &proc.stdin, &proc.stdout))
-            .transpose()?;
+            .transpose()
+        {
+            Ok(c) => proc.console = c,
+            Err(e) => {
+                // Started but unusable: it goes, and its exit is reaped as any.
+                // SAFETY: kill(2) with plain integers.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                return Err(e);
+            }
+        }
         self.events.publish(
             topics::TASK_EXEC_STARTED_EVENT_TOPIC,
             &TaskExecStarted {
@@ -620,7 +601,19 @@ impl Shim {
                 return Err(Error::NotFound("process already finished".into()));
             }
             if req.all && signal != 0 {
-                return ctr::kill_all(&mut init.container, signal);
+                // Each process of the cgroup, as it is: libcontainer's kill-all
+                // would thaw a paused task and record the container as stopped.
+                for pid in cgroups::pids(&init.cgroup)? {
+                    // SAFETY: kill(2) with plain integers.
+                    unsafe { libc::kill(pid, signal) };
+                }
+                // A frozen process dies only once thawed (other signals wait
+                // for the resume).
+                let _ = init.container.refresh_status();
+                if signal == libc::SIGKILL && init.container.status() == ContainerStatus::Paused {
+                    ctr::resume(&mut init.container)?;
+                }
+                return Ok(());
             }
             init.proc.pid
         } else {
@@ -756,6 +749,32 @@ impl Shim {
         f(p)
     }
 
+    /// Pause (`true`) or resume, then `/tasks/paused` or `/tasks/resumed`.
+    fn freeze(&self, id: &str, pause: bool) -> Result<()> {
+        self.with_init(id, |i| {
+            if pause {
+                ctr::pause(&mut i.container)
+            } else {
+                ctr::resume(&mut i.container)
+            }
+        })?;
+        let container_id = id.to_string();
+        if pause {
+            let e = TaskPaused {
+                container_id,
+                ..Default::default()
+            };
+            self.events.publish(topics::TASK_PAUSED_EVENT_TOPIC, &e);
+        } else {
+            let e = TaskResumed {
+                container_id,
+                ..Default::default()
+            };
+            self.events.publish(topics::TASK_RESUMED_EVENT_TOPIC, &e);
+        }
+        Ok(())
+    }
+
     fn pids(&self, req: &PidsRequest) -> Result<PidsResponse> {
         self.check_id(&req.id)?;
         let st = self.lock();
@@ -826,6 +845,24 @@ impl Shim {
             Ok(())
         })
     }
+}
+
+/// A new process's stdio: its descriptors, or a terminal (whose FIFOs, copied by
+/// the shim, must be FIFOs: checked before anything is made).
+fn streams(terminal: bool, stdin: &str, stdout: &str, stderr: &str) -> Result<(Streams, Held)> {
+    if terminal {
+        crate::console::check(stdin, stdout)?;
+        return Ok((Streams::Terminal(ConsoleSocket::new()?), Held::default()));
+    }
+    let o = stdio::open(stdin, stdout, stderr)?;
+    Ok((
+        Streams::Fds {
+            stdin: o.stdin,
+            stdout: o.stdout,
+            stderr: o.stderr,
+        },
+        o.held,
+    ))
 }
 
 /// Refuses what libcontainer, built as the keel shim builds it, would not do.
@@ -903,28 +940,12 @@ impl Task for Service {
     }
 
     async fn pause(&self, _: &TtrpcContext, req: api::PauseRequest) -> Rpc<Empty> {
-        self.0
-            .with_init(&req.id, |i| ctr::pause(&mut i.container))?;
-        self.0.events.publish(
-            topics::TASK_PAUSED_EVENT_TOPIC,
-            &TaskPaused {
-                container_id: req.id,
-                ..Default::default()
-            },
-        );
+        self.0.freeze(&req.id, true)?;
         Ok(Empty::new())
     }
 
     async fn resume(&self, _: &TtrpcContext, req: api::ResumeRequest) -> Rpc<Empty> {
-        self.0
-            .with_init(&req.id, |i| ctr::resume(&mut i.container))?;
-        self.0.events.publish(
-            topics::TASK_RESUMED_EVENT_TOPIC,
-            &TaskResumed {
-                container_id: req.id,
-                ..Default::default()
-            },
-        );
+        self.0.freeze(&req.id, false)?;
         Ok(Empty::new())
     }
 
@@ -1064,6 +1085,12 @@ pub fn serve(args: &Args) -> std::result::Result<(), String> {
         });
         let s = shim.clone();
         reaper::start(move |pid, exit| s.exited(pid, exit)).map_err(|e| format!("SIGCHLD: {e}"))?;
+        // Not for the hooks and containers this process starts.
+        nix::fcntl::fcntl(
+            3,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .map_err(|e| format!("listening socket: {e}"))?;
         // SAFETY: fd 3 is the listening socket `start` passed, owned by nothing else.
         let server = unsafe { ttrpc::asynchronous::Server::new().add_unix_listener(3) }
             .map_err(|e| format!("listen: {e}"))?;
