@@ -15,9 +15,9 @@ use libcgroups::stats::Stats;
 use nix::unistd::Pid;
 use oci_spec::runtime::LinuxResources;
 use protobuf::well_known_types::any::Any;
-use protobuf::{MessageField, MessageFull};
+use protobuf::MessageField;
 
-use crate::service::Error;
+use crate::service::{pack, Error};
 
 fn manager(cgroup_path: &Path) -> Result<AnyCgroupManager, Error> {
     create_cgroup_manager(CgroupConfig {
@@ -171,17 +171,6 @@ pub fn metrics(cgroup_path: &Path) -> Result<Any, Error> {
     } else {
         pack(&to_v1(&stats))
     }
-}
-
-fn pack<M: MessageFull>(m: &M) -> Result<Any, Error> {
-    Ok(Any {
-        // `io.containerd.cgroups.v1.Metrics`, as containerd names it.
-        type_url: M::descriptor().full_name().to_string(),
-        value: m
-            .write_to_bytes()
-            .map_err(|e| Error::Internal(format!("encode metrics: {e}")))?,
-        ..Default::default()
-    })
 }
 
 /// Nanoseconds in one clock tick (USER_HZ).

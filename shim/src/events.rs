@@ -13,7 +13,6 @@ use std::time::Duration;
 use containerd_shim_protos::api::ForwardRequest;
 use containerd_shim_protos::shim::event::Envelope;
 use containerd_shim_protos::shim_async::EventsClient;
-use protobuf::well_known_types::any::Any;
 use protobuf::{MessageField, MessageFull};
 use tokio::sync::mpsc;
 
@@ -51,19 +50,15 @@ impl Publisher {
 
     /// Queues one event.
     pub fn publish<M: MessageFull>(&self, topic: &str, event: &M) {
-        let value = match event.write_to_bytes() {
-            Ok(v) => v,
-            Err(e) => return log_warn!("encode event {topic}: {e}"),
+        let event = match crate::service::pack(event) {
+            Ok(any) => any,
+            Err(e) => return log_warn!("event {topic}: {e}"),
         };
         let envelope = Envelope {
             timestamp: MessageField::some(std::time::SystemTime::now().into()),
             namespace: self.namespace.clone(),
             topic: topic.to_string(),
-            event: MessageField::some(Any {
-                type_url: M::descriptor().full_name().to_string(),
-                value,
-                ..Default::default()
-            }),
+            event: MessageField::some(event),
             ..Default::default()
         };
         if self.tx.try_send(envelope).is_err() {

@@ -170,14 +170,28 @@ fn ts(t: std::time::SystemTime) -> MessageField<protobuf::well_known_types::time
     MessageField::some(t.into())
 }
 
-fn pack<M: MessageFull>(m: &M) -> Result<Any> {
+/// Packs a message into an `Any` named by its bare full name
+/// (`containerd.events.TaskExit`, `io.containerd.cgroups.v1.Metrics`), as
+/// containerd and its shims name them.
+pub(crate) fn pack<M: MessageFull>(m: &M) -> Result<Any> {
     Ok(Any {
         type_url: M::descriptor().full_name().to_string(),
         value: m
             .write_to_bytes()
-            .map_err(|e| Error::Internal(format!("encode: {e}")))?,
+            .map_err(|e| Error::Internal(format!("encode {}: {e}", M::descriptor().full_name())))?,
         ..Default::default()
     })
+}
+
+/// The bytes of a JSON payload a client sent in `field`, at most [`MAX_SPEC`].
+fn bounded_json<'a>(field: &str, any: &'a MessageField<Any>) -> Result<&'a [u8]> {
+    let raw = any.as_ref().map(|a| a.value.as_slice()).unwrap_or_default();
+    if raw.len() > MAX_SPEC {
+        return Err(Error::InvalidArgument(format!(
+            "{field}: larger than {MAX_SPEC} bytes"
+        )));
+    }
+    Ok(raw)
 }
 
 impl Shim {
@@ -655,16 +669,7 @@ impl Shim {
                 "exec_id {id:?}: 1 to {MAX_EXEC_ID} letters, digits, '.', '_' or '-'"
             )));
         }
-        let spec = req
-            .spec
-            .as_ref()
-            .map(|s| s.value.as_slice())
-            .unwrap_or_default();
-        if spec.len() > MAX_SPEC {
-            return Err(Error::InvalidArgument(format!(
-                "spec: larger than {MAX_SPEC} bytes"
-            )));
-        }
+        let spec = bounded_json("spec", &req.spec)?;
         let process: oci_spec::runtime::Process = serde_json::from_slice(spec).map_err(|e| {
             Error::InvalidArgument(format!("spec: not a runtime-spec Process: {e}"))
         })?;
@@ -806,16 +811,7 @@ impl Shim {
     }
 
     fn update(&self, req: &api::UpdateTaskRequest) -> Result<()> {
-        let raw = req
-            .resources
-            .as_ref()
-            .map(|r| r.value.as_slice())
-            .unwrap_or_default();
-        if raw.len() > MAX_SPEC {
-            return Err(Error::InvalidArgument(format!(
-                "resources: larger than {MAX_SPEC} bytes"
-            )));
-        }
+        let raw = bounded_json("resources", &req.resources)?;
         let resources: Option<oci_spec::runtime::LinuxResources> = match raw {
             [] => None,
             raw => Some(serde_json::from_slice(raw).map_err(|e| {
