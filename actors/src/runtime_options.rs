@@ -80,13 +80,30 @@ pub fn check(field: &str, type_url: &str, value: &[u8]) -> Result<Options> {
     Ok(o)
 }
 
+/// keel's own shim.
+pub const KEEL_SHIM: &str = "io.containerd.keel.v1";
+
+/// Whether `runtime` (a name, or a shim's path) is keel's own shim.
+pub fn is_keel_shim(runtime: &str) -> bool {
+    runtime == KEEL_SHIM
+        || Path::new(runtime).file_name() == Some("containerd-shim-keel-v1".as_ref())
+}
+
+/// CRIU's cgroup modes as containerd names them; empty is CRIU's default (soft).
+const CGROUPS_MODES: &[&str] = &["", "soft", "full", "strict", "ignore"];
+
 /// Namespaces a dump may leave out, to be given empty at restore (runc's
 /// `--empty-ns`).
 const EMPTY_NAMESPACES: &[&str] = &["network"];
 
-/// Reads and checks a checkpoint's options given in `field`: InvalidArgument
-/// naming what keel cannot honour.
-pub fn check_checkpoint(field: &str, type_url: &str, value: &[u8]) -> Result<CheckpointOptions> {
+/// Reads and checks a checkpoint's options given in `field` for a task of
+/// `runtime`: InvalidArgument naming what keel cannot honour there.
+pub fn check_checkpoint(
+    field: &str,
+    runtime: &str,
+    type_url: &str,
+    value: &[u8],
+) -> Result<CheckpointOptions> {
     let o: CheckpointOptions = unpack(field, type_url, value, CHECKPOINT_OPTIONS)?;
     let bad = |name: &str, why: String| Error::InvalidArgument(format!("{field}.{name}: {why}"));
     for (name, v) in [("image_path", &o.image_path), ("work_path", &o.work_path)] {
@@ -102,10 +119,16 @@ pub fn check_checkpoint(field: &str, type_url: &str, value: &[u8]) -> Result<Che
             format!("{ns:?}: only {EMPTY_NAMESPACES:?} can be left out of a dump"),
         ));
     }
-    if !o.cgroups_mode.is_empty() {
+    if !CGROUPS_MODES.contains(&o.cgroups_mode.as_str()) {
         return Err(bad(
             "cgroups_mode",
-            "the runc shim does not pass a cgroups mode on to runc, so it would be ignored".into(),
+            format!("{:?} is not one of {CGROUPS_MODES:?}", o.cgroups_mode),
+        ));
+    }
+    if !o.cgroups_mode.is_empty() && !is_keel_shim(runtime) {
+        return Err(bad(
+            "cgroups_mode",
+            format!("the runc shim does not pass a cgroups mode on to runc, so it would be ignored (runtime {runtime}; {KEEL_SHIM} honours it)"),
         ));
     }
     Ok(o)
@@ -326,12 +349,23 @@ mod tests {
         };
         let bytes = ok.write_to_bytes().unwrap();
         assert_eq!(
-            check_checkpoint("options", CHECKPOINT_OPTIONS, &bytes).unwrap(),
+            check_checkpoint(
+                "options",
+                "io.containerd.runc.v2",
+                CHECKPOINT_OPTIONS,
+                &bytes
+            )
+            .unwrap(),
             ok
         );
         let refused = |o: CheckpointOptions, want: &str| {
-            let e = check_checkpoint("options", CHECKPOINT_OPTIONS, &o.write_to_bytes().unwrap())
-                .unwrap_err();
+            let e = check_checkpoint(
+                "options",
+                "io.containerd.runc.v2",
+                CHECKPOINT_OPTIONS,
+                &o.write_to_bytes().unwrap(),
+            )
+            .unwrap_err();
             assert!(
                 matches!(&e, Error::InvalidArgument(m) if m.starts_with(want)),
                 "{e:?}, wanted {want}"
@@ -358,7 +392,26 @@ mod tests {
             },
             "options.cgroups_mode:",
         );
-        let e = check_checkpoint("options", RUNC_OPTIONS, &[]).unwrap_err();
+        refused(
+            CheckpointOptions {
+                cgroups_mode: "loose".into(),
+                ..Default::default()
+            },
+            "options.cgroups_mode:",
+        );
+        // keel's shim honours the mode.
+        let soft = CheckpointOptions {
+            cgroups_mode: "soft".into(),
+            ..Default::default()
+        };
+        for runtime in [KEEL_SHIM, "/opt/keel/containerd-shim-keel-v1"] {
+            let bytes = soft.write_to_bytes().unwrap();
+            assert_eq!(
+                check_checkpoint("options", runtime, CHECKPOINT_OPTIONS, &bytes).unwrap(),
+                soft
+            );
+        }
+        let e = check_checkpoint("options", KEEL_SHIM, RUNC_OPTIONS, &[]).unwrap_err();
         assert!(matches!(&e, Error::InvalidArgument(m) if m.starts_with("options.type_url")));
     }
 

@@ -78,7 +78,9 @@ impl CheckpointOptions {
         self
     }
 
-    /// How CRIU handles cgroups: `soft`, `full`, `strict` or `ignore`.
+    /// How CRIU handles cgroups: `soft`, `full`, `strict` or `ignore`. Honoured
+    /// by keel's shim (`io.containerd.keel.v1`); keeld refuses it for a task on
+    /// containerd's runc shim, which does not pass it on.
     pub fn cgroups_mode(mut self, mode: impl Into<String>) -> Self {
         self.wire.cgroups_mode = mode.into();
         self

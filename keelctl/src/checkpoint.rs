@@ -49,7 +49,7 @@ async fn read_blob(client: &Client, digest: &str) -> anyhow::Result<Vec<u8>> {
 }
 
 /// Creates the container a checkpoint was taken of: its spec and runtime from the
-/// checkpoint, its rootfs from the checkpoint unless `--rootfs` is given, labels from
+/// checkpoint (the runtime unless `--runtime` is given), its rootfs from the checkpoint unless `--rootfs` is given, labels from
 /// `--label`. Returns the descriptor to restore the task from.
 pub async fn restore_container(
     client: &Client,
@@ -77,10 +77,11 @@ pub async fn restore_container(
             })
             .collect(),
     };
-    let runtime = if checkpoint.runtime.is_empty() {
-        a.runtime.clone()
-    } else {
+    // `--runtime` restores on another runtime than the one that checkpointed.
+    let runtime = if a.runtime.is_empty() {
         checkpoint.runtime.clone()
+    } else {
+        a.runtime.clone()
     };
     // The options the task was checkpointed with, unless flags give others.
     let options = match (a.runc.options()?, &checkpoint.options) {

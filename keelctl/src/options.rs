@@ -93,7 +93,7 @@ pub struct CheckpointFlags {
     /// A namespace left out of the dump, to be given empty at restore (network).
     #[arg(long = "empty-ns", value_name = "NS")]
     pub empty_namespaces: Vec<String>,
-    /// How CRIU handles cgroups (soft, full, strict, ignore).
+    /// How CRIU handles cgroups (soft, full, strict, ignore); keel's shim only.
     #[arg(long, value_name = "MODE")]
     pub cgroups_mode: Option<String>,
     /// Directory CRIU works in and leaves its logs in.

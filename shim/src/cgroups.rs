@@ -36,6 +36,81 @@ pub fn add_process(path: &str, pid: u32) -> Result<(), Error> {
         .map_err(|e| Error::Internal(format!("cgroup {path}: {e}")))
 }
 
+/// Puts process `pid` in cgroup `path` of every hierarchy of a v1 or hybrid
+/// host, those libcontainer leaves it out of too (named ones such as
+/// `name=systemd`, and the unified one), as runc's cgroupfs driver does. The container's
+/// processes are then in a cgroup of their own everywhere, and a checkpoint has
+/// CRIU walk that cgroup only, not all of a hierarchy the shim sits at the root
+/// of. Nothing to do on a cgroup v2 host.
+pub fn join_everywhere(path: &Path, pid: u32) -> Result<(), Error> {
+    let root = Path::new("/sys/fs/cgroup");
+    if root.join("cgroup.procs").exists() {
+        return Ok(());
+    }
+    let rel = path.strip_prefix("/").unwrap_or(path);
+    let entries =
+        std::fs::read_dir(root).map_err(|e| Error::Internal(format!("{}: {e}", root.display())))?;
+    for e in entries.flatten() {
+        // cpu, cpuacct… are links to their co-mounted hierarchy.
+        if !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let dir = e.path().join(rel);
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::write(dir.join("cgroup.procs"), pid.to_string()))
+            .map_err(|e| Error::Internal(format!("cgroup {}: {e}", dir.display())))?;
+    }
+    Ok(())
+}
+
+/// Removes the cgroup `path`, with any cgroups under it, from every hierarchy
+/// where it is left empty: a restore has CRIU make it in the named and unified
+/// hierarchies of a v1 host too (some nested), which libcontainer does not
+/// manage.
+pub fn remove_everywhere(path: &Path) {
+    let root = Path::new("/sys/fs/cgroup");
+    if root.join("cgroup.procs").exists() {
+        // cgroup v2: libcontainer's is the only hierarchy.
+        return;
+    }
+    let rel = path.strip_prefix("/").unwrap_or(path);
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_tree(&e.path().join(rel), true);
+        }
+    }
+}
+
+/// rmdir(2) of a cgroup and those under it, deepest first. Only empty cgroups
+/// go (rmdir refuses any other); processes killed a moment ago may still be
+/// leaving the `top` one, so it is retried for a second when busy.
+fn remove_tree(dir: &Path, top: bool) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_tree(&e.path(), false);
+        }
+    }
+    for _ in 0..if top { 100 } else { 1 } {
+        match std::fs::remove_dir(dir) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                crate::log::log_warn!("cgroup {} left: {e}", dir.display());
+                return;
+            }
+            _ => return,
+        }
+    }
+    crate::log::log_warn!("cgroup {} left: still busy", dir.display());
+}
+
 /// Every process in the cgroup.
 pub fn pids(cgroup_path: &Path) -> Result<Vec<i32>, Error> {
     let pids = manager(cgroup_path)?

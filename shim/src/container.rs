@@ -14,8 +14,9 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
 use containerd_shim_protos::api::Mount;
+use libcontainer::config::YoukiConfig;
 use libcontainer::container::builder::ContainerBuilder;
-use libcontainer::container::Container;
+use libcontainer::container::{Container, ContainerStatus};
 use libcontainer::error::LibcontainerError;
 use libcontainer::syscall::syscall::SyscallType;
 use libcontainer::workload::default::get_executor;
@@ -107,6 +108,111 @@ pub fn create(
     }
 }
 
+/// Brings the loopback interface up in the network namespace of `pid` when it
+/// is not the shim's own, as runc does for a container given a new one
+/// (libcontainer leaves it down). On a thread of its own: setns(2) of a network
+/// namespace moves only the calling thread.
+pub fn loopback_up(pid: i32) -> Result<(), Error> {
+    let theirs = format!("/proc/{pid}/ns/net");
+    let same = |a: &str, b: &str| -> Option<bool> {
+        use std::os::unix::fs::MetadataExt;
+        let (a, b) = (std::fs::metadata(a).ok()?, std::fs::metadata(b).ok()?);
+        Some(a.ino() == b.ino() && a.dev() == b.dev())
+    };
+    if same(&theirs, "/proc/self/ns/net") != Some(false) {
+        return Ok(());
+    }
+    let ns = std::fs::File::open(&theirs)
+        .map_err(|e| Error::Internal(format!("network namespace of {pid}: {e}")))?;
+    std::thread::spawn(move || -> Result<(), String> {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("setns: {e}"))?;
+        // SAFETY: a datagram socket, and ioctls on an ifreq naming "lo" that
+        // outlives them.
+        unsafe {
+            let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+            if sock < 0 {
+                return Err(format!("socket: {}", std::io::Error::last_os_error()));
+            }
+            let sock = <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(sock);
+            let mut req: libc::ifreq = std::mem::zeroed();
+            req.ifr_name[0] = b'l' as libc::c_char;
+            req.ifr_name[1] = b'o' as libc::c_char;
+            if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+                return Err(format!("lo: {}", std::io::Error::last_os_error()));
+            }
+            req.ifr_ifru.ifru_flags |= libc::c_short::try_from(libc::IFF_UP).unwrap_or(1);
+            if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
+                return Err(format!("lo up: {}", std::io::Error::last_os_error()));
+            }
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| Error::Internal("loopback: the thread panicked".into()))?
+    .map_err(|e| Error::Internal(format!("loopback of {pid}: {e}")))
+}
+
+/// The state of a container to be restored from a checkpoint (at Start): what
+/// libcontainer needs to signal, pause, measure and delete it once CRIU has
+/// made its processes. Until then it has no pid.
+pub fn prepare_restore(id: &str, root: &Path, bundle: &Path) -> Result<Container, Error> {
+    let dir = root.join(id);
+    if dir.exists() {
+        return Err(Error::AlreadyExists(format!(
+            "container {id:?} exists in {}",
+            root.display()
+        )));
+    }
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Error::Internal(format!("state directory {}: {e}", dir.display())))?;
+    let spec = oci_spec::runtime::Spec::load(bundle.join("config.json"))
+        .map_err(|e| Error::InvalidArgument(format!("bundle: config.json: {e}")))?;
+    let made = (|| {
+        YoukiConfig::from_spec(&spec, id)
+            .map_err(|e| Error::InvalidArgument(format!("spec: {e}")))?
+            .save(&dir)
+            .map_err(|e| Error::Internal(format!("state: {e}")))?;
+        let mut c = Container::new(id, ContainerStatus::Created, None, bundle, &dir)
+            .map_err(|e| lc("restore", e))?;
+        c.set_systemd(false)
+            .set_annotations(spec.annotations().clone());
+        c.save().map_err(|e| lc("restore", e))?;
+        Ok(c)
+    })();
+    if made.is_err() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    made
+}
+
+/// For the process `pid` CRIU is restoring, once CRIU has made its namespaces:
+/// its (empty) network namespace's loopback interface up, then the container's
+/// prestart and createRuntime hooks (as runc runs them at that point).
+pub fn restore_namespaces(container: &Container, pid: i32) -> Result<(), Error> {
+    loopback_up(pid)?;
+    let Some(hooks) = container.spec().map_err(|e| lc("hooks", e))?.hooks else {
+        return Ok(());
+    };
+    let mut state = container.state.clone();
+    state.pid = Some(pid);
+    state.status = ContainerStatus::Creating;
+    for set in [hooks.prestart(), hooks.create_runtime()] {
+        libcontainer::hooks::run_hooks(set.as_ref(), Some(&state), None, None, None)
+            .map_err(|e| Error::FailedPrecondition(format!("restore: hook: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Records the restored init `pid`: the container is running.
+pub fn restored(container: &mut Container, pid: i32) -> Result<(), Error> {
+    container
+        .set_pid(pid)
+        .set_status(ContainerStatus::Running)
+        .save()
+        .map_err(|e| lc("restore", e))
+}
+
 /// Starts a process in the running container as `process` (a runtime-spec
 /// Process in JSON, in a file). Returns its pid once it has executed.
 pub fn exec(
@@ -148,7 +254,18 @@ pub fn start(container: &mut Container) -> Result<(), Error> {
 
 /// Removes the container: what is left of it is killed, its cgroup and state go.
 pub fn delete(container: &mut Container) -> Result<(), Error> {
-    container.delete(true).map_err(|e| lc("delete", e))
+    // The rootfs bind a restore makes for CRIU, if a shim died during one: it
+    // must not be walked when libcontainer removes its directory.
+    let _ = nix::mount::umount2(
+        &container.root.join(crate::checkpoint::CRIU_ROOT),
+        nix::mount::MntFlags::MNT_DETACH,
+    );
+    let cgroup = cgroup(container).ok();
+    container.delete(true).map_err(|e| lc("delete", e))?;
+    if let Some(c) = cgroup {
+        crate::cgroups::remove_everywhere(&c);
+    }
+    Ok(())
 }
 
 /// The container's cgroup, as libcontainer made it.

@@ -17,8 +17,10 @@
 
 mod args;
 mod cgroups;
+mod checkpoint;
 mod console;
 mod container;
+mod criu;
 mod events;
 mod guard;
 mod launch;

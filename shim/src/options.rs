@@ -7,39 +7,60 @@
 //! | `no_pivot_root` | honoured (libcontainer's no-pivot) |
 //! | `no_new_keyring` | honoured: without it the task gets a new session keyring |
 //! | `shim_cgroup` | honoured at `start`: the shim is moved into that cgroup |
-//! | `criu_image_path`, `criu_work_path` | checkpoint's, which this shim does not do yet: refused |
+//! | `criu_image_path` | with Create: the CRIU image to restore from when the request names no checkpoint |
+//! | `criu_work_path` | CRIU's work directory (its logs) for restores; default the image directory, as with runc |
 //! | `binary_name` | there is no runtime binary: refused |
 //! | `systemd_cgroup` | no systemd cgroup driver: refused |
 //! | `io_uid`, `io_gid` | stdio is handed to the container as given: refused when not 0 |
 //! | `task_api_address`, `task_api_version` | sandbox task APIs: refused |
 
-use containerd_shim_protos::shim::oci::Options;
-use protobuf::Message;
+use containerd_shim_protos::shim::oci::{CheckpointOptions, Options};
+use protobuf::MessageFull;
 
 use crate::service::Error;
-
-/// The options' type as containerd's runc shims name it.
-pub const RUNC_OPTIONS: &str = "containerd.runc.v1.Options";
 
 /// Where container state lives when `root` is not given.
 pub const DEFAULT_ROOT: &str = "/run/containerd/keel";
 
 /// Decodes options from an `Any`'s type and value; empty means none.
 pub fn decode(field: &str, type_url: &str, value: &[u8]) -> Result<Options, Error> {
+    let o: Options = unpack(field, type_url, value)?;
+    check(field, &o)?;
+    Ok(o)
+}
+
+/// Decodes a checkpoint's options (`containerd.runc.v1.CheckpointOptions`);
+/// empty means none. What CRIU cannot take is refused by `checkpoint::check`.
+pub fn decode_checkpoint(
+    field: &str,
+    type_url: &str,
+    value: &[u8],
+) -> Result<CheckpointOptions, Error> {
+    unpack(field, type_url, value)
+}
+
+/// `M` from an `Any`'s type and value (empty: the default), refusing another
+/// type and fields this shim does not know (which it would otherwise ignore).
+fn unpack<M: MessageFull>(field: &str, type_url: &str, value: &[u8]) -> Result<M, Error> {
     if type_url.is_empty() && value.is_empty() {
-        return Ok(Options::default());
+        return Ok(M::default());
     }
+    let expected = M::descriptor().full_name().to_string();
     let bare = type_url
         .strip_prefix("type.googleapis.com/")
         .unwrap_or(type_url);
-    if bare != RUNC_OPTIONS {
+    if bare != expected {
         return Err(Error::InvalidArgument(format!(
-            "{field}: type {type_url:?} is not {RUNC_OPTIONS}"
+            "{field}: type {type_url:?} is not {expected}"
         )));
     }
-    let o = Options::parse_from_bytes(value)
-        .map_err(|e| Error::InvalidArgument(format!("{field}: {e}")))?;
-    check(field, &o)?;
+    let o =
+        M::parse_from_bytes(value).map_err(|e| Error::InvalidArgument(format!("{field}: {e}")))?;
+    if let Some((number, _)) = o.special_fields().unknown_fields().iter().next() {
+        return Err(Error::InvalidArgument(format!(
+            "{field}: field {number} is not one this shim knows of {expected}; it would be ignored"
+        )));
+    }
     Ok(o)
 }
 
@@ -62,16 +83,15 @@ pub fn check(field: &str, o: &Options) -> Result<(), Error> {
             "stdio is handed to the container as given; io_uid and io_gid must be 0",
         );
     }
-    if !o.criu_image_path.is_empty() || !o.criu_work_path.is_empty() {
-        return refuse(
-            "criu_image_path",
-            "this shim does not checkpoint; criu_image_path and criu_work_path must be empty",
-        );
-    }
     if !o.task_api_address.is_empty() || o.task_api_version != 0 {
         return refuse("task_api_address", "one shim per task; no sandbox task API");
     }
-    for (name, v) in [("root", &o.root), ("shim_cgroup", &o.shim_cgroup)] {
+    for (name, v) in [
+        ("root", &o.root),
+        ("shim_cgroup", &o.shim_cgroup),
+        ("criu_image_path", &o.criu_image_path),
+        ("criu_work_path", &o.criu_work_path),
+    ] {
         if !v.is_empty() && (!v.starts_with('/') || v.split('/').any(|c| c == "..")) {
             return refuse(name, "must be an absolute path without \"..\"");
         }
@@ -92,6 +112,9 @@ pub fn root(o: &Options, namespace: &str) -> std::path::PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use protobuf::Message;
+
+    const RUNC_OPTIONS: &str = "containerd.runc.v1.Options";
 
     #[test]
     fn every_field_is_honoured_or_refused() {
@@ -129,10 +152,10 @@ mod tests {
             ),
             (
                 Options {
-                    criu_work_path: "/w".into(),
+                    criu_work_path: "w".into(),
                     ..Default::default()
                 },
-                "options.criu_image_path",
+                "options.criu_work_path",
             ),
             (
                 Options {

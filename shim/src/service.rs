@@ -40,6 +40,8 @@ use crate::reaper::{self, Exit};
 use crate::stdio::{self, Held};
 use crate::{cgroups, guard, launch, options};
 
+mod restore;
+
 /// A request the shim refuses or fails, with the status code it maps to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Error {
@@ -139,6 +141,10 @@ struct Init {
     oom: Option<tokio::task::JoinHandle<()>>,
     /// Checked when the init exits, so an OOM kill is told before the exit.
     oom_kills: Option<Arc<cgroups::OomKills>>,
+    /// Made from a checkpoint: CRIU restores the process at Start.
+    restore: Option<restore::Pending>,
+    /// CRIU's work directory when a request names none (`criu_work_path`).
+    criu_work: String,
 }
 
 impl Drop for Init {
@@ -181,6 +187,13 @@ pub(crate) fn pack<M: MessageFull>(m: &M) -> Result<Any> {
             .map_err(|e| Error::Internal(format!("encode {}: {e}", M::descriptor().full_name())))?,
         ..Default::default()
     })
+}
+
+/// An optional `Any`'s type and value (both empty when it is absent).
+fn any_parts(any: &MessageField<Any>) -> (&str, &[u8]) {
+    any.as_ref()
+        .map(|o| (o.type_url.as_str(), o.value.as_slice()))
+        .unwrap_or_default()
 }
 
 /// The bytes of a JSON payload a client sent in `field`, at most [`MAX_SPEC`].
@@ -237,10 +250,15 @@ impl Shim {
             return;
         }
         proc.set_exit(exit);
-        let id = if proc.exec_id.is_empty() {
+        self.publish_exit(&proc.exec_id, pid, exit);
+    }
+
+    /// `/tasks/exit` for the init (`exec_id` empty) or an exec process.
+    fn publish_exit(&self, exec_id: &str, pid: i32, exit: Exit) {
+        let id = if exec_id.is_empty() {
             self.id.clone()
         } else {
-            proc.exec_id.clone()
+            exec_id.to_string()
         };
         self.events.publish(
             topics::TASK_EXIT_EVENT_TOPIC,
@@ -261,11 +279,6 @@ impl Shim {
         if st.init.is_some() {
             return Err(Error::AlreadyExists(format!("task {:?} exists", req.id)));
         }
-        if !req.checkpoint.is_empty() || !req.parent_checkpoint.is_empty() {
-            return Err(Error::Unimplemented(
-                "checkpoint: io.containerd.keel.v1 does not restore checkpoints yet".into(),
-            ));
-        }
         let bundle = PathBuf::from(&req.bundle);
         if !bundle.is_absolute() {
             return Err(Error::InvalidArgument(format!(
@@ -273,16 +286,19 @@ impl Shim {
                 req.bundle
             )));
         }
-        let (type_url, value) = req
-            .options
-            .as_ref()
-            .map(|o| (o.type_url.as_str(), o.value.as_slice()))
-            .unwrap_or_default();
+        let (type_url, value) = any_parts(&req.options);
         let opts = options::decode("options", type_url, value)?;
         check_spec(&bundle)?;
+        let image = restore::image(&req, &opts)?;
         let root = options::root(&opts, self.namespace());
         ctr::mount_rootfs(&bundle, &req.rootfs)?;
+        let mut pending = None;
         let made = (|| {
+            if let Some(image) = image {
+                let (container, held, p) = restore::prepare(&req, &opts, image, &root, &bundle)?;
+                pending = Some(p);
+                return Ok((container, None, held));
+            }
             if !opts.no_new_keyring {
                 new_session_keyring()?;
             }
@@ -313,7 +329,14 @@ impl Shim {
             proc.console = master
                 .map(|m| Console::start(m, &req.stdin, &req.stdout))
                 .transpose()?;
-            ctr::cgroup(&container)
+            let cgroup = ctr::cgroup(&container)?;
+            if pid != 0 {
+                ctr::loopback_up(pid)?;
+                if let Err(e) = cgroups::join_everywhere(&cgroup, pid.unsigned_abs()) {
+                    log_warn!("{e}");
+                }
+            }
+            Ok(cgroup)
         })();
         let cgroup = match finished {
             Ok(c) => c,
@@ -325,28 +348,9 @@ impl Shim {
                 return Err(e);
             }
         };
-        let mut oom_kills = None;
-        let oom = match cgroups::OomWatch::new(pid) {
-            Ok(Some(mut watch)) => {
-                let (events, id) = (self.events.clone(), self.id.clone());
-                oom_kills = Some(watch.kills.clone());
-                Some(tokio::spawn(async move {
-                    while watch.next().await.is_some() {
-                        events.publish(
-                            topics::TASK_OOM_EVENT_TOPIC,
-                            &TaskOOM {
-                                container_id: id.clone(),
-                                ..Default::default()
-                            },
-                        );
-                    }
-                }))
-            }
-            Ok(None) => None,
-            Err(e) => {
-                log_warn!("{e}");
-                None
-            }
+        let (oom, oom_kills) = match pending {
+            Some(_) => (None, None),
+            None => self.watch_oom(pid),
         };
         st.init = Some(Init {
             container,
@@ -356,6 +360,8 @@ impl Shim {
             started: false,
             oom,
             oom_kills,
+            restore: pending,
+            criu_work: opts.criu_work_path.clone(),
         });
         drop(st);
         self.events.publish(
@@ -381,6 +387,40 @@ impl Shim {
         })
     }
 
+    /// Sends `/tasks/oom` for each OOM kill in the cgroup of `pid`; the count
+    /// is checked again when the init exits.
+    fn watch_oom(
+        &self,
+        pid: i32,
+    ) -> (
+        Option<tokio::task::JoinHandle<()>>,
+        Option<Arc<cgroups::OomKills>>,
+    ) {
+        match cgroups::OomWatch::new(pid) {
+            Ok(Some(mut watch)) => {
+                let (events, id) = (self.events.clone(), self.id.clone());
+                let kills = watch.kills.clone();
+                let task = tokio::spawn(async move {
+                    while watch.next().await.is_some() {
+                        events.publish(
+                            topics::TASK_OOM_EVENT_TOPIC,
+                            &TaskOOM {
+                                container_id: id.clone(),
+                                ..Default::default()
+                            },
+                        );
+                    }
+                });
+                (Some(task), Some(kills))
+            }
+            Ok(None) => (None, None),
+            Err(e) => {
+                log_warn!("{e}");
+                (None, None)
+            }
+        }
+    }
+
     fn namespace(&self) -> &str {
         self.events.namespace()
     }
@@ -400,7 +440,23 @@ impl Shim {
                     req.id
                 )));
             }
-            ctr::start(&mut init.container)?;
+            if init.restore.is_some() {
+                let master = self.restore(init)?;
+                let (oom, kills) = self.watch_oom(init.proc.pid);
+                (init.oom, init.oom_kills) = (oom, kills);
+                if let Some(m) = master {
+                    match Console::start(m, &init.proc.stdin, &init.proc.stdout) {
+                        Ok(c) => init.proc.console = Some(c),
+                        Err(e) => {
+                            // SAFETY: kill(2) with plain integers.
+                            unsafe { libc::kill(init.proc.pid, libc::SIGKILL) };
+                            return Err(e);
+                        }
+                    }
+                }
+            } else {
+                ctr::start(&mut init.container)?;
+            }
             init.started = true;
             let pid = init.proc.pid.unsigned_abs();
             self.events.publish(
@@ -422,7 +478,7 @@ impl Shim {
                 req.exec_id, req.id
             )));
         }
-        let root = init.root.clone();
+        let (root, cgroup) = (init.root.clone(), init.cgroup.clone());
         let (proc, spec) = st
             .execs
             .get_mut(&req.exec_id)
@@ -440,6 +496,9 @@ impl Shim {
         })();
         let _ = std::fs::remove_file(&spec_path);
         let (pid, master, held) = started?;
+        if let Err(e) = cgroups::join_everywhere(&cgroup, pid.unsigned_abs()) {
+            log_warn!("exec {:?}: {e}", req.exec_id);
+        }
         proc.pid = pid;
         proc.held = held;
         match master
@@ -480,6 +539,7 @@ impl Shim {
         let (proc, status) = if req.exec_id.is_empty() {
             let status = match init.proc.exited() {
                 Some(_) => Status::STOPPED,
+                None if init.restore.is_some() => Status::CREATED,
                 None => {
                     let _ = init.container.refresh_status();
                     match init.container.status() {
@@ -613,6 +673,23 @@ impl Shim {
         let pid = if req.exec_id.is_empty() {
             if init.proc.exited().is_some() {
                 return Err(Error::NotFound("process already finished".into()));
+            }
+            if init.proc.pid == 0 {
+                // Created from a checkpoint, not restored: there is no process.
+                // SIGKILL ends the task as it would a created one.
+                if signal != libc::SIGKILL {
+                    return Err(Error::FailedPrecondition(format!(
+                        "task {:?} has no process yet (it is restored at Start)",
+                        req.id
+                    )));
+                }
+                let exit = Exit {
+                    status: 128 + libc::SIGKILL as u32,
+                    at: std::time::SystemTime::now(),
+                };
+                init.proc.set_exit(exit);
+                self.publish_exit("", 0, exit);
+                return Ok(());
             }
             if req.all && signal != 0 {
                 // Each process of the cgroup, as it is: libcontainer's kill-all
@@ -945,10 +1022,9 @@ impl Task for Service {
         Ok(Empty::new())
     }
 
-    async fn checkpoint(&self, _: &TtrpcContext, _: api::CheckpointTaskRequest) -> Rpc<Empty> {
-        Err(Error::Unimplemented(
-            "checkpoint: io.containerd.keel.v1 does not checkpoint yet".into(),
-        ))?
+    async fn checkpoint(&self, _: &TtrpcContext, req: api::CheckpointTaskRequest) -> Rpc<Empty> {
+        self.0.checkpoint(&req)?;
+        Ok(Empty::new())
     }
 
     async fn kill(&self, _: &TtrpcContext, req: KillRequest) -> Rpc<Empty> {

@@ -10,7 +10,7 @@ use serde::Deserialize;
 pub const DEFAULT_ROOT: &str = "/var/lib/keel";
 pub const DEFAULT_STATE: &str = "/run/keel";
 pub const DEFAULT_ADDRESS: &str = keel_protocol::DEFAULT_ADDRESS;
-pub const DEFAULT_RUNTIME: &str = "io.containerd.runc.v2";
+pub const DEFAULT_RUNTIME: &str = "io.containerd.keel.v1";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
 #[serde(rename_all = "lowercase")]
@@ -29,8 +29,9 @@ pub struct FileConfig {
     pub address: Option<PathBuf>,
     pub log_level: Option<String>,
     pub log_format: Option<LogFormat>,
-    /// The runtime of a container that names none (`io.containerd.runc.v2` by
-    /// default; `io.containerd.keel.v1` is keel's own shim).
+    /// The runtime of a container that names none: keel's own shim,
+    /// `io.containerd.keel.v1`, by default; `io.containerd.runc.v2` is
+    /// containerd's runc shim.
     pub default_runtime: Option<String>,
     /// uids besides 0 that may use the API as admins (the older form of
     /// `[[access]]` with `role = "admin"`).

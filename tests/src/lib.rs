@@ -280,11 +280,11 @@ impl Keeld {
         Path::new("/run/containerd/s").join(hex::encode(h))
     }
 
-    /// The pid of the shim this keeld launched for task `id` of its namespace.
+    /// The pid of the shim this keeld launched for task `id` of its namespace
+    /// (whichever shim: a test may pick the runtime).
     pub fn shim_pid(&self, id: &str) -> nix::unistd::Pid {
         let pattern = format!(
-            "{} -namespace {} -id {id} -address {}",
-            shim_binary(),
+            "containerd-shim-[a-z0-9]+-v[0-9]+ -namespace {} -id {id} -address {}",
             self.namespace,
             self.socket.display()
         );
@@ -597,11 +597,11 @@ pub fn busybox_rootfs() -> PathBuf {
 }
 
 /// The runtime the suite runs its containers with: `KEEL_TEST_RUNTIME`, by
-/// default `io.containerd.runc.v2` (containerd's shim and runc);
-/// `io.containerd.keel.v1` is keel's own shim. Written into every test keeld's
-/// configuration as its `default_runtime`.
+/// default keel's own shim, `io.containerd.keel.v1` (keeld's default);
+/// `io.containerd.runc.v2` is containerd's shim with runc. Written into every
+/// test keeld's configuration as its `default_runtime`.
 pub fn test_runtime() -> String {
-    std::env::var("KEEL_TEST_RUNTIME").unwrap_or_else(|_| "io.containerd.runc.v2".into())
+    std::env::var("KEEL_TEST_RUNTIME").unwrap_or_else(|_| "io.containerd.keel.v1".into())
 }
 
 /// Whether the suite runs on keel's own shim.
@@ -630,6 +630,12 @@ pub fn require_runtime() {
         );
         return;
     }
+    require_runc();
+}
+
+/// Fails loudly when runc or containerd's runc shim is missing.
+pub fn require_runc() {
+    require_root("running containers");
     for bin in ["runc", "containerd-shim-runc-v2"] {
         assert!(
             on_path(bin).is_some(),

@@ -22,6 +22,11 @@ struct Containerd {
 
 impl Containerd {
     fn start() -> Self {
+        Self::start_with_path(&[])
+    }
+
+    /// A containerd whose PATH has `dirs` first (shims found there win).
+    fn start_with_path(dirs: &[&Path]) -> Self {
         require_root("a private containerd");
         for bin in ["containerd", "ctr"] {
             assert!(
@@ -43,11 +48,12 @@ impl Containerd {
         .unwrap();
         let socket = dir.path().join("ctd.sock");
         // containerd finds containerd-shim-keel-v1 on its PATH.
-        let path = format!(
-            "{}:{}",
-            bin_dir().display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
+        let mut path: Vec<PathBuf> = dirs.iter().map(|d| d.to_path_buf()).collect();
+        path.push(bin_dir());
+        path.extend(std::env::split_paths(
+            &std::env::var_os("PATH").unwrap_or_default(),
+        ));
+        let path = std::env::join_paths(path).unwrap();
         let log = std::fs::File::create(dir.path().join("containerd.log")).unwrap();
         let child = Command::new("containerd")
             .arg("--config")
@@ -105,9 +111,14 @@ impl Containerd {
 
     /// `ctr run` on the busybox rootfs with the keel shim.
     fn run(&self, flags: &[&str], id: &str, cmd: &[&str]) -> Output {
+        self.run_on(RUNTIME, flags, id, cmd)
+    }
+
+    /// `ctr run` on the busybox rootfs with `runtime`.
+    fn run_on(&self, runtime: &str, flags: &[&str], id: &str, cmd: &[&str]) -> Output {
         let rootfs = busybox_rootfs();
         // `--rootfs` is a switch: the rootfs is then the first argument.
-        let mut args = vec!["run", "--runtime", RUNTIME];
+        let mut args = vec!["run", "--runtime", runtime];
         args.extend_from_slice(flags);
         args.push("--rootfs");
         args.push(rootfs.to_str().unwrap());
@@ -281,6 +292,121 @@ fn containerd_runs_a_terminal_task_on_the_keel_shim() {
     assert_nothing_left(&c, "t1");
 }
 
+/// `ctr task checkpoint --image-path` under containerd, of a task on keel's
+/// shim: containerd pauses the task and has the shim dump it into the directory.
+/// That image is a CRIU image keel's shim restores: a keeld given the directory
+/// restores the process, which counts on from where it was.
+///
+/// ctr 1.6 passes `--image-path`, `--work-path` and `--exit` on only for a
+/// runtime named `io.containerd.runc.v1` or `.v2` (its `withCheckpointOpts`), so
+/// here keel's shim is that runtime: this containerd finds it as
+/// `containerd-shim-runc-v2`, first on its PATH.
+#[test]
+fn a_checkpoint_containerd_takes_on_the_keel_shim_restores() {
+    if !keel_tests::criu_or_skip("a_checkpoint_containerd_takes_on_the_keel_shim_restores") {
+        return;
+    }
+    let alias = tempfile::Builder::new()
+        .prefix("keel-alias-")
+        .tempdir_in(scratch_dir())
+        .unwrap();
+    std::os::unix::fs::symlink(
+        bin_dir().join("containerd-shim-keel-v1"),
+        alias.path().join("containerd-shim-runc-v2"),
+    )
+    .unwrap();
+    let c = Containerd::start_with_path(&[alias.path()]);
+    // The count goes to stdout and to the container's /dev/shm, where the host
+    // reads it.
+    let counter =
+        "i=0; while true; do i=$((i+1)); echo $i; echo $i >/dev/shm/count; sleep 0.05; done";
+    // Its output to a file (stdin /dev/null): what keeld gives the restored task.
+    let log = format!("file://{}", c.dir.path().join("cp1.log").display());
+    let out = c.run_on(
+        "io.containerd.runc.v2",
+        &["-d", "--log-uri", &log],
+        "cp1",
+        &["/bin/sh", "-c", counter],
+    );
+    assert!(out.status.success(), "{}\n{}", describe(&out), c.log());
+    assert_ne!(shim_processes("cp1"), "", "cp1 does not run on keel's shim");
+    let pid: u32 = c
+        .ok(&["task", "ls"])
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("cp1"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .expect("cp1's pid");
+    let count = || -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/root/dev/shm/count"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    eventually("cp1 to count", || (count() >= 20).then_some(()));
+    let before = count();
+    let image = c.dir.path().join("image");
+    let work = c.dir.path().join("work");
+    c.ok(&[
+        "task",
+        "checkpoint",
+        "--exit",
+        "--image-path",
+        image.to_str().unwrap(),
+        "--work-path",
+        work.to_str().unwrap(),
+        "cp1",
+    ]);
+    assert!(
+        image.join("inventory.img").is_file(),
+        "no CRIU image: {:?} {:?}",
+        std::fs::read_dir(&image).map(|d| d.map(|e| e.unwrap().file_name()).collect::<Vec<_>>()),
+        std::fs::read_dir(&work).map(|d| d.map(|e| e.unwrap().file_name()).collect::<Vec<_>>())
+    );
+    assert!(
+        work.join("dump.log").is_file(),
+        "CRIU did not work in --work-path"
+    );
+    eventually("cp1 to stop", || {
+        (c.task_status("cp1") == "STOPPED").then_some(())
+    });
+    c.ok(&["task", "delete", "cp1"]);
+    c.ok(&["container", "delete", "cp1"]);
+    assert_nothing_left(&c, "cp1");
+
+    let k = Keeld::start();
+    let rootfs = busybox_rootfs();
+    k.ctl_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        "--image-path",
+        image.to_str().unwrap(),
+        "restored",
+        "sh",
+        "-c",
+        counter,
+    ]);
+    let numbers = |k: &Keeld| -> Vec<u64> {
+        k.ctl_ok(&["tasks", "logs", "restored"])
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    };
+    let first = eventually("the restored count", || numbers(&k).first().copied());
+    assert!(
+        first > before && first < before + 40,
+        "the restored process counts from {first}, checkpointed after {before}"
+    );
+    eventually("it to go on", || {
+        (numbers(&k).last().copied() > Some(first + 5)).then_some(())
+    });
+    k.ctl_ok(&["tasks", "rm", "-f", "restored"]);
+    k.ctl_ok(&["containers", "rm", "restored"]);
+}
+
 /// CVE-2019-5736: every process that enters a container is forked from the shim,
 /// so until it executes the container's program (and for good, if that program's
 /// `#!` line names `/proc/self/exe`) its `/proc/<pid>/exe` leads to the shim's
@@ -357,4 +483,65 @@ fn the_shims_binary_cannot_be_rewritten_through_proc_exe() {
     }
     assert_eq!(std::fs::read(&copy).unwrap(), before, "the binary changed");
     let _ = nix::unistd::close(exe);
+}
+
+/// A task created from a checkpoint has no process until Start restores it:
+/// a signal then must not reach anything (the shim leads its own process
+/// group; signalling "pid 0" would hit the shim itself). SIGKILL ends the task
+/// as it would a created one; another signal is refused.
+#[test]
+fn a_task_awaiting_its_restore_is_killed_without_its_shim() {
+    if !keel_tests::criu_or_skip("a_task_awaiting_its_restore_is_killed_without_its_shim") {
+        return;
+    }
+    let k = Keeld::start_with_config(&format!("default_runtime = \"{RUNTIME}\""));
+    k.run_detached("before");
+    let digest = k
+        .ctl_ok(&["tasks", "checkpoint", "--exit", "before"])
+        .trim()
+        .to_string();
+    k.ctl_ok(&["tasks", "rm", "-f", "before"]);
+    keel_tests::runtime().block_on(async {
+        let c = keel_client::ClientBuilder::new(k.socket.to_str().unwrap())
+            .namespace(k.namespace.as_str())
+            .connect()
+            .await
+            .unwrap();
+        let container = c
+            .containers()
+            .create(
+                keel_client::ContainerSpec::new("pending", busybox_rootfs())
+                    .args(["sleep", "100000"]),
+            )
+            .await
+            .unwrap();
+        let options = keel_client::task::TaskOptions {
+            checkpoint: Some(keel_client::protocol::api::types::Descriptor {
+                media_type: "application/vnd.oci.image.index.v1+json".into(),
+                digest: digest.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let task = container
+            .new_task_with(keel_client::io::Io::keel_log(), options)
+            .await
+            .unwrap();
+        let shim = k.shim_pid("pending");
+        let e = task.kill(15).await.unwrap_err();
+        assert!(e.to_string().contains("no process yet"), "{e}");
+        assert!(
+            nix::sys::signal::kill(shim, None).is_ok(),
+            "the shim died of a signal meant for its task"
+        );
+        task.kill(9).await.unwrap();
+        let exit = task.wait().await.unwrap();
+        assert_eq!(exit.code, 137);
+        assert!(
+            nix::sys::signal::kill(shim, None).is_ok(),
+            "the shim died of a signal meant for its task"
+        );
+        task.delete(false).await.unwrap();
+        c.containers().delete("pending").await.unwrap();
+    });
 }

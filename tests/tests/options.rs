@@ -9,9 +9,16 @@ use keel_protocol::api::tasks::CreateTaskRequest;
 use keel_protocol::containerd::shim::oci::Options;
 use keel_protocol::protobuf::well_known_types::any::Any;
 use keel_protocol::protobuf::{Message, MessageField};
-use keel_tests::{busybox_rootfs, describe, require_runtime, Keeld};
+use keel_tests::{busybox_rootfs, describe, require_runc, Keeld};
 
 use keel_protocol::types::RUNC_OPTIONS_TYPE_URL as RUNC_OPTIONS;
+
+/// A keeld whose containers run on containerd's runc shim: these tests are
+/// about runc's options (keel's shim refuses those it cannot honour by name,
+/// in its own unit tests).
+fn on_runc() -> Keeld {
+    Keeld::start_with_config("default_runtime = \"io.containerd.runc.v2\"")
+}
 
 /// An OCI runtime binary that writes each command line it is given to `log`,
 /// then runs runc with it.
@@ -65,8 +72,8 @@ fn wait_for_log(k: &Keeld, id: &str, want: &str) -> String {
 
 #[test]
 fn runtime_options_reach_runc_and_the_shim() {
-    require_runtime();
-    let k = Keeld::start();
+    require_runc();
+    let k = on_runc();
     let rootfs = busybox_rootfs();
     let (wrapper, log) = logging_runtime(k.dir.path(), "logging-runc");
     let root = k.dir.path().join("runc-root");
@@ -147,8 +154,8 @@ fn runtime_options_reach_runc_and_the_shim() {
 
 #[test]
 fn a_task_s_own_options_win_over_its_container_s() {
-    require_runtime();
-    let k = Keeld::start();
+    require_runc();
+    let k = on_runc();
     let rootfs = busybox_rootfs();
     let (container_rt, container_log) = logging_runtime(k.dir.path(), "container-runc");
     let (task_rt, task_log) = logging_runtime(k.dir.path(), "task-runc");
@@ -228,8 +235,8 @@ fn make_cgroup(path: &str) -> Vec<PathBuf> {
 
 #[test]
 fn shim_cgroup_places_the_task_s_shim() {
-    require_runtime();
-    let k = Keeld::start();
+    require_runc();
+    let k = on_runc();
     let rootfs = busybox_rootfs();
     let cgroup = format!("/keel-test-shim-{}", std::process::id());
     let made = make_cgroup(&cgroup);
@@ -264,8 +271,8 @@ fn shim_cgroup_places_the_task_s_shim() {
 
 #[test]
 fn options_keel_cannot_honour_are_refused_naming_them() {
-    require_runtime();
-    let k = Keeld::start();
+    require_runc();
+    let k = on_runc();
     let rootfs = busybox_rootfs();
     let create = |extra: &[&str], want: &str| {
         let mut args = vec!["containers", "create", "--rootfs", rootfs.to_str().unwrap()];
@@ -397,8 +404,8 @@ fn options_keel_cannot_honour_are_refused_naming_them() {
 
 #[test]
 fn a_runtime_named_by_its_shim_s_path_runs() {
-    require_runtime();
-    let k = Keeld::start();
+    require_runc();
+    let k = on_runc();
     let rootfs = busybox_rootfs();
     let shim = keel_tests::on_path("containerd-shim-runc-v2").expect("the shim on PATH");
     let out = k.ctl(&[

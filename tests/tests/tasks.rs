@@ -1204,13 +1204,25 @@ fn checkpoint_and_restore_continue_a_counter_from_its_saved_value() {
     // With a runtime option, which the checkpoint carries to the restore.
     let out = run(
         &k,
-        &["-d", "--no-new-keyring", "cp-count", "sh", "-c", COUNTER],
+        &[
+            "-d",
+            "--no-new-keyring",
+            "--memory-limit",
+            "67108864",
+            "cp-count",
+            "sh",
+            "-c",
+            COUNTER,
+        ],
     );
     assert!(out.status.success(), "{}", describe(&out));
     eventually(Duration::from_secs(30), "the counter to count", || {
         (last_count(&k, "cp-count") >= 20).then_some(())
     });
 
+    // Its processes are in a cgroup of their own in every hierarchy, so CRIU
+    // dumps that cgroup only.
+    assert_own_cgroups(&k, "cp-count");
     // A checkpoint that leaves the task running.
     let digest = k
         .ctl_ok(&["tasks", "checkpoint", "cp-count"])
@@ -1306,6 +1318,37 @@ fn checkpoint_and_restore_continue_a_counter_from_its_saved_value() {
         "the restored counter to go on",
         || (last_count(&k, "cp-restored") > first + 5).then_some(()),
     );
+    // Its cgroup has the spec's limits.
+    let (v1, v2) = (
+        format!(
+            "/sys/fs/cgroup/memory/keel/{}/cp-restored/memory.limit_in_bytes",
+            k.namespace
+        ),
+        format!("/sys/fs/cgroup/keel/{}/cp-restored/memory.max", k.namespace),
+    );
+    let limit = std::fs::read_to_string(&v1)
+        .or_else(|_| std::fs::read_to_string(&v2))
+        .unwrap_or_default();
+    assert_eq!(limit.trim(), "67108864", "the restored task's memory limit");
+    // Its processes are in the new task's own cgroup, where ps finds them.
+    assert_own_cgroups(&k, "cp-restored");
+    if keel_tests::keel_shim() {
+        // Its network namespace, made anew (runc's and keel's shims dump none),
+        // has its loopback interface up, as a new container's has.
+        let info: serde_json::Value =
+            serde_json::from_str(&k.ctl_ok(&["tasks", "info", "cp-restored"])).unwrap();
+        let pid = info["pid"].as_u64().unwrap().to_string();
+        let out = std::process::Command::new("nsenter")
+            .args(["-t", &pid, "-n", "ip", "-o", "link", "show", "lo"])
+            .output()
+            .unwrap();
+        let shown = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            shown.contains(",UP"),
+            "lo of the restored task: {}",
+            describe(&out)
+        );
+    }
 
     // --image-path leaves the raw CRIU image in a directory instead; only in an
     // empty one, whose contents a refused checkpoint leaves alone.
@@ -1625,10 +1668,70 @@ fn established_tcp_connections_are_dumped_only_with_tcp_established() {
         k.ctl_ok(&["tasks", "rm", "-f", "tcp-restored"]);
         k.ctl_ok(&["containers", "rm", "tcp-restored"]);
     }
-    // Options keel cannot honour are refused, naming them.
+    // Options keel cannot honour are refused, naming them. CRIU's cgroup mode
+    // reaches CRIU through keel's shim; the runc shim drops it.
     k.run_detached("cg");
+    if keel_tests::keel_shim() {
+        // CRIU dumps the task's cgroup properties in its default mode (soft),
+        // and none in mode ignore; the image's restore is in the same mode
+        // (CRIU prepares cgroups in soft mode, in ignore it leaves them alone).
+        const CGROUPS: &str = "Dumping value ";
+        const RESTORED: &str = "Preparing cgroups yard";
+        let rootfs = busybox_rootfs();
+        for (mode, managed) in [("soft", true), ("ignore", false)] {
+            let (image, work, rwork) = (
+                k.dir.path().join(format!("cg-{mode}")),
+                k.dir.path().join(format!("cg-{mode}-work")),
+                k.dir.path().join(format!("cg-{mode}-restore")),
+            );
+            k.ctl_ok(&[
+                "tasks",
+                "checkpoint",
+                "--cgroups-mode",
+                mode,
+                "--image-path",
+                image.to_str().unwrap(),
+                "--work-path",
+                work.to_str().unwrap(),
+                "cg",
+            ]);
+            let log = dump_log(&work);
+            assert_eq!(log.contains(CGROUPS), managed, "mode {mode}: {log}");
+            let id = format!("cg-{mode}");
+            k.ctl_ok(&[
+                "run",
+                "-d",
+                "--rootfs",
+                rootfs.to_str().unwrap(),
+                "--image-path",
+                image.to_str().unwrap(),
+                "--criu-work-path",
+                rwork.to_str().unwrap(),
+                &id,
+                "sleep",
+                "100000",
+            ]);
+            let log = std::fs::read_to_string(rwork.join("restore.log")).unwrap_or_default();
+            assert_eq!(
+                log.contains(RESTORED),
+                managed,
+                "restore, mode {mode}: {log}"
+            );
+            // Either way its processes are in its own cgroups.
+            assert_own_cgroups(&k, &id);
+            k.ctl_ok(&["tasks", "rm", "-f", &id]);
+            k.ctl_ok(&["containers", "rm", &id]);
+            assert_no_leaks(&k, &k.namespace, &id);
+        }
+    } else {
+        let err = k.ctl_err(
+            &["tasks", "checkpoint", "--cgroups-mode", "soft", "cg"],
+            "invalid argument",
+        );
+        assert!(err.contains("options.cgroups_mode"), "{err}");
+    }
     let err = k.ctl_err(
-        &["tasks", "checkpoint", "--cgroups-mode", "soft", "cg"],
+        &["tasks", "checkpoint", "--cgroups-mode", "loose", "cg"],
         "invalid argument",
     );
     assert!(err.contains("options.cgroups_mode"), "{err}");
@@ -1689,4 +1792,182 @@ fn a_task_with_a_terminal_is_checkpointed_with_terminal_and_restored_on_a_new_on
     assert_eq!(code, Some(137), "{shown}");
     k.ctl_ok(&["tasks", "rm", "cp-tty-2"]);
     k.ctl_ok(&["containers", "rm", "cp-tty-2"]);
+}
+
+#[test]
+fn a_checkpoint_restores_on_the_other_shim_where_criu_allows() {
+    require_runtime();
+    if !keel_tests::criu_or_skip("a_checkpoint_restores_on_the_other_shim_where_criu_allows") {
+        return;
+    }
+    let (runc, keel) = ("io.containerd.runc.v2", "io.containerd.keel.v1");
+    let k = Keeld::start();
+    let checkpointed = |runtime: &str, id: &str| {
+        let out = run(&k, &["-d", "--runtime", runtime, id, "sh", "-c", COUNTER]);
+        assert!(out.status.success(), "{}", describe(&out));
+        eventually(Duration::from_secs(30), "the counter to count", || {
+            (last_count(&k, id) >= 20).then_some(())
+        });
+        let digest = k
+            .ctl_ok(&["tasks", "checkpoint", "--exit", id])
+            .trim()
+            .to_string();
+        assert_eq!(waited(&k, id), 137);
+        let last = last_count(&k, id);
+        k.ctl_ok(&["tasks", "rm", id]);
+        k.ctl_ok(&["containers", "rm", id]);
+        (digest, last)
+    };
+    let restores_on = |runtime: &str, digest: &str, id: &str, last: u64| {
+        k.ctl_ok(&[
+            "run",
+            "-d",
+            "--runtime",
+            runtime,
+            "--checkpoint",
+            digest,
+            id,
+        ]);
+        let shim =
+            format!("containerd-shim-{}", &runtime["io.containerd.".len()..]).replace('.', "-");
+        assert!(
+            shim_running(&k, &shim, id),
+            "{id} is not restored on {runtime} ({shim})"
+        );
+        let first = eventually(Duration::from_secs(30), "the restored counter", || {
+            first_count(&k, id)
+        });
+        assert!(
+            first <= last + 1 && first + 10 > last,
+            "{id} starts at {first}, dumped at {last}"
+        );
+        eventually(Duration::from_secs(20), "it to go on", || {
+            (last_count(&k, id) > first + 5).then_some(())
+        });
+        k.ctl_ok(&["tasks", "rm", "-f", id]);
+        k.ctl_ok(&["containers", "rm", id]);
+        assert_no_leaks(&k, &k.namespace, id);
+    };
+
+    // runc's image (the Go shim gives its process pipes) restores on keel's
+    // shim, which hands the new process's stdio to CRIU for those pipes.
+    let (digest, last) = checkpointed(runc, "by-runc");
+    restores_on(keel, &digest, "runc-on-keel", last);
+
+    // keel's shim hands its process files, which CRIU dumps as external; runc
+    // cannot give them back, so keel refuses that restore, saying why.
+    let (digest, last) = checkpointed(keel, "by-keel");
+    let err = k.ctl_err(
+        &[
+            "run",
+            "-d",
+            "--runtime",
+            runc,
+            "--checkpoint",
+            &digest,
+            "keel-on-runc",
+        ],
+        "failed precondition",
+    );
+    assert!(err.contains("external file") && err.contains(keel), "{err}");
+    let _ = k.ctl(&["containers", "rm", "keel-on-runc"]);
+    // The image itself is sound: keel's shim restores it.
+    restores_on(keel, &digest, "keel-on-keel", last);
+}
+
+/// Whether a `shim` binary (a file name) serves task `id` of keeld `k`.
+fn shim_running(k: &Keeld, shim: &str, id: &str) -> bool {
+    std::process::Command::new("pgrep")
+        .args([
+            "-f",
+            &format!(
+                "{shim} -namespace {} -id {id} -address {}",
+                k.namespace,
+                k.socket.display()
+            ),
+        ])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+#[test]
+fn a_restore_runs_the_prestart_hooks_for_the_restored_process() {
+    require_runtime();
+    if !keel_tests::criu_or_skip("a_restore_runs_the_prestart_hooks_for_the_restored_process") {
+        return;
+    }
+    let k = Keeld::start();
+    // A prestart hook that appends the state it is given, one line per run.
+    let states = k.dir.path().join("hook-states");
+    let spec =
+        keel_client::ContainerSpec::new("hooked", busybox_rootfs()).args(["sh", "-c", COUNTER]);
+    let mut v: serde_json::Value = serde_json::from_slice(&spec.spec_json().unwrap()).unwrap();
+    let script = format!("cat >>{0} && echo >>{0}", states.display());
+    v["hooks"] = serde_json::json!({
+        "prestart": [{"path": "/bin/sh", "args": ["sh", "-c", script]}]
+    });
+    let spec = spec.oci_spec(serde_json::to_vec(&v).unwrap());
+    keel_tests::runtime().block_on(async {
+        let c = keel_client::ClientBuilder::new(k.socket.to_str().unwrap())
+            .namespace(k.namespace.as_str())
+            .connect()
+            .await
+            .unwrap();
+        let container = c.containers().create(spec).await.unwrap();
+        let task = container
+            .new_task(keel_client::io::Io::keel_log())
+            .await
+            .unwrap();
+        task.start().await.unwrap();
+    });
+    eventually(Duration::from_secs(30), "the counter to count", || {
+        (last_count(&k, "hooked") >= 10).then_some(())
+    });
+    let digest = k
+        .ctl_ok(&["tasks", "checkpoint", "--exit", "hooked"])
+        .trim()
+        .to_string();
+    assert_eq!(waited(&k, "hooked"), 137);
+    k.ctl_ok(&["tasks", "rm", "hooked"]);
+    k.ctl_ok(&["containers", "rm", "hooked"]);
+    k.ctl_ok(&["run", "-d", "--checkpoint", &digest, "hooked-2"]);
+    let info: serde_json::Value =
+        serde_json::from_str(&k.ctl_ok(&["tasks", "info", "hooked-2"])).unwrap();
+    let pid = info["pid"].as_u64().expect("the restored task's pid");
+    let ran: Vec<serde_json::Value> = std::fs::read_to_string(&states)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        ran.len(),
+        2,
+        "the hook ran at create and at restore: {ran:?}"
+    );
+    assert_eq!(ran[1]["id"], "hooked-2", "{ran:?}");
+    assert_eq!(ran[1]["pid"].as_u64(), Some(pid), "{ran:?}");
+    k.ctl_ok(&["tasks", "rm", "-f", "hooked-2"]);
+    k.ctl_ok(&["containers", "rm", "hooked-2"]);
+}
+
+/// Asserts that task `id` has processes (ListPids) and that each is in the
+/// task's own cgroup, `…/<id>`, in every cgroup hierarchy.
+fn assert_own_cgroups(k: &Keeld, id: &str) {
+    let pids: Vec<u32> = k
+        .ctl_ok(&["tasks", "ps", id])
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert!(!pids.is_empty(), "ps shows no process of {id}");
+    for pid in &pids {
+        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        assert!(
+            cg.lines().all(|l| l.ends_with(&format!("/{id}"))),
+            "process {pid} of {id}: {cg}"
+        );
+    }
 }

@@ -321,6 +321,41 @@ fn for_each_image_entry<R: Read>(
     Ok(())
 }
 
+/// Largest `descriptors.json` read from an image.
+const MAX_DESCRIPTORS: u64 = 64 << 10;
+
+/// Refuses to restore on `runtime` an image in `dir` that it cannot take back:
+/// keel's shim hands its processes their stdio files itself, so CRIU records
+/// them as external files (`file[…]` in the image's `descriptors.json`), which
+/// only keel's shim gives back; runc gives back only pipes. An image without a
+/// `descriptors.json` is left to the shim.
+pub(super) fn check_restorable(dir: &Path, runtime: &str) -> Result<()> {
+    if crate::runtime_options::is_keel_shim(runtime) {
+        return Ok(());
+    }
+    let path = dir.join("descriptors.json");
+    let Ok(meta) = std::fs::metadata(&path) else {
+        return Ok(());
+    };
+    if meta.len() > MAX_DESCRIPTORS {
+        return Err(Error::InvalidArgument(format!(
+            "checkpoint: {} is larger than {MAX_DESCRIPTORS} bytes",
+            path.display()
+        )));
+    }
+    let bytes = std::fs::read(&path).map_err(io_err("read", &path))?;
+    let entries: Vec<String> = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::InvalidArgument(format!("checkpoint: {}: {e}", path.display())))?;
+    if let Some(e) = entries.iter().find(|e| e.starts_with("file[")) {
+        return Err(Error::FailedPrecondition(format!(
+            "checkpoint: its process's stdio was dumped as an external file ({e}), as {} dumps it; runtime {runtime} (runc) gives CRIU back only pipes: restore it on {}",
+            crate::runtime_options::KEEL_SHIM,
+            crate::runtime_options::KEEL_SHIM
+        )));
+    }
+    Ok(())
+}
+
 /// Unpacks a CRIU image tar into `dir`, checking it as [`check_image_tar`] says
 /// first, and again entry by entry as it unpacks.
 pub(super) fn unpack_image(

@@ -111,6 +111,9 @@ impl Tasks {
             }
             None => None,
         };
+        if let Some(dir) = &checkpoint_dir {
+            checkpoint::check_restorable(dir, &req.container.runtime).map_err(fail)?;
+        }
 
         let (stdout, stderr, log_path) =
             if req.log_to_file && req.stdout.is_empty() && req.stderr.is_empty() {

@@ -573,12 +573,18 @@ impl tasks_ttrpc::Tasks for TasksService {
         guarded("Tasks.Checkpoint", async move {
             let ns = self.auth.request(ctx, "Tasks.Checkpoint").rpc()?.namespace;
             id("container_id", &req.container_id)?;
+            let container = self.container(&ns, &req.container_id).await?;
             let options = match req.options.as_ref() {
                 Some(o) => {
                     validate::options("options", o, &self.limits).rpc()?;
-                    runtime_options::check_checkpoint("options", &o.type_url, &o.value)
-                        .map_err(Error::from)
-                        .rpc()?
+                    runtime_options::check_checkpoint(
+                        "options",
+                        &container.runtime,
+                        &o.type_url,
+                        &o.value,
+                    )
+                    .map_err(Error::from)
+                    .rpc()?
                 }
                 None => Default::default(),
             };
@@ -608,7 +614,6 @@ impl tasks_ttrpc::Tasks for TasksService {
                 }
                 Some(p)
             };
-            let container = self.container(&ns, &req.container_id).await?;
             let index = self
                 .tasks
                 .checkpoint(
