@@ -36,26 +36,49 @@ pub fn add_process(path: &str, pid: u32) -> Result<(), Error> {
         .map_err(|e| Error::Internal(format!("cgroup {path}: {e}")))
 }
 
-/// Puts process `pid` in cgroup `path` of every hierarchy of a v1 or hybrid
-/// host, those libcontainer leaves it out of too (named ones such as
-/// `name=systemd`, and the unified one), as runc's cgroupfs driver does. The container's
-/// processes are then in a cgroup of their own everywhere, and a checkpoint has
-/// CRIU walk that cgroup only, not all of a hierarchy the shim sits at the root
-/// of. Nothing to do on a cgroup v2 host.
-pub fn join_everywhere(path: &Path, pid: u32) -> Result<(), Error> {
-    let root = Path::new("/sys/fs/cgroup");
+/// Where the cgroup hierarchies are mounted.
+const ROOT: &str = "/sys/fs/cgroup";
+
+/// Cgroup `path` in each hierarchy of a v1 or hybrid host (every directory
+/// under [`ROOT`]: the controllers, named ones such as `name=systemd`, and the
+/// unified one); none on a cgroup v2 host, where libcontainer's is the only one.
+fn v1_dirs(path: &Path) -> Vec<PathBuf> {
+    let root = Path::new(ROOT);
     if root.join("cgroup.procs").exists() {
-        return Ok(());
+        return Vec::new();
     }
     let rel = path.strip_prefix("/").unwrap_or(path);
-    let entries =
-        std::fs::read_dir(root).map_err(|e| Error::Internal(format!("{}: {e}", root.display())))?;
-    for e in entries.flatten() {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
         // cpu, cpuacct… are links to their co-mounted hierarchy.
-        if !e.file_type().is_ok_and(|t| t.is_dir()) {
-            continue;
-        }
-        let dir = e.path().join(rel);
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path().join(rel))
+        .collect()
+}
+
+/// The freezer cgroup of `path`: where Pause freezes it (and CRIU, given it,
+/// freezes the tree it dumps).
+pub fn freezer(path: &Path) -> PathBuf {
+    let rel = path.strip_prefix("/").unwrap_or(path);
+    let v1 = Path::new(ROOT).join("freezer");
+    if v1.is_dir() {
+        v1.join(rel)
+    } else {
+        Path::new(ROOT).join(rel)
+    }
+}
+
+/// Puts process `pid` in cgroup `path` of every hierarchy of a v1 or hybrid
+/// host, those libcontainer leaves it out of too (named ones such as
+/// `name=systemd`, and the unified one), as runc's cgroupfs driver does. The
+/// container's processes are then in a cgroup of their own everywhere, and a
+/// checkpoint has CRIU walk that cgroup only, not all of a hierarchy the shim
+/// sits at the root of. Nothing to do on a cgroup v2 host.
+pub fn join_everywhere(path: &Path, pid: u32) -> Result<(), Error> {
+    for dir in v1_dirs(path) {
         std::fs::create_dir_all(&dir)
             .and_then(|()| std::fs::write(dir.join("cgroup.procs"), pid.to_string()))
             .map_err(|e| Error::Internal(format!("cgroup {}: {e}", dir.display())))?;
@@ -68,19 +91,8 @@ pub fn join_everywhere(path: &Path, pid: u32) -> Result<(), Error> {
 /// hierarchies of a v1 host too (some nested), which libcontainer does not
 /// manage.
 pub fn remove_everywhere(path: &Path) {
-    let root = Path::new("/sys/fs/cgroup");
-    if root.join("cgroup.procs").exists() {
-        // cgroup v2: libcontainer's is the only hierarchy.
-        return;
-    }
-    let rel = path.strip_prefix("/").unwrap_or(path);
-    let Ok(entries) = std::fs::read_dir(root) else {
-        return;
-    };
-    for e in entries.flatten() {
-        if e.file_type().is_ok_and(|t| t.is_dir()) {
-            remove_tree(&e.path().join(rel), true);
-        }
+    for dir in v1_dirs(path) {
+        remove_tree(&dir, true);
     }
 }
 

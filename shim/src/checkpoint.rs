@@ -33,7 +33,9 @@ use containerd_shim_protos::shim::oci::CheckpointOptions;
 use nix::mount::MsFlags;
 use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Spec};
 
+use crate::cgroups;
 use crate::criu::{self, Criu_cg_mode, Criu_opts, Criu_req_type, Swrk};
+use crate::options::plain_absolute;
 use crate::service::Error;
 
 /// Where the rootfs is bind-mounted for CRIU during a restore, in
@@ -154,17 +156,6 @@ fn net_ns_path(spec: &Spec) -> Option<PathBuf> {
         .clone()
 }
 
-/// The cgroup CRIU freezes the tree in (the one Pause freezes).
-fn freezer(cgroup: &Path) -> String {
-    let rel = cgroup.strip_prefix("/").unwrap_or(cgroup);
-    let v1 = Path::new("/sys/fs/cgroup/freezer");
-    if v1.is_dir() {
-        v1.join(rel).display().to_string()
-    } else {
-        Path::new("/sys/fs/cgroup").join(rel).display().to_string()
-    }
-}
-
 /// containerd's `cgroups_mode` names.
 fn cgroups_mode(mode: &str) -> Result<Criu_cg_mode, Error> {
     Ok(match mode {
@@ -189,7 +180,7 @@ pub fn check(o: &CheckpointOptions) -> Result<(), Error> {
         )));
     }
     for (name, p) in [("image_path", &o.image_path), ("work_path", &o.work_path)] {
-        if !p.is_empty() && (!p.starts_with('/') || p.split('/').any(|c| c == "..")) {
+        if !p.is_empty() && !plain_absolute(p) {
             return Err(Error::InvalidArgument(format!(
                 "options.{name} {p:?}: not an absolute path without \"..\""
             )));
@@ -291,7 +282,7 @@ pub fn dump(d: &Dump) -> Result<(), Error> {
     opts.set_root(rootfs(&spec, d.bundle)?.display().to_string());
     opts.set_manage_cgroups(true);
     opts.set_manage_cgroups_mode(cgroups_mode(&o.cgroups_mode)?);
-    opts.set_freeze_cgroup(freezer(d.cgroup));
+    opts.set_freeze_cgroup(cgroups::freezer(d.cgroup).display().to_string());
     opts.set_leave_running(!o.exit);
     opts.set_tcp_established(o.open_tcp);
     opts.set_ext_unix_sk(o.external_unix_sockets);

@@ -8,7 +8,7 @@
 //! | `no_new_keyring` | honoured: without it the task gets a new session keyring |
 //! | `shim_cgroup` | honoured at `start`: the shim is moved into that cgroup |
 //! | `criu_image_path` | with Create: the CRIU image to restore from when the request names no checkpoint |
-//! | `criu_work_path` | CRIU's work directory (its logs) for restores; default the image directory, as with runc |
+//! | `criu_work_path` | CRIU's work directory (its logs) for restores, and for checkpoints that name none; default the image directory, as with `runc` |
 //! | `binary_name` | there is no runtime binary: refused |
 //! | `systemd_cgroup` | no systemd cgroup driver: refused |
 //! | `io_uid`, `io_gid` | stdio is handed to the container as given: refused when not 0 |
@@ -21,6 +21,12 @@ use crate::service::Error;
 
 /// Where container state lives when `root` is not given.
 pub const DEFAULT_ROOT: &str = "/run/containerd/keel";
+
+/// Whether `p` is an absolute path with no `..` component: what this shim takes
+/// for a path a caller names.
+pub fn plain_absolute(p: &str) -> bool {
+    p.starts_with('/') && !p.split('/').any(|c| c == "..")
+}
 
 /// Decodes options from an `Any`'s type and value; empty means none.
 pub fn decode(field: &str, type_url: &str, value: &[u8]) -> Result<Options, Error> {
@@ -92,7 +98,7 @@ pub fn check(field: &str, o: &Options) -> Result<(), Error> {
         ("criu_image_path", &o.criu_image_path),
         ("criu_work_path", &o.criu_work_path),
     ] {
-        if !v.is_empty() && (!v.starts_with('/') || v.split('/').any(|c| c == "..")) {
+        if !v.is_empty() && !plain_absolute(v) {
             return refuse(name, "must be an absolute path without \"..\"");
         }
     }

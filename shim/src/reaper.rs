@@ -17,6 +17,16 @@ pub struct Exit {
     pub at: SystemTime,
 }
 
+impl Exit {
+    /// An exit by SIGKILL now (137), for a task ended with no process to reap.
+    pub fn killed() -> Self {
+        Self {
+            status: 128 + libc::SIGKILL as u32,
+            at: SystemTime::now(),
+        }
+    }
+}
+
 /// Makes this process a child subreaper.
 pub fn become_subreaper() -> std::io::Result<()> {
     // SAFETY: prctl with integer arguments only.

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -198,7 +199,7 @@ fn any_parts(any: &MessageField<Any>) -> (&str, &[u8]) {
 
 /// The bytes of a JSON payload a client sent in `field`, at most [`MAX_SPEC`].
 fn bounded_json<'a>(field: &str, any: &'a MessageField<Any>) -> Result<&'a [u8]> {
-    let raw = any.as_ref().map(|a| a.value.as_slice()).unwrap_or_default();
+    let (_, raw) = any_parts(any);
     if raw.len() > MAX_SPEC {
         return Err(Error::InvalidArgument(format!(
             "{field}: larger than {MAX_SPEC} bytes"
@@ -295,7 +296,7 @@ impl Shim {
         let mut pending = None;
         let made = (|| {
             if let Some(image) = image {
-                let (container, held, p) = restore::prepare(&req, &opts, image, &root, &bundle)?;
+                let (container, held, p) = restore::prepare(&req, image, &root, &bundle)?;
                 pending = Some(p);
                 return Ok((container, None, held));
             }
@@ -444,16 +445,7 @@ impl Shim {
                 let master = self.restore(init)?;
                 let (oom, kills) = self.watch_oom(init.proc.pid);
                 (init.oom, init.oom_kills) = (oom, kills);
-                if let Some(m) = master {
-                    match Console::start(m, &init.proc.stdin, &init.proc.stdout) {
-                        Ok(c) => init.proc.console = Some(c),
-                        Err(e) => {
-                            // SAFETY: kill(2) with plain integers.
-                            unsafe { libc::kill(init.proc.pid, libc::SIGKILL) };
-                            return Err(e);
-                        }
-                    }
-                }
+                init.proc.console = console_or_kill(master, &init.proc)?;
             } else {
                 ctr::start(&mut init.container)?;
             }
@@ -501,18 +493,7 @@ impl Shim {
         }
         proc.pid = pid;
         proc.held = held;
-        match master
-            .map(|m| Console::start(m, &proc.stdin, &proc.stdout))
-            .transpose()
-        {
-            Ok(c) => proc.console = c,
-            Err(e) => {
-                // Started but unusable: it goes, and its exit is reaped as any.
-                // SAFETY: kill(2) with plain integers.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                return Err(e);
-            }
-        }
+        proc.console = console_or_kill(master, proc)?;
         self.events.publish(
             topics::TASK_EXEC_STARTED_EVENT_TOPIC,
             &TaskExecStarted {
@@ -622,10 +603,7 @@ impl Shim {
             Some(e) => e,
             None => {
                 // Created, never started: delete killed it.
-                let e = Exit {
-                    status: 128 + libc::SIGKILL as u32,
-                    at: std::time::SystemTime::now(),
-                };
+                let e = Exit::killed();
                 init.proc.set_exit(e);
                 e
             }
@@ -683,10 +661,7 @@ impl Shim {
                         req.id
                     )));
                 }
-                let exit = Exit {
-                    status: 128 + libc::SIGKILL as u32,
-                    at: std::time::SystemTime::now(),
-                };
+                let exit = Exit::killed();
                 init.proc.set_exit(exit);
                 self.publish_exit("", 0, exit);
                 return Ok(());
@@ -918,6 +893,19 @@ impl Shim {
             Ok(())
         })
     }
+}
+
+/// The terminal copies of `proc`, started and running, when it has a `master`.
+/// A process whose terminal cannot be served is unusable: it is killed (its
+/// exit reaped as any) and the error returned.
+fn console_or_kill(master: Option<OwnedFd>, proc: &Proc) -> Result<Option<Console>> {
+    master
+        .map(|m| Console::start(m, &proc.stdin, &proc.stdout))
+        .transpose()
+        .inspect_err(|_| {
+            // SAFETY: kill(2) with plain integers.
+            unsafe { libc::kill(proc.pid, libc::SIGKILL) };
+        })
 }
 
 /// A new process's stdio: its descriptors, or a terminal (whose FIFOs, copied by

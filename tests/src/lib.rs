@@ -824,6 +824,26 @@ pub fn runtime() -> tokio::runtime::Runtime {
 }
 
 impl Keeld {
+    /// `keelctl run -d --image-path IMAGE`: task `id` restored from the CRIU
+    /// image directory `image` into a busybox container running `cmd` (what
+    /// the container is; its process is the image's), with further keelctl
+    /// `flags` (`--criu-work-path DIR`, `--runtime NAME`).
+    pub fn run_from_image(&self, id: &str, image: &Path, flags: &[&str], cmd: &[&str]) -> Output {
+        let rootfs = busybox_rootfs();
+        let mut args = vec![
+            "run",
+            "-d",
+            "--rootfs",
+            rootfs.to_str().expect("rootfs path"),
+            "--image-path",
+            image.to_str().expect("image path"),
+        ];
+        args.extend_from_slice(flags);
+        args.push(id);
+        args.extend_from_slice(cmd);
+        self.ctl(&args)
+    }
+
     /// `keelctl run -d` of a task that sleeps for a day.
     pub fn run_detached(&self, id: &str) {
         let rootfs = busybox_rootfs();

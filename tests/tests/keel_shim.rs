@@ -374,21 +374,13 @@ fn a_checkpoint_containerd_takes_on_the_keel_shim_restores() {
     assert_nothing_left(&c, "cp1");
 
     let k = Keeld::start();
-    let rootfs = busybox_rootfs();
-    k.ctl_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        "--rootfs",
-        rootfs.to_str().unwrap(),
-        "--image-path",
-        image.to_str().unwrap(),
+    let out = k.run_from_image(
         "restored",
-        "sh",
-        "-c",
-        counter,
-    ]);
+        &image,
+        &["--runtime", RUNTIME],
+        &["sh", "-c", counter],
+    );
+    assert!(out.status.success(), "{}", describe(&out));
     let numbers = |k: &Keeld| -> Vec<u64> {
         k.ctl_ok(&["tasks", "logs", "restored"])
             .lines()

@@ -1390,22 +1390,13 @@ fn checkpoint_and_restore_continue_a_counter_from_its_saved_value() {
     // criu_image_path), into a container like the one checkpointed; CRIU works
     // in the given work path and the image stays where it was.
     let work = k.dir.path().join("criu-work");
-    let rootfs = busybox_rootfs();
     let from_dir = |id: &str, image: &std::path::Path| {
-        k.ctl(&[
-            "run",
-            "-d",
-            "--rootfs",
-            rootfs.to_str().unwrap(),
-            "--criu-work-path",
-            work.to_str().unwrap(),
-            "--image-path",
-            image.to_str().unwrap(),
+        k.run_from_image(
             id,
-            "sh",
-            "-c",
-            COUNTER,
-        ])
+            image,
+            &["--criu-work-path", work.to_str().unwrap()],
+            &["sh", "-c", COUNTER],
+        )
     };
     let out = from_dir("cp-raw", &dir);
     assert!(out.status.success(), "{}", describe(&out));
@@ -1677,7 +1668,6 @@ fn established_tcp_connections_are_dumped_only_with_tcp_established() {
         // (CRIU prepares cgroups in soft mode, in ignore it leaves them alone).
         const CGROUPS: &str = "Dumping value ";
         const RESTORED: &str = "Preparing cgroups yard";
-        let rootfs = busybox_rootfs();
         for (mode, managed) in [("soft", true), ("ignore", false)] {
             let (image, work, rwork) = (
                 k.dir.path().join(format!("cg-{mode}")),
@@ -1698,19 +1688,13 @@ fn established_tcp_connections_are_dumped_only_with_tcp_established() {
             let log = dump_log(&work);
             assert_eq!(log.contains(CGROUPS), managed, "mode {mode}: {log}");
             let id = format!("cg-{mode}");
-            k.ctl_ok(&[
-                "run",
-                "-d",
-                "--rootfs",
-                rootfs.to_str().unwrap(),
-                "--image-path",
-                image.to_str().unwrap(),
-                "--criu-work-path",
-                rwork.to_str().unwrap(),
+            let out = k.run_from_image(
                 &id,
-                "sleep",
-                "100000",
-            ]);
+                &image,
+                &["--criu-work-path", rwork.to_str().unwrap()],
+                &["sleep", "100000"],
+            );
+            assert!(out.status.success(), "{}", describe(&out));
             let log = std::fs::read_to_string(rwork.join("restore.log")).unwrap_or_default();
             assert_eq!(
                 log.contains(RESTORED),

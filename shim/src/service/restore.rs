@@ -20,13 +20,12 @@ use crate::{cgroups, options};
 #[derive(Debug)]
 pub(super) struct Pending {
     image: PathBuf,
-    work: PathBuf,
     /// The process's stdin, stdout and stderr; none with a terminal.
     stdio: Option<[OwnedFd; 3]>,
 }
 
 fn absolute(field: &str, p: &str) -> Result<PathBuf> {
-    if !p.starts_with('/') || p.split('/').any(|c| c == "..") {
+    if !options::plain_absolute(p) {
         return Err(Error::InvalidArgument(format!(
             "{field} {p:?}: not an absolute path without \"..\""
         )));
@@ -66,7 +65,6 @@ pub(super) fn image(req: &CreateTaskRequest, opts: &Options) -> Result<Option<Pa
 /// yet) and its stdio, opened now so that a bad stream fails the Create.
 pub(super) fn prepare(
     req: &CreateTaskRequest,
-    opts: &Options,
     image: PathBuf,
     root: &Path,
     bundle: &Path,
@@ -79,11 +77,7 @@ pub(super) fn prepare(
         (Some([o.stdin, o.stdout, o.stderr]), o.held)
     };
     let container = ctr::prepare_restore(&req.id, root, bundle)?;
-    let pending = Pending {
-        work: work_dir(&[&opts.criu_work_path], &image),
-        image,
-        stdio,
-    };
+    let pending = Pending { image, stdio };
     Ok((container, held, pending))
 }
 
@@ -104,7 +98,7 @@ impl Shim {
                 cgroup: &cgroup,
                 state_dir: &state_dir,
                 image: &pending.image,
-                work: &pending.work,
+                work: &work_dir(&[&init.criu_work], &pending.image),
                 stdio,
             },
             |criu, resources| {
@@ -135,7 +129,6 @@ impl Shim {
     pub(super) fn checkpoint(&self, req: &api::CheckpointTaskRequest) -> Result<()> {
         let (type_url, value) = super::any_parts(&req.options);
         let o = options::decode_checkpoint("options", type_url, value)?;
-        checkpoint::check(&o)?;
         let image = match (req.path.as_str(), o.image_path.as_str()) {
             ("", "") => {
                 return Err(Error::InvalidArgument(
