@@ -35,7 +35,7 @@ use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Spec};
 
 use crate::cgroups;
 use crate::criu::{self, Criu_cg_mode, Criu_opts, Criu_req_type, Swrk};
-use crate::options::plain_absolute;
+use crate::options::{plain_absolute, MAX_PATH};
 use crate::service::Error;
 
 /// Where the rootfs is bind-mounted for CRIU during a restore, in
@@ -182,7 +182,7 @@ pub fn check(o: &CheckpointOptions) -> Result<(), Error> {
     for (name, p) in [("image_path", &o.image_path), ("work_path", &o.work_path)] {
         if !p.is_empty() && !plain_absolute(p) {
             return Err(Error::InvalidArgument(format!(
-                "options.{name} {p:?}: not an absolute path without \"..\""
+                "options.{name} {p:?}: not an absolute path of at most {MAX_PATH} bytes without \"..\""
             )));
         }
     }

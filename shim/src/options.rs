@@ -22,10 +22,13 @@ use crate::service::Error;
 /// Where container state lives when `root` is not given.
 pub const DEFAULT_ROOT: &str = "/run/containerd/keel";
 
-/// Whether `p` is an absolute path with no `..` component: what this shim takes
-/// for a path a caller names.
+/// Longest path a caller may name (the kernel's PATH_MAX).
+pub const MAX_PATH: usize = 4096;
+
+/// Whether `p` is an absolute path of at most [`MAX_PATH`] bytes with no `..`
+/// component: what this shim takes for a path a caller names.
 pub fn plain_absolute(p: &str) -> bool {
-    p.starts_with('/') && !p.split('/').any(|c| c == "..")
+    p.len() <= MAX_PATH && p.starts_with('/') && !p.split('/').any(|c| c == "..")
 }
 
 /// Decodes options from an `Any`'s type and value; empty means none.
@@ -99,7 +102,10 @@ pub fn check(field: &str, o: &Options) -> Result<(), Error> {
         ("criu_work_path", &o.criu_work_path),
     ] {
         if !v.is_empty() && !plain_absolute(v) {
-            return refuse(name, "must be an absolute path without \"..\"");
+            return refuse(
+                name,
+                "must be an absolute path of at most 4096 bytes without \"..\"",
+            );
         }
     }
     Ok(())
@@ -183,6 +189,13 @@ mod tests {
                     ..Default::default()
                 },
                 "options.shim_cgroup",
+            ),
+            (
+                Options {
+                    criu_image_path: format!("/{}", "a".repeat(MAX_PATH)),
+                    ..Default::default()
+                },
+                "options.criu_image_path",
             ),
         ];
         for (o, want) in cases {

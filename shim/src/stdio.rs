@@ -16,10 +16,8 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
+use crate::options::MAX_PATH;
 use crate::service::Error;
-
-/// Longest path taken for a stdio stream.
-const MAX_PATH: usize = 4096;
 
 /// What the container's process gets, and what the shim holds for it.
 #[derive(Debug)]

@@ -27,7 +27,8 @@ pub(super) struct Pending {
 fn absolute(field: &str, p: &str) -> Result<PathBuf> {
     if !options::plain_absolute(p) {
         return Err(Error::InvalidArgument(format!(
-            "{field} {p:?}: not an absolute path without \"..\""
+            "{field} {p:?}: not an absolute path of at most {} bytes without \"..\"",
+            options::MAX_PATH
         )));
     }
     Ok(PathBuf::from(p))
