@@ -20,7 +20,7 @@ echo "== cargo doc (every link resolved; keel-client: every public item document
 RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --workspace
 echo "== build"
 cargo build --locked --workspace --bins --features keel-supervisor/faults
-cargo build --locked -p keel-client --examples
+cargo build --locked -p keel-client -p keel-tests --examples
 echo "== tests"
 # Two cores: two test threads; the gigabyte tests serialise themselves.
 log=$(mktemp)
@@ -40,7 +40,8 @@ echo "== integration tests again on containerd's runc shim (io.containerd.runc.v
 KEEL_TEST_RUNTIME=io.containerd.runc.v2 RUST_TEST_THREADS=${RUST_TEST_THREADS:-2} \
     cargo test --locked --workspace --no-fail-fast --features keel-supervisor/faults \
     --test tasks --test restore --test client --test supervision --test rootfs \
-    --test paths --test daemon --test powerloss --test hostile 2>&1 | tee -a "$log" || status=$?
+    --test paths --test daemon --test powerloss --test hostile --test checkpoint_options \
+    2>&1 | tee -a "$log" || status=$?
 if [ -s "$KEEL_SKIP_LOG" ]; then
     echo "== SKIPPED (cargo reports them as passed; the summary below counts them as skipped):"
     sed 's/^/   /' "$KEEL_SKIP_LOG"

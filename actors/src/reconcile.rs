@@ -413,6 +413,8 @@ mod tests {
             created_ns: nanos(std::time::SystemTime::now()),
             started: true,
             runtime: None,
+            task_api: 2,
+            rootfs: None,
             runtime_options: None,
         };
         meta.put_task("ns", &t).unwrap();

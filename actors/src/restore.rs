@@ -90,8 +90,8 @@ async fn step<T>(
     }
 }
 
-/// Asks the shim at `address` about task `id`.
-pub async fn probe(address: &str, namespace: &str, id: &str) -> Found {
+/// Asks the shim at `address`, serving task API `task_api`, about task `id`.
+pub async fn probe(address: &str, task_api: u32, namespace: &str, id: &str) -> Found {
     let Some(path) = address.strip_prefix("unix://") else {
         return Found::Unreachable(format!("shim address {address:?} is not unix://"));
     };
@@ -113,6 +113,7 @@ pub async fn probe(address: &str, namespace: &str, id: &str) -> Found {
         .set_nonblocking(true)
         .map_err(|e| keel_protocol::Error::Unavailable(e.to_string()))
         .and_then(|()| ShimClient::from_stream(stream, namespace))
+        .and_then(|s| s.task_api(task_api))
     {
         Ok(s) => s,
         Err(e) => return Found::Unreachable(e.to_string()),

@@ -95,11 +95,22 @@ pub fn resolve_runtime_in(name: &str, search: &std::ffi::OsStr) -> Result<PathBu
         })
 }
 
-/// The address a shim's `start` printed: plain (containerd 1.6's shims), or
-/// bootstrap JSON (`{"version":2,"address":…,"protocol":"ttrpc"}`, containerd 1.7
-/// and later). keel speaks the v2 task service over ttrpc; a shim that serves only
-/// v3 (version 3) or gRPC is refused, saying so.
-pub fn start_address(printed: &str) -> Result<String> {
+/// Where a shim serves its task API, as its `start` printed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShimAddress {
+    /// `unix://…`
+    pub address: String,
+    /// The task API version it serves: 2 (`containerd.task.v2.Task`) or 3.
+    pub task_api: u32,
+}
+
+/// The address a shim's `start` printed: plain (containerd 1.6's shims, task API
+/// v2), or bootstrap JSON (`{"version":2,"address":…,"protocol":"ttrpc"}`, containerd
+/// 1.7 and later), whose version names the task API the shim serves: 2 or 3
+/// (`containerd.task.v3.Task`, containerd 2.0). A version below 2 is read as a plain
+/// address, as containerd does. keel speaks ttrpc; a shim speaking gRPC, or a
+/// later task API, is refused, saying so.
+pub fn start_address(printed: &str) -> Result<ShimAddress> {
     #[derive(serde::Deserialize)]
     struct Bootstrap {
         version: u32,
@@ -107,34 +118,34 @@ pub fn start_address(printed: &str) -> Result<String> {
         #[serde(default)]
         protocol: String,
     }
-    let address = if printed.starts_with('{') {
+    let (address, task_api) = if printed.starts_with('{') {
         let b: Bootstrap = serde_json::from_str(printed).map_err(|e| {
             Error::Shim(format!(
                 "shim start printed {printed:?}, not bootstrap JSON: {e}"
             ))
         })?;
-        if b.version > 2 {
+        if !keel_protocol::shim::TASK_APIS.contains(&b.version) {
             return Err(Error::Shim(format!(
-                "the shim serves task API v{}; keel speaks containerd.task.v2.Task",
+                "the shim's bootstrap JSON names task API v{}; keel speaks v2 and v3",
                 b.version
             )));
         }
-        if !(b.protocol.is_empty() || b.protocol == "ttrpc") {
+        if !(b.protocol.is_empty() || b.protocol.eq_ignore_ascii_case("ttrpc")) {
             return Err(Error::Shim(format!(
                 "the shim speaks {:?}; keel speaks ttrpc",
                 b.protocol
             )));
         }
-        b.address
+        (b.address, b.version)
     } else {
-        printed.to_string()
+        (printed.to_string(), 2)
     };
     if !address.starts_with("unix://") {
         return Err(Error::Shim(format!(
             "shim start printed {address:?}, not a unix:// address"
         )));
     }
-    Ok(address)
+    Ok(ShimAddress { address, task_api })
 }
 
 impl ShimCommand {
@@ -177,10 +188,9 @@ impl ShimCommand {
         c
     }
 
-    /// Runs `start`; returns the shim's ttrpc address.
     /// Runs `start` with `stdin` (the runtime options, marshalled; may be empty)
     /// on its stdin; returns the address the shim printed.
-    pub async fn start(&self, stdin: &[u8]) -> Result<String> {
+    pub async fn start(&self, stdin: &[u8]) -> Result<ShimAddress> {
         use tokio::io::AsyncWriteExt;
         let mut c = self.command();
         c.arg("start").stdin(Stdio::piped());
@@ -344,12 +354,25 @@ mod tests {
     #[test]
     fn start_output_is_an_address_or_bootstrap_json() {
         let a = "unix:///run/containerd/s/abc";
-        assert_eq!(start_address(a).unwrap(), a);
-        let json = format!(r#"{{"version":2,"address":"{a}","protocol":"ttrpc"}}"#);
-        assert_eq!(start_address(&json).unwrap(), a);
+        let at = |task_api| ShimAddress {
+            address: a.to_string(),
+            task_api,
+        };
+        assert_eq!(start_address(a).unwrap(), at(2));
+        let json = |v: u32, protocol: &str| {
+            format!(r#"{{"version":{v},"address":"{a}","protocol":"{protocol}"}}"#)
+        };
+        assert_eq!(start_address(&json(2, "ttrpc")).unwrap(), at(2));
+        assert_eq!(start_address(&json(3, "ttrpc")).unwrap(), at(3));
+        assert_eq!(start_address(&json(3, "TTRPC")).unwrap(), at(3));
+        assert_eq!(
+            start_address(&format!(r#"{{"version":3,"address":"{a}"}}"#)).unwrap(),
+            at(3)
+        );
         for refused in [
-            format!(r#"{{"version":3,"address":"{a}","protocol":"ttrpc"}}"#),
-            format!(r#"{{"version":2,"address":"{a}","protocol":"grpc"}}"#),
+            json(4, "ttrpc"),
+            json(1, "ttrpc"),
+            json(2, "grpc"),
             r#"{"version":2,"address":"tcp://x"}"#.to_string(),
             "{not json".to_string(),
             "/run/x.sock".to_string(),

@@ -48,6 +48,7 @@ mod lifecycle;
 mod recovery;
 mod registry;
 mod requests;
+mod rw_layer;
 pub use checkpoint::{check_image_tar, criu_ready, verify_checkpoint, CheckpointRequest};
 pub use exec::ExecSpec;
 use handle::Slot;
@@ -144,6 +145,18 @@ pub struct CreateTask {
     /// The task's own rootfs mounts (checked as a container's); its container's
     /// when `None`. The shim mounts them and unmounts them at Delete.
     pub rootfs: Option<Vec<MountRecord>>,
+    /// The shim binary to run it with (an absolute path), instead of its
+    /// container's runtime: containerd's `runtime_path`.
+    pub runtime_path: Option<String>,
+}
+
+impl CreateTask {
+    /// The runtime the task runs under: its own shim path, else its container's.
+    pub fn runtime(&self) -> &str {
+        self.runtime_path
+            .as_deref()
+            .unwrap_or(&self.container.runtime)
+    }
 }
 
 /// Where a restored task's CRIU image comes from.
@@ -152,8 +165,14 @@ pub enum Restore {
     /// A checkpoint's image tar in the content store (verified by
     /// [`verify_checkpoint`]), unpacked for the restore and removed with the task,
     /// and the CRIU options its restore needs again (given to runc in a CRIU
-    /// configuration file, as the shim passes none).
-    Image { tar: PathBuf, criu: Vec<String> },
+    /// configuration file, as the shim passes none). Its filesystem changes, when
+    /// it was taken with them (`rw`), go into the upper directory of the task's
+    /// overlay rootfs before the shim mounts it.
+    Image {
+        tar: PathBuf,
+        rw: Option<PathBuf>,
+        criu: Vec<String>,
+    },
     /// A CRIU image directory the caller gave (`options.criu_image_path`), used
     /// as it is and left in place.
     Directory(PathBuf),
@@ -165,6 +184,11 @@ pub struct TaskInfo {
     pub id: String,
     /// The runtime options it was created with (type URL, value), if any.
     pub runtime_options: Option<(String, Vec<u8>)>,
+    /// The runtime it runs under (its own shim path, else its container's), when
+    /// known; `None` for an exec process.
+    pub runtime: Option<String>,
+    /// Its own rootfs mounts, when its Create gave them instead of its container's.
+    pub rootfs: Option<Vec<MountRecord>>,
     pub pid: u32,
     pub state: TaskState,
     pub stdin: String,

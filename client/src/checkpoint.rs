@@ -28,6 +28,7 @@ pub struct CheckpointOptions {
     image_path: Option<PathBuf>,
     wire: Wire,
     work_path: Option<PathBuf>,
+    rw: bool,
 }
 
 impl CheckpointOptions {
@@ -39,6 +40,15 @@ impl CheckpointOptions {
     /// Lets the task exit after the checkpoint instead of resuming it.
     pub fn exit(mut self, exit: bool) -> Self {
         self.exit = exit;
+        self
+    }
+
+    /// Also stores the task's filesystem changes (the upper directory of its
+    /// overlay rootfs) as a layer of the checkpoint, which a restore onto an
+    /// overlay puts back: containerd's `WithCheckpointRW`. The task is paused
+    /// from the dump until they are copied, unless it exits with the dump.
+    pub fn rw(mut self, rw: bool) -> Self {
+        self.rw = rw;
         self
     }
 
@@ -127,6 +137,7 @@ impl CheckpointOptions {
                 None => String::new(),
             },
             options: self.packed()?.into(),
+            rw: self.rw,
             ..Default::default()
         })
     }

@@ -129,6 +129,9 @@ pub struct TaskOptions {
     pub rootfs: Vec<Mount>,
     /// A checkpoint (its index descriptor) to restore the task from.
     pub checkpoint: Option<Descriptor>,
+    /// The shim binary (an absolute path) to run this task with, instead of its
+    /// container's runtime: containerd's `WithRuntimePath`.
+    pub runtime_path: Option<String>,
 }
 
 /// One process: a task's init process, or one added with [`Task::exec`].
@@ -391,6 +394,7 @@ impl Task {
             log_to_file: io.log_to_file,
             checkpoint: options.checkpoint.into(),
             options: options.runtime_options.into(),
+            runtime_path: options.runtime_path.unwrap_or_default(),
             ..Default::default()
         };
         let r = client

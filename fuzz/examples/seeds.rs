@@ -185,7 +185,7 @@ fn main() {
             8,
             &events::SubscribeRequest {
                 filters: vec![
-                    "topic~=/tasks/.+,namespace==default".into(),
+                    "topic~=^/tasks/.+,namespace==default".into(),
                     "event.container_id==web".into(),
                 ],
                 since: Some(3),
@@ -226,12 +226,12 @@ fn main() {
     write(
         "filters",
         "plain",
-        b"topic==/tasks/exit\nnamespace!=x,labels.app",
+        b"topic==\"/tasks/exit\"\nnamespace!=x,labels.app",
     );
     write(
         "filters",
         "regex",
-        b"topic~=/tasks/.+,namespace==bb\ntopic~=|^/tasks/ex|",
+        b"topic~=^/tasks/.+,namespace==bb\ntopic~=|^/tasks/ex|",
     );
     write(
         "filters",
@@ -263,6 +263,7 @@ fn main() {
         image: blob(keel_protocol::checkpoint::MEDIA_TYPE_CRIU_TAR),
         config: blob(keel_protocol::checkpoint::MEDIA_TYPE_CONFIG),
         options: Some(blob(keel_protocol::checkpoint::MEDIA_TYPE_RUNTIME_OPTIONS)),
+        rw: None,
         runtime: "io.containerd.runc.v2".into(),
         container: "web".into(),
         rootfs: vec![keel_protocol::checkpoint::RootfsMount {

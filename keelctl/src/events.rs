@@ -23,7 +23,7 @@ pub struct EventsArgs {
     /// with `seq`, `timestamp`, `namespace`, `topic` and `event`.
     #[arg(long, value_enum, default_value_t)]
     pub format: Format,
-    /// containerd filters, e.g. `topic~=/tasks/.+,namespace==default` (OR-ed).
+    /// containerd filters, e.g. `topic~=^/tasks/,namespace==default` (OR-ed).
     pub filters: Vec<String>,
 }
 

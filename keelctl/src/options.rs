@@ -99,6 +99,10 @@ pub struct CheckpointFlags {
     /// Directory CRIU works in and leaves its logs in.
     #[arg(long, value_name = "DIR")]
     pub work_path: Option<std::path::PathBuf>,
+    /// Also store the task's filesystem changes (the upper directory of its
+    /// overlay rootfs); a restore onto an overlay puts them back.
+    #[arg(long)]
+    pub rw: bool,
 }
 
 impl CheckpointFlags {
@@ -108,7 +112,8 @@ impl CheckpointFlags {
             .tcp_established(self.tcp_established)
             .external_unix_sockets(self.external_unix_sockets)
             .terminal(self.terminal)
-            .file_locks(self.file_locks);
+            .file_locks(self.file_locks)
+            .rw(self.rw);
         for ns in &self.empty_namespaces {
             o = o.empty_namespace(ns);
         }

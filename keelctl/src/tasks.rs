@@ -92,6 +92,10 @@ pub struct RunArgs {
     /// the one checkpointed was.
     #[arg(long, value_name = "DIR", conflicts_with = "checkpoint")]
     pub image_path: Option<PathBuf>,
+    /// Run the task with this shim binary (an absolute path) instead of its
+    /// container's runtime (containerd's runtime_path).
+    #[arg(long, value_name = "PATH")]
+    pub runtime_path: Option<String>,
     #[command(flatten)]
     pub container: ContainerArgs,
 }
@@ -413,6 +417,7 @@ pub async fn run(client: &Client, a: RunArgs) -> anyhow::Result<i32> {
     let options = TaskOptions {
         runtime_options,
         checkpoint,
+        runtime_path: a.runtime_path.clone(),
         ..Default::default()
     };
     let create = |io| Task::create(client.clone(), &id, io, options.clone());

@@ -1,5 +1,6 @@
 //! How a checkpoint lies in the content store: an OCI image index whose manifests
-//! are the CRIU image (a tar), the container's spec and the runtime options, with
+//! are the CRIU image (a tar), the container's spec, the runtime options and, when
+//! taken with them, the task's filesystem changes (a layer), with
 //! containerd's media types and labels (whether `ctr` can restore one is not
 //! tested), and keel's own annotations: the container's rootfs and the CRIU
 //! options its restore needs again.
@@ -26,6 +27,10 @@ pub const MEDIA_TYPE_CONFIG: &str =
 /// The runtime options the task ran with: a protobuf `Any`.
 pub const MEDIA_TYPE_RUNTIME_OPTIONS: &str =
     "application/vnd.containerd.container.checkpoint.runtime.options+proto";
+
+/// The task's filesystem changes: the upper directory of its overlay rootfs as a
+/// tar, whiteouts as `.wh.` files (containerd's `WithCheckpointRW` layer).
+pub const MEDIA_TYPE_RW_LAYER: &str = "application/vnd.containerd.container.rw.tar";
 
 /// Index annotation: the runtime name.
 pub const ANNOTATION_RUNTIME: &str = "io.containerd.checkpoint.runtime";
@@ -74,6 +79,8 @@ pub struct Checkpoint {
     pub image: Blob,
     pub config: Blob,
     pub options: Option<Blob>,
+    /// The task's filesystem changes, when the checkpoint was taken with them.
+    pub rw: Option<Blob>,
     pub runtime: String,
     pub container: String,
     pub rootfs: Vec<RootfsMount>,
@@ -94,6 +101,7 @@ impl Checkpoint {
     pub fn blobs(&self) -> Vec<&Blob> {
         let mut v = vec![&self.image, &self.config];
         v.extend(self.options.as_ref());
+        v.extend(self.rw.as_ref());
         v
     }
 
@@ -199,6 +207,7 @@ impl Checkpoint {
             image,
             config,
             options: find(MEDIA_TYPE_RUNTIME_OPTIONS),
+            rw: find(MEDIA_TYPE_RW_LAYER),
             runtime: get(ANNOTATION_RUNTIME),
             container: get(ANNOTATION_CONTAINER),
             rootfs,
@@ -245,6 +254,7 @@ mod tests {
             image: blob(MEDIA_TYPE_CRIU_TAR, 'a'),
             config: blob(MEDIA_TYPE_CONFIG, 'b'),
             options: Some(blob(MEDIA_TYPE_RUNTIME_OPTIONS, 'c')),
+            rw: Some(blob(MEDIA_TYPE_RW_LAYER, 'd')),
             runtime: "io.containerd.runc.v2".into(),
             container: "web".into(),
             rootfs: vec![RootfsMount {
@@ -264,7 +274,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
         assert_eq!(v["schemaVersion"], 2);
         assert_eq!(v["mediaType"], "application/vnd.oci.image.index.v1+json");
-        assert_eq!(v["manifests"].as_array().unwrap().len(), 3);
+        assert_eq!(v["manifests"].as_array().unwrap().len(), 4);
         assert_eq!(Checkpoint::parse("sha256:idx", &json).unwrap(), c);
         let labels = c.index_labels();
         for (i, b) in c.blobs().iter().enumerate() {

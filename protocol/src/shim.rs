@@ -1,9 +1,10 @@
-//! Client of a shim's task service, `containerd.task.v2.Task`.
+//! Client of a shim's task service, `containerd.task.v2.Task` or `containerd.task.v3.Task`.
 //!
 //! containerd-shim-protos 0.12 generates its client for `containerd.task.v3.Task`, which a
 //! containerd 1.6 shim answers with UNIMPLEMENTED. The v2 and v3 messages are
 //! wire-identical, so this client reuses the crate's message types and sends each call
-//! under the v2 service name itself.
+//! under the service name of the task API the shim serves: v2 unless its `start`
+//! announced version 3 in bootstrap JSON (see [`ShimClient::task_api`]).
 
 use std::collections::HashMap;
 
@@ -17,17 +18,36 @@ use crate::{Error, Result, NAMESPACE_KEY};
 /// The service name a containerd 1.6 shim serves.
 pub const TASK_SERVICE_V2: &str = "containerd.task.v2.Task";
 
+/// The service name of task API version 3 (containerd 2.0's shims).
+pub const TASK_SERVICE_V3: &str = "containerd.task.v3.Task";
+
+/// The task API versions this client speaks.
+pub const TASK_APIS: [u32; 2] = [2, 3];
+
+/// The service name of task API `version` (2 or 3).
+pub fn task_service(version: u32) -> Result<&'static str> {
+    match version {
+        2 => Ok(TASK_SERVICE_V2),
+        3 => Ok(TASK_SERVICE_V3),
+        v => Err(Error::InvalidArgument(format!(
+            "task API version {v}: keel speaks versions 2 and 3"
+        ))),
+    }
+}
+
 /// A connection to one shim. Cheap to clone; clones share the connection.
 #[derive(Clone)]
 pub struct ShimClient {
     inner: TtrpcClient,
     namespace: String,
+    service: &'static str,
 }
 
 impl std::fmt::Debug for ShimClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ShimClient")
             .field("namespace", &self.namespace)
+            .field("service", &self.service)
             .finish()
     }
 }
@@ -60,15 +80,24 @@ impl ShimClient {
         Ok(Self::new(TtrpcClient::new(socket), namespace))
     }
 
-    /// Wraps an existing ttrpc connection.
+    /// Wraps an existing ttrpc connection; calls go to the v2 task service.
     pub fn new(inner: TtrpcClient, namespace: &str) -> Self {
         Self {
             inner,
             namespace: namespace.to_string(),
+            service: TASK_SERVICE_V2,
         }
     }
 
-    /// Sends one unary call under the v2 service name. A zero timeout means none: the
+    /// The same connection, its calls sent to task API `version` (2 or 3).
+    pub fn task_api(self, version: u32) -> Result<Self> {
+        Ok(Self {
+            service: task_service(version)?,
+            ..self
+        })
+    }
+
+    /// Sends one unary call under the shim's service name. A zero timeout means none: the
     /// Go shim turns any non-zero timeout into a context deadline, so Wait must use zero.
     async fn call<Req: MessageFull, Resp: MessageFull>(
         &self,
@@ -79,7 +108,7 @@ impl ShimClient {
         let mut metadata = HashMap::new();
         metadata.insert(NAMESPACE_KEY.to_string(), vec![self.namespace.clone()]);
         let mut request = ttrpc::Request::new();
-        request.service = TASK_SERVICE_V2.to_string();
+        request.service = self.service.to_string();
         request.method = method.to_string();
         request.timeout_nano =
             timeout.map_or(0, |t| i64::try_from(t.as_nanos()).unwrap_or(i64::MAX));

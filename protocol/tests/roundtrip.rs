@@ -1,11 +1,11 @@
 //! Round trips over a real ttrpc unix socket: keel's own services, and the shim client
-//! speaking `containerd.task.v2.Task` to a server that only knows that name.
+//! speaking `containerd.task.v2.Task` (or `v3`) to a server that only knows that name.
 
 use std::sync::Arc;
 
 use keel_protocol::api::{version, version_ttrpc};
 use keel_protocol::containerd::{api, shim_async};
-use keel_protocol::shim::{ShimClient, TASK_SERVICE_V2};
+use keel_protocol::shim::{ShimClient, TASK_SERVICE_V2, TASK_SERVICE_V3};
 use keel_protocol::{Client, Error, NAMESPACE_KEY};
 use ttrpc::asynchronous::{Server, TtrpcContext};
 
@@ -67,6 +67,11 @@ impl shim_async::Task for FakeShim {
 }
 
 async fn serve(dir: &tempfile::TempDir) -> (Server, String) {
+    serve_task_as(dir, TASK_SERVICE_V2).await
+}
+
+/// A server with keel's version service and the fake shim under `task_service` only.
+async fn serve_task_as(dir: &tempfile::TempDir, task_service: &str) -> (Server, String) {
     let path = dir.path().join("s.sock");
     let addr = format!("unix://{}", path.display());
     // Register the crate's generated task service under the v2 name a 1.6 shim uses,
@@ -74,7 +79,7 @@ async fn serve(dir: &tempfile::TempDir) -> (Server, String) {
     let mut shim = shim_async::create_task(Arc::new(FakeShim));
     let svc = shim.drain().map(|(_, v)| v).next().expect("one service");
     let mut services = std::collections::HashMap::new();
-    services.insert(TASK_SERVICE_V2.to_string(), svc);
+    services.insert(task_service.to_string(), svc);
     let mut server = Server::new()
         .bind(&addr)
         .unwrap()
@@ -158,6 +163,36 @@ async fn shim_client_speaks_task_v2() {
     // Methods the fake leaves at the generated default answer with an error naming them.
     let err = shim.pids(&Default::default(), None).await.unwrap_err();
     assert!(err.message().contains("Pids"), "{err:?}");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn shim_client_speaks_the_task_api_the_shim_announced() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, addr) = serve_task_as(&dir, TASK_SERVICE_V3).await;
+    let req = api::ConnectRequest {
+        id: "t3".into(),
+        ..Default::default()
+    };
+    // Spoken to as a 1.6 shim, a v3-only shim does not know the service.
+    let v2 = ShimClient::connect(&addr, "default").await.unwrap();
+    let err = v2.connect_shim(&req, None).await.unwrap_err();
+    assert!(
+        err.message().contains(TASK_SERVICE_V2) && err.message().contains("does not exist"),
+        "{err:?}"
+    );
+    let v3 = v2.task_api(3).unwrap();
+    let resp = v3.connect_shim(&req, None).await.unwrap();
+    assert_eq!((resp.shim_pid, resp.version.as_str()), (7, "t3"));
+    // Only the versions keel speaks.
+    for v in [0, 1, 4] {
+        let err = ShimClient::connect(&addr, "default")
+            .await
+            .unwrap()
+            .task_api(v)
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{v}: {err:?}");
+    }
     server.shutdown().await.unwrap();
 }
 

@@ -54,14 +54,25 @@ pub struct TaskRecord {
     pub created_ns: u64,
     /// Set once the task has been started.
     pub started: bool,
-    /// Its container's runtime (so that a restore need not read the container's
-    /// record); absent in records from before it was kept here.
+    /// The runtime it runs under: the shim path its Create named
+    /// (`runtime_path`), else its container's runtime (so that a restore need not
+    /// read the container's record); absent in records from before it was kept here.
     #[serde(default)]
     pub runtime: Option<String>,
+    /// The task API version its shim serves (2, or 3 when its `start` said so).
+    #[serde(default = "task_api_v2")]
+    pub task_api: u32,
+    /// Its own rootfs mounts, given at Create instead of its container's.
+    #[serde(default)]
+    pub rootfs: Option<Vec<MountRecord>>,
     /// The runtime options it was created with (type URL, value), as given: its
     /// own, or its container's. Absent when none were given.
     #[serde(default)]
     pub runtime_options: Option<(String, Vec<u8>)>,
+}
+
+fn task_api_v2() -> u32 {
+    2
 }
 
 /// An exec process's durable facts: enough to watch it again after a restart.

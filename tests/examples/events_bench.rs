@@ -60,7 +60,7 @@ async fn main() -> anyhow::Result<()> {
         let ready = ready.clone();
         handles.push(tokio::spawn(async move {
             let req = SubscribeRequest {
-                filters: vec![format!("topic=={TOPIC}")],
+                filters: vec![format!("topic==\"{TOPIC}\"")],
                 ..Default::default()
             };
             let mut rx = client.events.subscribe(client.ctx(), &req).await?;

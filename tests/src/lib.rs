@@ -596,6 +596,19 @@ pub fn busybox_rootfs() -> PathBuf {
         .clone()
 }
 
+/// A private copy of the busybox rootfs at `dir` (for containers that write into
+/// their rootfs, or get more in it).
+pub fn private_rootfs(dir: &Path) -> PathBuf {
+    let cp = Command::new("cp")
+        .arg("-a")
+        .arg(busybox_rootfs())
+        .arg(dir)
+        .output()
+        .expect("cp");
+    assert!(cp.status.success(), "{}", describe(&cp));
+    dir.to_path_buf()
+}
+
 /// The runtime the suite runs its containers with: `KEEL_TEST_RUNTIME`, by
 /// default keel's own shim, `io.containerd.keel.v1` (keeld's default);
 /// `io.containerd.runc.v2` is containerd's shim with runc. Written into every
@@ -644,11 +657,30 @@ pub fn require_runc() {
     }
 }
 
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Where `bin` is on PATH, if it is.
 pub fn on_path(bin: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?)
         .map(|d| d.join(bin))
         .find(|p| p.is_file())
+}
+
+/// A keeld for a test of containers that checkpoints, or `None` (the test
+/// skipped loudly, see [`criu_or_skip`]) when CRIU does not work here.
+pub fn keeld_for_checkpoints(test: &str) -> Option<Keeld> {
+    require_runtime();
+    criu_or_skip(test).then(Keeld::start)
 }
 
 /// Whether CRIU works on this machine (`criu check` passes). When it does not, the

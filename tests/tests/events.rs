@@ -56,11 +56,11 @@ fn cases(ns: &str) -> Vec<Case> {
     };
     vec![
         (
-            vec!["topic==/tasks/exit".into()],
+            vec!["topic==\"/tasks/exit\"".into()],
             Box::new(|e| topic(e) == "/tasks/exit"),
         ),
         (
-            vec![format!("topic~=/tasks/.+,namespace=={ns}")],
+            vec![format!("topic~=^/tasks/.+,namespace=={ns}")],
             Box::new(|e| topic(e).starts_with("/tasks/")),
         ),
         (
@@ -76,7 +76,10 @@ fn cases(ns: &str) -> Vec<Case> {
             Box::new(move |e| e["namespace"] != ns2.as_str()),
         ),
         (
-            vec!["topic==/tasks/start".into(), "topic==/tasks/create".into()],
+            vec![
+                "topic==\"/tasks/start\"".into(),
+                "topic==\"/tasks/create\"".into(),
+            ],
             Box::new(|e| topic(e) == "/tasks/start" || topic(e) == "/tasks/create"),
         ),
         (
@@ -95,7 +98,7 @@ fn cases(ns: &str) -> Vec<Case> {
             }),
         ),
         (
-            vec!["topic==/tasks/exit,event.exit_status==3".into()],
+            vec!["topic==\"/tasks/exit\",event.exit_status==3".into()],
             Box::new(|e| topic(e) == "/tasks/exit" && e["event"]["exitStatus"] == 3),
         ),
         (
@@ -103,7 +106,7 @@ fn cases(ns: &str) -> Vec<Case> {
             Box::new(|e| e["event"]["exitStatus"].as_u64().is_some_and(|s| s != 0)),
         ),
         (
-            vec![format!("topic!=/tasks/exit,namespace=={ns}")],
+            vec![format!("topic!=\"/tasks/exit\",namespace=={ns}")],
             Box::new(|e| topic(e) != "/tasks/exit"),
         ),
         (
@@ -112,7 +115,7 @@ fn cases(ns: &str) -> Vec<Case> {
         ),
         (
             vec![
-                "event.container_id==churn-42,topic==/tasks/exit".into(),
+                "event.container_id==churn-42,topic==\"/tasks/exit\"".into(),
                 "event.id==churn-43".into(),
             ],
             Box::new(move |e| {
@@ -121,7 +124,7 @@ fn cases(ns: &str) -> Vec<Case> {
             }),
         ),
         (
-            vec!["topic~=/tasks/(create|delete)".into()],
+            vec!["topic~=^/tasks/(create|delete)".into()],
             Box::new(|e| topic(e) == "/tasks/create" || topic(e) == "/tasks/delete"),
         ),
         (
@@ -343,8 +346,8 @@ fn a_stalled_subscriber_is_cut_off_with_a_resume_point_and_hurts_no_one() {
     let k = Keeld::start_with_config("[events]\nretain = 2000\nsubscriber_buffer = 500\n");
     let pad = "x".repeat(2048);
     // From sequence 0, so both see the first event however late they subscribe.
-    let mut stalled = Subscriber::spawn(&k, &["--since", "0", "topic==/app/load"]);
-    let mut healthy = Subscriber::spawn(&k, &["--since", "0", "topic==/app/load"]);
+    let mut stalled = Subscriber::spawn(&k, &["--since", "0", "topic==\"/app/load\""]);
+    let mut healthy = Subscriber::spawn(&k, &["--since", "0", "topic==\"/app/load\""]);
     publish(
         &k,
         "/app/load",
@@ -413,7 +416,8 @@ fn a_stalled_subscriber_is_cut_off_with_a_resume_point_and_hurts_no_one() {
 
     // Resuming from there: a gap notice if retention moved past it, then every
     // retained event to the end, in order, once.
-    let mut resumed = Subscriber::spawn(&k, &["--since", &since.to_string(), "topic==/app/load"]);
+    let mut resumed =
+        Subscriber::spawn(&k, &["--since", &since.to_string(), "topic==\"/app/load\""]);
     let head = resumed.take(1, Duration::from_secs(20));
     let first = if topic(&head[0]) == "/keel/events/gap" {
         head[0]["event"]["firstRetained"]
@@ -446,7 +450,7 @@ fn a_subscriber_whose_client_stops_reading_is_cut_off_after_five_seconds() {
     // is cut off as stalled, naming the event that waited as its resume point.
     let k = Keeld::start_with_config("[limits]\nevent_bytes = 1048576\n");
     let pad = "x".repeat(900_000);
-    let mut stalled = Subscriber::spawn(&k, &["topic==/app/big"]);
+    let mut stalled = Subscriber::spawn(&k, &["topic==\"/app/big\""]);
     publish(&k, "/app/big", &[serde_json::json!({ "i": -1 })]);
     assert_eq!(stalled.take(1, Duration::from_secs(20)).len(), 1);
     nix::sys::signal::kill(stalled.pid(), nix::sys::signal::Signal::SIGSTOP).unwrap();

@@ -189,7 +189,7 @@ fn filters_are_bounded_and_compiled_where_they_hold_up_no_one() {
         let mut streams = Vec::new();
         for _ in 0..16 {
             let mut filters = maximal.clone();
-            filters[15] = "topic==/app/seen".into();
+            filters[15] = "topic==\"/app/seen\"".into();
             let req = SubscribeRequest {
                 filters,
                 ..Default::default()
@@ -463,7 +463,9 @@ fn concurrent_creates_of_one_id_give_one_winner_and_already_exists() {
         k.ctl_ok(&["tasks", "rm", "-f", &id]);
         k.ctl_ok(&["containers", "rm", &id]);
     }
-    watch.finish().assert_responsive("concurrent creates", 10);
+    // Four rounds take a few hundred milliseconds on a fast machine: a handful of
+    // answers is all the watch can see, and none may be slow.
+    watch.finish().assert_responsive("concurrent creates", 3);
 }
 
 #[test]

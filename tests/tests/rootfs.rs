@@ -154,14 +154,7 @@ fn keelctl_s_rootfs_is_writable_unless_read_only_and_mount_adds_mounts() {
     require_runtime();
     let k = Keeld::start();
     // A private copy: these containers write into their rootfs.
-    let rootfs = k.dir.path().join("rootfs");
-    let cp = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(busybox_rootfs())
-        .arg(&rootfs)
-        .output()
-        .unwrap();
-    assert!(cp.status.success(), "{}", describe(&cp));
+    let rootfs = keel_tests::private_rootfs(&k.dir.path().join("rootfs"));
     let run = |extra: &[&str], id: &str, script: &str| {
         let mut args = vec!["run", "--rm", "--rootfs", rootfs.to_str().unwrap()];
         args.extend_from_slice(extra);
@@ -202,4 +195,189 @@ fn keelctl_s_rootfs_is_writable_unless_read_only_and_mount_adds_mounts() {
         "--mount",
     );
     assert!(err.contains("absolute path"), "{err}");
+}
+
+/// An overlay on the busybox tree with its upper and work directories in `dir`.
+fn overlay_on_busybox(dir: &Path) -> (Mount, PathBuf) {
+    let (upper, work) = (dir.join("upper"), dir.join("work"));
+    for d in [&upper, &work] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let mount = Mount {
+        type_: "overlay".into(),
+        source: "overlay".into(),
+        options: vec![
+            format!("lowerdir={}", busybox_rootfs().display()),
+            format!("upperdir={}", upper.display()),
+            format!("workdir={}", work.display()),
+        ],
+        ..Default::default()
+    };
+    (mount, upper)
+}
+
+/// Creates and starts the task of container `id` on its own `rootfs`, restored
+/// from `checkpoint` when given; the error of either step, as keeld answered.
+fn create_and_start(
+    k: &Keeld,
+    id: &str,
+    rootfs: Mount,
+    checkpoint: Option<&str>,
+) -> Result<(), ttrpc::Error> {
+    keel_tests::runtime().block_on(async {
+        let c = k.client(None).await;
+        let req = CreateTaskRequest {
+            container_id: id.into(),
+            rootfs: vec![rootfs],
+            log_to_file: true,
+            checkpoint: checkpoint
+                .map(|d| keel_protocol::api::types::Descriptor {
+                    media_type: "application/vnd.oci.image.index.v1+json".into(),
+                    digest: d.into(),
+                    ..Default::default()
+                })
+                .into(),
+            ..Default::default()
+        };
+        c.tasks.create(c.ctx(), &req).await?;
+        let start = StartRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        c.tasks.start(c.ctx(), &start).await.map(drop)
+    })
+}
+
+fn is_whiteout(path: &Path) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    std::fs::symlink_metadata(path)
+        .is_ok_and(|md| md.file_type().is_char_device() && md.rdev() == 0)
+}
+
+fn failed_precondition(e: &ttrpc::Error, naming: &str) -> bool {
+    matches!(e, ttrpc::Error::RpcStatus(s) if s.code() == ttrpc::Code::FAILED_PRECONDITION
+        && s.message().contains(naming))
+}
+
+#[test]
+fn a_checkpoint_with_rw_carries_the_filesystem_changes_to_the_restored_overlay() {
+    let Some(k) = keel_tests::keeld_for_checkpoints(
+        "a_checkpoint_with_rw_carries_the_filesystem_changes_to_the_restored_overlay",
+    ) else {
+        return;
+    };
+    let scratch = Tmpfs::mount(k.dir.path().join("overlays"));
+    let (first, first_upper) = overlay_on_busybox(&scratch.0.join("first"));
+    // A file written, a lower file deleted (a whiteout), a directory made and
+    // made opaque by replacing a lower one.
+    k.ctl_ok(&[
+        "containers",
+        "create",
+        "--rootfs",
+        busybox_rootfs().to_str().unwrap(),
+        "rw",
+        "sh",
+        "-c",
+        "echo kept > /kept; rm /bin/ls; rm -r /etc; mkdir /etc; echo new > /etc/only; \
+         touch /ready; while true; do sleep 1; done",
+    ]);
+    create_and_start(&k, "rw", first.clone(), None).expect("run on the first overlay");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !first_upper.join("ready").exists() {
+        assert!(Instant::now() < deadline, "the task never wrote its files");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(is_whiteout(&first_upper.join("bin/ls")));
+
+    // Without --exit: the task is paused for the copy and runs on after.
+    let digest = k.ctl_ok(&["tasks", "checkpoint", "--rw", "rw"]);
+    let digest = digest.trim();
+    let ls = k.ctl_ok(&["tasks", "ls"]);
+    assert!(
+        ls.lines()
+            .any(|l| l.starts_with("rw") && l.contains("RUNNING")),
+        "not running after its checkpoint: {ls}"
+    );
+    k.ctl_ok(&["tasks", "rm", "-f", "rw"]);
+
+    // Onto a fresh overlay: the changes are back in its upper directory and the
+    // restored process sees them.
+    let (second, second_upper) = overlay_on_busybox(&scratch.0.join("second"));
+    create_and_start(&k, "rw", second, Some(digest)).expect("restore onto a fresh overlay");
+    assert_eq!(
+        std::fs::read_to_string(second_upper.join("kept")).unwrap(),
+        "kept\n"
+    );
+    assert!(
+        is_whiteout(&second_upper.join("bin/ls")),
+        "the deletion is lost"
+    );
+    assert_eq!(
+        xattr_of(&second_upper.join("etc")).as_deref(),
+        Some("y"),
+        "the replaced directory is not opaque"
+    );
+    let seen = k.ctl(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "look",
+        "rw",
+        "sh",
+        "-c",
+        "cat /kept; [ -e /bin/ls ] || echo ls-gone; [ -e /etc/passwd ] || echo etc-replaced; cat /etc/only",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&seen.stdout),
+        "kept\nls-gone\netc-replaced\nnew\n",
+        "{}",
+        describe(&seen)
+    );
+    k.ctl_ok(&["tasks", "rm", "-f", "rw"]);
+
+    // Its changes need an overlay to go to; a task on none has none to give.
+    let bind = Mount {
+        type_: "bind".into(),
+        source: busybox_rootfs().display().to_string(),
+        options: vec!["rbind".into(), "ro".into()],
+        ..Default::default()
+    };
+    let e = create_and_start(&k, "rw", bind.clone(), Some(digest)).unwrap_err();
+    assert!(failed_precondition(&e, "overlay"), "{e:?}");
+    k.ctl_ok(&["containers", "rm", "rw"]);
+    k.ctl_ok(&[
+        "containers",
+        "create",
+        "--rootfs",
+        busybox_rootfs().to_str().unwrap(),
+        "plain",
+        "sleep",
+        "600",
+    ]);
+    create_and_start(&k, "plain", bind, None).expect("run on a bind rootfs");
+    let err = k.ctl_err(
+        &["tasks", "checkpoint", "--rw", "plain"],
+        "failed precondition",
+    );
+    assert!(err.contains("rw:") && err.contains("upperdir"), "{err}");
+    k.ctl_ok(&["tasks", "rm", "-f", "plain"]);
+    k.ctl_ok(&["containers", "rm", "plain"]);
+}
+
+/// `trusted.overlay.opaque` of `dir`, if set.
+fn xattr_of(dir: &Path) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut value = [0u8; 16];
+    // SAFETY: both strings are NUL-terminated and the buffer's length is passed.
+    let n = unsafe {
+        libc::lgetxattr(
+            path.as_ptr(),
+            c"trusted.overlay.opaque".as_ptr(),
+            value.as_mut_ptr().cast(),
+            value.len(),
+        )
+    };
+    let n = usize::try_from(n).ok()?;
+    Some(String::from_utf8_lossy(&value[..n]).into_owned())
 }

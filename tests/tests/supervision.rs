@@ -263,7 +263,7 @@ fn the_reconciler_alone_finds_a_dead_shim_and_records_the_exit_once() {
     // The task's shim unwatched (no pidfd, no pending Wait): only the periodic
     // check of every shim's process can find it gone.
     let k = Keeld::start_with_env(&[("KEEL_FAULTS", "task:blind:Watch=fail")]);
-    let mut sub = keel_tests::Subscriber::spawn(&k, &["--since", "0", "topic==/tasks/exit"]);
+    let mut sub = keel_tests::Subscriber::spawn(&k, &["--since", "0", "topic==\"/tasks/exit\""]);
     k.run_detached("blind");
     let (status, pid) = settled(&k, "blind");
     assert_eq!(status, "RUNNING");

@@ -8,7 +8,8 @@ use keel_protocol::containerd::shim::oci::Options;
 use keel_protocol::protobuf::well_known_types::any::Any;
 use keel_protocol::protobuf::Message;
 use keel_tests::{
-    busybox_rootfs, describe, require_runtime, shim_binary, CtlOnTerminal, Keeld, Subscriber,
+    busybox_rootfs, describe, eventually, require_runtime, shim_binary, CtlOnTerminal, Keeld,
+    Subscriber,
 };
 
 fn run(k: &Keeld, args: &[&str]) -> std::process::Output {
@@ -276,7 +277,10 @@ fn shut_down_connections(pid: u32, path: &std::path::Path) -> usize {
 fn a_broken_connection_to_a_live_shim_is_dialled_again() {
     require_runtime();
     let k = Keeld::start();
-    let mut sub = subscribe(&k, &["topic==/tasks/exit", "topic==/containers/delete"]);
+    let mut sub = subscribe(
+        &k,
+        &["topic==\"/tasks/exit\"", "topic==\"/containers/delete\""],
+    );
     assert!(run(&k, &["-d", "rt-redial", "sleep", "600"])
         .status
         .success());
@@ -320,7 +324,10 @@ fn a_broken_connection_to_a_live_shim_is_dialled_again() {
 fn sigkill_of_the_shim_stops_the_task_with_137_and_cleans_up() {
     require_runtime();
     let k = Keeld::start();
-    let mut sub = subscribe(&k, &["topic==/tasks/exit", "topic==/containers/delete"]);
+    let mut sub = subscribe(
+        &k,
+        &["topic==\"/tasks/exit\"", "topic==\"/containers/delete\""],
+    );
     assert!(run(&k, &["-d", "rt-shim", "sleep", "600"]).status.success());
     let ls = k.ctl_ok(&["tasks", "ls", "--format", "json"]);
     let pid = serde_json::from_str::<serde_json::Value>(ls.trim()).unwrap()["pid"]
@@ -612,9 +619,9 @@ fn memory_limit_gives_an_oom_event_and_exit_137() {
     let mut sub = subscribe(
         &k,
         &[
-            "topic==/tasks/oom",
-            "topic==/tasks/exit",
-            "topic==/containers/delete",
+            "topic==\"/tasks/oom\"",
+            "topic==\"/tasks/exit\"",
+            "topic==\"/containers/delete\"",
         ],
     );
     let out = run(
@@ -702,18 +709,6 @@ fn last_count(k: &Keeld, id: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
-fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn pause_stops_a_counter_and_resume_continues_it() {
     require_runtime();
@@ -721,8 +716,8 @@ fn pause_stops_a_counter_and_resume_continues_it() {
     let mut sub = subscribe(
         &k,
         &[
-            "topic~=/tasks/(paused|resumed)",
-            "topic==/containers/delete",
+            "topic~=^/tasks/(paused|resumed)",
+            "topic==\"/containers/delete\"",
         ],
     );
     let counter = "i=0; while true; do i=$((i+1)); echo $i; sleep 0.05; done";
@@ -836,7 +831,10 @@ fn metrics_follow_what_the_container_does() {
 fn lowering_the_memory_limit_makes_a_growing_container_oom() {
     require_runtime();
     let k = Keeld::start();
-    let mut sub = subscribe(&k, &["topic==/tasks/oom", "topic==/containers/delete"]);
+    let mut sub = subscribe(
+        &k,
+        &["topic==\"/tasks/oom\"", "topic==\"/containers/delete\""],
+    );
     // ~8 MB at once; ~56 MB when told to grow (SIGUSR1), which happens only
     // after the update, so the order does not depend on timing.
     let script = "x=$(head -c 8000000 /dev/zero | busybox tr '\\0' a); \
@@ -947,9 +945,9 @@ fn exec_runs_a_process_in_a_running_task_with_its_own_exit() {
     let mut sub = subscribe(
         &k,
         &[
-            "topic~=/tasks/exec-.+",
-            "topic==/tasks/exit",
-            "topic==/containers/delete",
+            "topic~=^/tasks/exec-.+",
+            "topic==\"/tasks/exit\"",
+            "topic==\"/containers/delete\"",
         ],
     );
     let out = run(&k, &["-d", "--env", "GREETING=hi", "ex", "sleep", "600"]);
@@ -1199,7 +1197,10 @@ fn checkpoint_and_restore_continue_a_counter_from_its_saved_value() {
     let k = Keeld::start();
     let mut sub = subscribe(
         &k,
-        &["topic==/tasks/checkpointed", "topic==/containers/delete"],
+        &[
+            "topic==\"/tasks/checkpointed\"",
+            "topic==\"/containers/delete\"",
+        ],
     );
     // With a runtime option, which the checkpoint carries to the restore.
     let out = run(

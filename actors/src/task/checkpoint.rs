@@ -18,11 +18,12 @@ use std::io::Read;
 
 use keel_protocol::checkpoint::{
     self as layout, Blob, Checkpoint, RootfsMount, MEDIA_TYPE_CONFIG, MEDIA_TYPE_CRIU_TAR,
-    MEDIA_TYPE_RUNTIME_OPTIONS,
+    MEDIA_TYPE_RUNTIME_OPTIONS, MEDIA_TYPE_RW_LAYER,
 };
 use keel_storage::{ContentStore, Digest};
 use sha2::Digest as _;
 
+use super::rw_layer;
 use super::*;
 use crate::storage::StorageHandle;
 use keel_protocol::containerd::shim::oci::{CheckpointOptions, Options};
@@ -45,6 +46,9 @@ pub struct CheckpointRequest {
     /// [`crate::runtime_options::check_checkpoint`]. `exit` and `image_path` are
     /// taken from the fields above.
     pub options: CheckpointOptions,
+    /// Also store the task's filesystem changes (the upper directory of its
+    /// overlay rootfs) as a layer; only into the content store.
+    pub rw: bool,
 }
 
 /// Parses the version `criu --version` prints (`Version: 4.1.1`).
@@ -109,6 +113,12 @@ struct Restorable {
     runtime_options: Option<(String, Vec<u8>)>,
     /// The CRIU options the restore needs again ([`criu_restore`]).
     criu_restore: Vec<String>,
+    /// The runtime the task runs under (its own shim path, else its container's).
+    runtime: String,
+    /// The rootfs it runs on (its own mounts, else its container's).
+    rootfs: Vec<MountRecord>,
+    /// Its filesystem changes, stored as a layer (digest, size).
+    rw: Option<(Digest, u64)>,
 }
 
 /// The CRIU options a restore of a dump taken with `o` needs given again: CRIU
@@ -136,6 +146,9 @@ pub(super) struct Dump {
     pub exit: bool,
     /// The rest of what the shim passes on to `runc checkpoint`.
     pub options: CheckpointOptions,
+    /// Also pack the filesystem changes: the upper directory, and the layer tar
+    /// to write, while the task is still frozen from its dump.
+    pub rw: Option<(PathBuf, PathBuf)>,
 }
 
 impl Handler<Dump> for TaskActor {
@@ -177,7 +190,23 @@ impl Handler<Dump> for TaskActor {
                 if pause_here {
                     freeze(&shim, id.clone(), true).await?;
                 }
-                let dumped = shim.checkpoint(&request, Some(CRIU_RPC_TIMEOUT)).await;
+                let dumped = shim
+                    .checkpoint(&request, Some(CRIU_RPC_TIMEOUT))
+                    .await
+                    .map_err(|e| match e {
+                        keel_protocol::Error::Internal(m) | keel_protocol::Error::Transport(m) => {
+                            Error::Io(format!("checkpoint of task {id} failed: {m}"))
+                        }
+                        e => Error::from(e),
+                    });
+                // The filesystem changes are copied before the task may run on
+                // (or, with exit, after it is gone), so that they match the dump.
+                let dumped = match (dumped, m.rw) {
+                    (Ok(_), Some((upper, layer))) => {
+                        blocking_io(move || rw_layer::pack(&upper, &layer)).await
+                    }
+                    (dumped, _) => dumped.map(|_| ()),
+                };
                 // A task that is to exit is left to die; any other is thawed again,
                 // whether the dump worked or not.
                 if pause_here && !(m.exit && dumped.is_ok()) {
@@ -185,7 +214,7 @@ impl Handler<Dump> for TaskActor {
                         tracing::error!(task_id = %id, error = %e, "resuming after checkpoint failed");
                     }
                 }
-                dumped.map(|_| ())
+                dumped
             }
             .into_actor(self)
             .map(move |r, act, _| {
@@ -193,12 +222,7 @@ impl Handler<Dump> for TaskActor {
                 if act.state != TaskState::Stopped {
                     act.state = before;
                 }
-                r.map_err(|e| match e {
-                    keel_protocol::Error::Internal(m) | keel_protocol::Error::Transport(m) => {
-                        Error::Io(format!("checkpoint of task {} failed: {m}", act.id))
-                    }
-                    e => Error::from(e),
-                })
+                r
             }),
         ))
     }
@@ -211,12 +235,14 @@ impl TaskHandle {
         work: PathBuf,
         exit: bool,
         options: CheckpointOptions,
+        rw: Option<(PathBuf, PathBuf)>,
     ) -> Result<()> {
         self.call(Dump {
             path,
             work,
             exit,
             options,
+            rw,
         })
         .await?
     }
@@ -276,32 +302,10 @@ fn for_each_image_entry<R: Read>(
     let entries = archive
         .entries()
         .map_err(|e| bad(format!("not a tar: {e}")))?;
-    let (mut count, mut bytes) = (0usize, 0u64);
+    let mut budget = TarBudget::default();
     for entry in entries {
         let mut entry = entry.map_err(|e| bad(format!("not a tar: {e}")))?;
-        count += 1;
-        if count > limits.checkpoint_entries {
-            return Err(bad(format!(
-                "more than {} entries (limits.checkpoint_entries)",
-                limits.checkpoint_entries
-            )));
-        }
-        let path = entry
-            .path()
-            .map_err(|e| bad(format!("entry {count} has no usable path: {e}")))?
-            .into_owned();
-        let plain = path.components().all(|c| {
-            matches!(
-                c,
-                std::path::Component::Normal(_) | std::path::Component::CurDir
-            )
-        });
-        if !plain || path.as_os_str().is_empty() {
-            return Err(bad(format!(
-                "entry {:?} is not a plain relative path",
-                path
-            )));
-        }
+        let path = budget.admit(&entry, limits).map_err(bad)?;
         let kind = entry.header().entry_type();
         if !(kind.is_file() || kind.is_dir()) {
             return Err(bad(format!(
@@ -309,16 +313,64 @@ fn for_each_image_entry<R: Read>(
                 path
             )));
         }
-        bytes = bytes.saturating_add(entry.header().size().unwrap_or(u64::MAX));
-        if bytes > limits.checkpoint_bytes {
-            return Err(bad(format!(
-                "unpacks to more than {} bytes (limits.checkpoint_bytes)",
-                limits.checkpoint_bytes
-            )));
-        }
         f(&mut entry)?;
     }
     Ok(())
+}
+
+/// A tar's entries and bytes so far, against the checkpoint bounds.
+#[derive(Default)]
+pub(super) struct TarBudget {
+    entries: usize,
+    bytes: u64,
+}
+
+impl TarBudget {
+    /// Counts `entry` and returns its path; says why when it passes
+    /// `limits.checkpoint_entries` or `limits.checkpoint_bytes` or its path is
+    /// not a plain relative one.
+    pub(super) fn admit<R: Read>(
+        &mut self,
+        entry: &tar::Entry<'_, R>,
+        limits: &keel_protocol::limits::Limits,
+    ) -> std::result::Result<PathBuf, String> {
+        self.entries += 1;
+        if self.entries > limits.checkpoint_entries {
+            return Err(format!(
+                "more than {} entries (limits.checkpoint_entries)",
+                limits.checkpoint_entries
+            ));
+        }
+        self.bytes = self
+            .bytes
+            .saturating_add(entry.header().size().unwrap_or(u64::MAX));
+        if self.bytes > limits.checkpoint_bytes {
+            return Err(format!(
+                "unpacks to more than {} bytes (limits.checkpoint_bytes)",
+                limits.checkpoint_bytes
+            ));
+        }
+        let path = entry
+            .path()
+            .map_err(|e| format!("entry {} has no usable path: {e}", self.entries))?
+            .into_owned();
+        if !plain_relative(&path) {
+            return Err(format!("entry {path:?} is not a plain relative path"));
+        }
+        Ok(path)
+    }
+}
+
+/// Whether `path`, a tar entry's, is relative and stays where it is unpacked:
+/// not empty, only plain names (and `.`).
+fn plain_relative(path: &Path) -> bool {
+    !path.as_os_str().is_empty()
+        && path.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::Normal(_) | std::path::Component::CurDir
+            )
+        })
 }
 
 /// Largest `descriptors.json` read from an image.
@@ -421,8 +473,9 @@ fn verified_blob(
 }
 
 /// Reads and checks a checkpoint index (at most `max_index` bytes) and every blob it
-/// references. Returns how to restore it: the path of its CRIU image tar in the
-/// store, and the CRIU options its restore needs again.
+/// references. Returns how to restore it: the paths of its CRIU image tar and of
+/// its filesystem changes (when taken) in the store, and the CRIU options its
+/// restore needs again.
 pub fn verify_checkpoint(
     store: &ContentStore,
     ns: &str,
@@ -439,15 +492,18 @@ pub fn verify_checkpoint(
     let index_path = verified_blob(store, ns, digest, None)?;
     let bytes = std::fs::read(&index_path).map_err(io_err("read", &index_path))?;
     let checkpoint = Checkpoint::parse(digest, &bytes)?;
-    let mut image = None;
+    let (mut image, mut rw) = (None, None);
     for blob in checkpoint.blobs() {
         let path = verified_blob(store, ns, &blob.digest, Some(blob.size))?;
-        if blob.media_type == MEDIA_TYPE_CRIU_TAR {
-            image = Some(path);
+        match blob.media_type.as_str() {
+            MEDIA_TYPE_CRIU_TAR => image = Some(path),
+            MEDIA_TYPE_RW_LAYER => rw = Some(path),
+            _ => {}
         }
     }
     Ok(Restore::Image {
         tar: image.expect("a parsed checkpoint has an image"),
+        rw,
         criu: checkpoint.criu_restore,
     })
 }
@@ -473,6 +529,24 @@ impl Tasks {
                 "cannot checkpoint task {id}: it has a terminal (allow it with options.terminal, keelctl --terminal)"
             )));
         }
+        let rootfs = info
+            .rootfs
+            .clone()
+            .unwrap_or_else(|| container.rootfs.clone());
+        let upper = match (req.rw, rw_layer::upper_dir(&rootfs)) {
+            (false, _) => None,
+            (true, _) if req.image_path.is_some() => {
+                return Err(Error::InvalidArgument(
+                    "rw: the filesystem changes go into the content store with the checkpoint, not into an image_path".into(),
+                ))
+            }
+            (true, Some(upper)) => Some(upper),
+            (true, None) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "rw: task {id} runs on no overlay rootfs with an upperdir, where its filesystem changes would be"
+                )))
+            }
+        };
         blocking_io(criu_ready).await?;
 
         let stamp = nanos(SystemTime::now());
@@ -502,58 +576,53 @@ impl Tasks {
                     dir.display()
                 )));
             }
-            task.dump(dir, criu_work, req.exit, req.options).await?;
+            task.dump(dir, criu_work, req.exit, req.options, None)
+                .await?;
             return Ok(None);
         }
 
         let image_dir = work.join("image");
         std::fs::create_dir_all(&image_dir).map_err(io_err("create", &image_dir))?;
         let criu_restore = criu_restore(&req.options);
-        task.dump(image_dir.clone(), criu_work, req.exit, req.options)
+        let (tar_path, rw_path) = (work.join("image.tar"), work.join("rw.tar"));
+        let rw = upper.map(|upper| (upper, rw_path.clone()));
+        task.dump(image_dir.clone(), criu_work, req.exit, req.options, rw)
             .await?;
-
-        let tar_path = work.join("image.tar");
         let (dir, tp) = (image_dir.clone(), tar_path.clone());
         blocking_io(move || pack_image(&dir, &tp)).await?;
 
-        let tar = tokio::fs::File::open(&tar_path)
-            .await
-            .map_err(io_err("open", &tar_path))?;
-        let image = storage
-            .put_new(
-                ns,
-                &ingest_ref(ns, id, stamp, "image"),
-                tar,
-                BTreeMap::new(),
-            )
-            .await;
-        let stored = match image {
-            Ok((digest, size, new)) => {
-                if new {
-                    // For the cleanup after a crash before the index is stored.
-                    let _ = std::fs::write(work.join(NEW_IMAGE_FILE), digest.to_string());
-                }
-                let stored = self
-                    .store_checkpoint(
-                        storage,
-                        ns,
-                        container,
-                        Restorable {
-                            runtime_options: info.runtime_options.clone(),
-                            criu_restore: criu_restore.clone(),
-                        },
-                        (digest.clone(), size),
-                        stamp,
-                    )
-                    .await;
-                if stored.is_err() && new {
-                    drop_unreferenced(storage, ns, digest).await;
-                }
-                stored
-            }
-            Err(e) => Err(e),
-        };
+        // The blobs this checkpoint adds to the store, for the cleanup if it fails
+        // (and, through NEW_IMAGE_FILE, after a crash) before the index is stored.
+        let mut added = Vec::new();
+        let stored = async {
+            let image = self
+                .store_blob(storage, ns, (id, stamp), "image", &tar_path, &mut added)
+                .await?;
+            let rw = match req.rw {
+                true => Some(
+                    self.store_blob(storage, ns, (id, stamp), "rw", &rw_path, &mut added)
+                        .await?,
+                ),
+                false => None,
+            };
+            let restorable = Restorable {
+                runtime_options: info.runtime_options.clone(),
+                criu_restore: criu_restore.clone(),
+                runtime: info
+                    .runtime
+                    .clone()
+                    .unwrap_or_else(|| container.runtime.clone()),
+                rootfs,
+                rw,
+            };
+            self.store_checkpoint(storage, ns, container, restorable, image, stamp)
+                .await
+        }
+        .await;
         if stored.is_err() {
+            for digest in added {
+                drop_unreferenced(storage, ns, digest).await;
+            }
             abort_ingests(storage, ns, id, stamp).await;
         }
         let (digest, size) = stored?;
@@ -574,8 +643,35 @@ impl Tasks {
         Ok(Some((digest, size)))
     }
 
+    /// Stores the file `path` of checkpoint `stamp` of task `id` as its blob `what`;
+    /// a blob new to the store is added to `added` and to the work directory's
+    /// NEW_IMAGE_FILE.
+    async fn store_blob(
+        &self,
+        storage: &StorageHandle,
+        ns: &str,
+        (id, stamp): (&str, u64),
+        what: &str,
+        path: &Path,
+        added: &mut Vec<Digest>,
+    ) -> Result<(Digest, u64)> {
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(io_err("open", path))?;
+        let (digest, size, new) = storage
+            .put_new(ns, &ingest_ref(ns, id, stamp, what), file, BTreeMap::new())
+            .await?;
+        if new {
+            added.push(digest.clone());
+            let list: Vec<String> = added.iter().map(ToString::to_string).collect();
+            let record = path.with_file_name(NEW_IMAGE_FILE);
+            let _ = std::fs::write(record, list.join("\n"));
+        }
+        Ok((digest, size))
+    }
+
     /// Writes the rest of a dumped checkpoint into the content store, its CRIU image
-    /// tar being stored: the container's spec, the runtime options the task runs
+    /// tar (and its filesystem changes, when taken) being stored: the container's spec, the runtime options the task runs
     /// with (as given, when any were), then the index that references them all.
     async fn store_checkpoint(
         &self,
@@ -589,6 +685,9 @@ impl Tasks {
         let Restorable {
             runtime_options: options,
             criu_restore,
+            runtime,
+            rootfs,
+            rw,
         } = restorable;
         let id = &container.id;
         let reference = |what: &str| ingest_ref(ns, id, stamp, what);
@@ -636,15 +735,15 @@ impl Tasks {
             image: blob(MEDIA_TYPE_CRIU_TAR, image_digest, image_size),
             config: blob(MEDIA_TYPE_CONFIG, config_digest, config_size),
             options: options.map(|(d, size)| blob(MEDIA_TYPE_RUNTIME_OPTIONS, d, size)),
-            runtime: container.runtime.clone(),
+            rw: rw.map(|(d, size)| blob(MEDIA_TYPE_RW_LAYER, d, size)),
+            runtime,
             container: id.clone(),
-            rootfs: container
-                .rootfs
-                .iter()
+            rootfs: rootfs
+                .into_iter()
                 .map(|m| RootfsMount {
-                    kind: m.kind.clone(),
-                    source: m.source.clone(),
-                    options: m.options.clone(),
+                    kind: m.kind,
+                    source: m.source,
+                    options: m.options,
                 })
                 .collect(),
             created: keel_protocol::types::rfc3339(SystemTime::now()),
@@ -678,8 +777,8 @@ impl Tasks {
                 if let Some((id, stamp)) = work_dir_task(&name) {
                     tracing::warn!(namespace = %ns_name, task_id = id, "a checkpoint was interrupted; aborting its ingests");
                     abort_ingests(storage, &ns_name, id, stamp).await;
-                    if let Some(image) = new_image(&work.path()) {
-                        drop_unreferenced(storage, &ns_name, image).await;
+                    for blob in new_blobs(&work.path()) {
+                        drop_unreferenced(storage, &ns_name, blob).await;
                     }
                 }
             }
@@ -690,8 +789,8 @@ impl Tasks {
     }
 }
 
-/// The content ref a checkpoint writes one of its blobs under (`image`, `config`,
-/// `options`, `index`); `stamp` also names its work directory, `<id>-<stamp>`.
+/// The content ref a checkpoint writes one of its blobs under (`image`, `rw`,
+/// `config`, `options`, `index`); `stamp` also names its work directory, `<id>-<stamp>`.
 fn ingest_ref(ns: &str, id: &str, stamp: u64, what: &str) -> String {
     format!("checkpoint-{ns}-{id}-{stamp}-{what}")
 }
@@ -702,14 +801,18 @@ fn work_dir_task(name: &str) -> Option<(&str, u64)> {
     Some((id, stamp.parse().ok()?))
 }
 
-/// Names, in a checkpoint's work directory, the CRIU image blob the checkpoint added
-/// to the content store, until the index that references it is stored.
+/// Names, in a checkpoint's work directory, the blobs (CRIU image, filesystem
+/// changes) the checkpoint added to the content store, one per line, until the
+/// index that references them is stored.
 const NEW_IMAGE_FILE: &str = "new-image";
 
-/// The image blob an interrupted checkpoint added, from its work directory.
-fn new_image(work: &Path) -> Option<Digest> {
-    let s = std::fs::read_to_string(work.join(NEW_IMAGE_FILE)).ok()?;
-    Digest::parse("new image", s.trim()).ok()
+/// The blobs an interrupted checkpoint added, from its work directory.
+fn new_blobs(work: &Path) -> Vec<Digest> {
+    std::fs::read_to_string(work.join(NEW_IMAGE_FILE))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| Digest::parse("new blob", l.trim()).ok())
+        .collect()
 }
 
 /// Deletes blob `digest` of a checkpoint that failed, unless a stored index
@@ -743,7 +846,7 @@ async fn drop_unreferenced(storage: &StorageHandle, ns: &str, digest: Digest) {
 
 /// Aborts whatever a checkpoint left half written in the content store.
 async fn abort_ingests(storage: &StorageHandle, ns: &str, id: &str, stamp: u64) {
-    for what in ["image", "config", "options", "index"] {
+    for what in ["image", "rw", "config", "options", "index"] {
         let reference = ingest_ref(ns, id, stamp, what);
         match storage.abort(ns, &reference).await {
             Ok(()) => tracing::info!(namespace = ns, reference, "aborted a checkpoint's ingest"),
@@ -883,11 +986,11 @@ mod tests {
         assert!(!again, "the same content is not new");
         let (orphan, _, _) = put("c", b"image of a failed checkpoint", BTreeMap::new()).await;
 
-        // As a crash leaves it: the work directory names the new image.
+        // As a crash leaves it: the work directory names the new blobs.
         let work = dir.path().join("work");
         std::fs::create_dir_all(&work).unwrap();
-        std::fs::write(work.join(NEW_IMAGE_FILE), orphan.to_string()).unwrap();
-        assert_eq!(new_image(&work), Some(orphan.clone()));
+        std::fs::write(work.join(NEW_IMAGE_FILE), format!("{orphan}\n{kept}")).unwrap();
+        assert_eq!(new_blobs(&work), vec![orphan.clone(), kept.clone()]);
         drop_unreferenced(&storage, "ns", orphan.clone()).await;
         drop_unreferenced(&storage, "ns", kept.clone()).await;
 
@@ -897,7 +1000,7 @@ mod tests {
             "the orphan image is gone"
         );
         assert!(store.info("ns", &kept).is_ok(), "a referenced image stays");
-        assert_eq!(new_image(dir.path()), None);
+        assert_eq!(new_blobs(dir.path()), Vec::<Digest>::new());
     }
 
     #[test]

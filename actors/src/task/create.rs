@@ -39,7 +39,7 @@ impl Tasks {
             )));
         }
         // An unknown runtime is the caller's error.
-        resolve_runtime(&req.container.runtime)?;
+        resolve_runtime(req.runtime())?;
         // Right after a restart, the scan for orphans may still be under way.
         let mut scan = lock(&self.orphan_scan).clone();
         let _ = scan.wait_for(|done| *done).await;
@@ -48,7 +48,7 @@ impl Tasks {
             tracing::info!(namespace = %ns, task_id = %id, "waiting for the cleanup of an orphan of the same id");
             let _ = cleaning.wait_for(|done| *done).await;
         }
-        let cmd = self.shim_command(&ns, &id, Some(&req.container.runtime));
+        let cmd = self.shim_command(&ns, &id, Some(req.runtime()));
         let bundle = cmd.bundle.clone();
         match self.create_inner(&req, &cmd, &reservation).await {
             Ok(handle) => {
@@ -112,7 +112,26 @@ impl Tasks {
             None => None,
         };
         if let Some(dir) = &checkpoint_dir {
-            checkpoint::check_restorable(dir, &req.container.runtime).map_err(fail)?;
+            checkpoint::check_restorable(dir, req.runtime()).map_err(fail)?;
+        }
+        if let Some(Restore::Image {
+            rw: Some(layer), ..
+        }) = &req.checkpoint
+        {
+            let rootfs = req.rootfs.as_deref().unwrap_or(&req.container.rootfs);
+            let upper = rw_layer::upper_dir(rootfs).ok_or_else(|| {
+                fail(Error::FailedPrecondition(format!(
+                    "checkpoint: it holds task {id}'s filesystem changes (taken with rw), which go into the upper directory of an overlay rootfs; give the task one overlay mount with an upperdir"
+                )))
+            })?;
+            let (layer, limits) = (layer.clone(), self.env.limits.clone());
+            blocking_io(move || {
+                let tar = std::fs::File::open(&layer)
+                    .map_err(|e| Error::Io(format!("open {}: {e}", layer.display())))?;
+                rw_layer::apply(std::io::BufReader::new(tar), &upper, &limits)
+            })
+            .await
+            .map_err(fail)?;
         }
 
         let (stdout, stderr, log_path) =
@@ -144,7 +163,8 @@ impl Tasks {
         let options =
             runtime_options::for_shim(checked.as_ref(), &self.env.runc_root()).map_err(fail)?;
         let stdin = runtime_options::start_stdin(&options).map_err(fail)?;
-        let address = cmd.start(&stdin).await.map_err(fail)?;
+        let started = cmd.start(&stdin).await.map_err(fail)?;
+        let address = started.address;
         // The shim's address is durable before anything reports the task created, so
         // a crash from here on leaves a task keel can find and reconcile.
         let mut record = TaskRecord {
@@ -160,7 +180,9 @@ impl Tasks {
             log_path,
             created_ns: nanos(SystemTime::now()),
             started: false,
-            runtime: Some(req.container.runtime.clone()),
+            runtime: Some(req.runtime().to_string()),
+            task_api: started.task_api,
+            rootfs: req.rootfs.clone(),
             runtime_options: given,
         };
         let persist = |record: TaskRecord| {
@@ -172,6 +194,7 @@ impl Tasks {
 
         let shim = ShimClient::connect(&address, ns)
             .await
+            .and_then(|s| s.task_api(started.task_api))
             .map_err(|e| fail(e.into()))?;
         let with_shim = |e: Error| (e, Some(shim.clone()));
         let conn = shim
@@ -240,7 +263,7 @@ impl Tasks {
             record,
             exit: None,
             execs: HashMap::new(),
-            runtime: Some(req.container.runtime.clone()),
+            runtime: Some(req.runtime().to_string()),
         };
         Ok(self.spawn_actor(ns, durable, Origin::Created { shim, log }, None))
     }

@@ -449,6 +449,8 @@ impl Handler<GetExec> for TaskActor {
         Ok(TaskInfo {
             id: exec_id,
             runtime_options: None,
+            runtime: None,
+            rootfs: None,
             pid: p.rec.pid,
             state,
             stdin: p.rec.stdin.clone(),

@@ -37,7 +37,7 @@ pub(super) struct Durable {
     pub(super) record: TaskRecord,
     pub(super) exit: Option<ExitRecord>,
     pub(super) execs: HashMap<String, exec::ExecProcess>,
-    /// Its container's runtime, when the container record is there.
+    /// Its runtime (its own shim path, else its container's), when known.
     pub(super) runtime: Option<String>,
 }
 

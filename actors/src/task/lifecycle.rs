@@ -31,7 +31,11 @@ impl TaskActor {
         // Second way, and the exit itself: a pending Wait.
         let id = self.id.clone();
         let shim_pid = self.record.shim_pid;
-        let (address, ns) = (self.record.shim_address.clone(), self.ns.clone());
+        let (address, task_api, ns) = (
+            self.record.shim_address.clone(),
+            self.record.task_api,
+            self.ns.clone(),
+        );
         let addr = ctx.address();
         actix::spawn(async move {
             let mut shim = shim;
@@ -69,7 +73,10 @@ impl TaskActor {
                     Err(e @ keel_protocol::Error::Transport(_)) => {
                         tracing::warn!(task_id = %id, shim_pid, error = %e, "connection to the shim broke; connecting again");
                         tokio::time::sleep(redial.0).await;
-                        match ShimClient::connect(&address, &ns).await {
+                        match ShimClient::connect(&address, &ns)
+                            .await
+                            .and_then(|s| s.task_api(task_api))
+                        {
                             Ok(fresh) => {
                                 shim = fresh.clone();
                                 redial = (REDIAL_PAUSE, None);

@@ -49,8 +49,9 @@ impl Handler<Probe> for TaskActor {
 
     fn handle(&mut self, _: Probe, ctx: &mut Self::Context) {
         let probes = self.tasks.probes.clone();
-        let (address, ns, id) = (
+        let (address, task_api, ns, id) = (
             self.record.shim_address.clone(),
+            self.record.task_api,
             self.ns.clone(),
             self.id.clone(),
         );
@@ -60,7 +61,7 @@ impl Handler<Probe> for TaskActor {
             let Ok(_slot) = probes.acquire().await else {
                 return;
             };
-            addr.do_send(Probed(restore::probe(&address, &ns, &id).await));
+            addr.do_send(Probed(restore::probe(&address, task_api, &ns, &id).await));
         });
     }
 }
@@ -83,12 +84,13 @@ impl TaskActor {
     /// applied: for an actor brought back after a failure, whose task was known a
     /// moment ago and should not show `unknown`.
     pub(super) fn probe_before_anything(&mut self, ctx: &mut Context<Self>) {
-        let (address, ns, id) = (
+        let (address, task_api, ns, id) = (
             self.record.shim_address.clone(),
+            self.record.task_api,
             self.ns.clone(),
             self.id.clone(),
         );
-        let probe = async move { restore::probe(&address, &ns, &id).await }
+        let probe = async move { restore::probe(&address, task_api, &ns, &id).await }
             .into_actor(self)
             .then(|found, act, ctx| act.probed(found, ctx));
         ctx.wait(probe);

@@ -8,6 +8,8 @@ impl TaskActor {
         TaskInfo {
             id: self.id.clone(),
             runtime_options: self.record.runtime_options.clone(),
+            runtime: self.record.runtime.clone(),
+            rootfs: self.record.rootfs.clone(),
             pid: self.record.pid,
             state: self.state,
             stdin: self.record.stdin.clone(),

@@ -122,6 +122,7 @@ impl World {
                     checkpoint: None,
                     options: None,
                     rootfs: None,
+                    runtime_path: None,
                 },
             )
             .await

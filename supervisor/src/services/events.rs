@@ -356,8 +356,8 @@ mod tests {
             ..Default::default()
         };
         let cases: &[(&str, bool)] = &[
-            ("topic~=/tasks/.+,namespace==bb", true),
-            ("topic~=/tasks/.+,namespace==aa", false),
+            ("topic~=^/tasks/.+,namespace==bb", true),
+            ("topic~=^/tasks/.+,namespace==aa", false),
             ("event.container_id==web", true),
             ("event.exit_status==137", true),
             ("event.container_id==db", false),

@@ -73,6 +73,29 @@ fn id(field: &str, v: &str) -> ttrpc::Result<()> {
 }
 
 /// An exec id, when one is given (empty: the init process).
+/// A Create's `runtime_path` (containerd's): empty, or the absolute path of a shim
+/// binary that is there.
+fn runtime_path(v: &str, limits: &Limits) -> ttrpc::Result<Option<String>> {
+    if v.is_empty() {
+        return Ok(None);
+    }
+    validate::path("runtime_path", v, limits).rpc()?;
+    if !v.starts_with('/') {
+        return Err(Error::InvalidArgument(format!(
+            "runtime_path {v:?}: not an absolute path to a shim binary"
+        ))
+        .into());
+    }
+    match keel_actors::shim::resolve_runtime(v).map_err(Error::from) {
+        Ok(_) => Ok(Some(v.to_string())),
+        Err(Error::NotFound(m)) => Err(Error::NotFound(format!("runtime_path: {m}")).into()),
+        Err(Error::InvalidArgument(m)) => {
+            Err(Error::InvalidArgument(format!("runtime_path: {m}")).into())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn exec_id(v: &str) -> ttrpc::Result<()> {
     if v.is_empty() {
         Ok(())
@@ -208,6 +231,7 @@ impl tasks_ttrpc::Tasks for TasksService {
                 }
                 (None, None) => None,
             };
+            let runtime_path = runtime_path(&req.runtime_path, &self.limits)?;
             // The task's own rootfs mounts, instead of its container's.
             let rootfs = if req.rootfs.is_empty() {
                 None
@@ -233,6 +257,7 @@ impl tasks_ttrpc::Tasks for TasksService {
                         checkpoint,
                         options: options.map(|(given, _)| given),
                         rootfs,
+                        runtime_path,
                     },
                 )
                 .await
@@ -574,17 +599,22 @@ impl tasks_ttrpc::Tasks for TasksService {
             let ns = self.auth.request(ctx, "Tasks.Checkpoint").rpc()?.namespace;
             id("container_id", &req.container_id)?;
             let container = self.container(&ns, &req.container_id).await?;
+            // The task's runtime: its own shim path, else its container's.
+            let runtime = self
+                .tasks
+                .get(&ns, &req.container_id)
+                .rpc()?
+                .info()
+                .await
+                .rpc()?
+                .runtime
+                .unwrap_or_else(|| container.runtime.clone());
             let options = match req.options.as_ref() {
                 Some(o) => {
                     validate::options("options", o, &self.limits).rpc()?;
-                    runtime_options::check_checkpoint(
-                        "options",
-                        &container.runtime,
-                        &o.type_url,
-                        &o.value,
-                    )
-                    .map_err(Error::from)
-                    .rpc()?
+                    runtime_options::check_checkpoint("options", &runtime, &o.type_url, &o.value)
+                        .map_err(Error::from)
+                        .rpc()?
                 }
                 None => Default::default(),
             };
@@ -624,6 +654,7 @@ impl tasks_ttrpc::Tasks for TasksService {
                         exit,
                         image_path,
                         options,
+                        rw: req.rw,
                     },
                 )
                 .await
