@@ -12,7 +12,7 @@
 # crash's input is left in fuzz/artifacts/<target>/ and the script exits 1.
 #
 # Environment: FUZZ_JOBS (parallel runs per target, default 1), FUZZ_MAX_LEN
-# (default 4096 bytes).
+# (default 4096 bytes), FUZZ_TARGETS (space-separated; default every target).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,7 +28,7 @@ flags+=" -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing"
 RUSTFLAGS="$flags" cargo build --release --manifest-path fuzz/libfuzzer/Cargo.toml \
     --target "$triple" --target-dir target/fuzz >&2
 bin=target/fuzz/$triple/release
-targets=$(sed -n 's/^    ("\([a-z_]*\)", .*/\1/p' fuzz/src/lib.rs)
+targets=${FUZZ_TARGETS:-$(sed -n 's/^    ("\([a-z_]*\)", .*/\1/p' fuzz/src/lib.rs)}
 
 work=$(mktemp -d /var/tmp/keel-fuzz.XXXXXX)
 trap 'rm -rf "$work"' EXIT

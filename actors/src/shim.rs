@@ -36,6 +36,11 @@ pub struct ShimCommand {
     pub bundle: PathBuf,
 }
 
+/// The file in a task's bundle naming the shim binary that serves it (containerd
+/// 1.7's name for it), written before `start`: a task that keeld lost during its
+/// create is cleaned up by its own shim.
+pub const SHIM_BINARY_FILE: &str = "shim-binary-path";
+
 /// Resolves a runtime name the way containerd does: an absolute path is the shim
 /// binary itself; `io.containerd.runc.v2` is `containerd-shim-runc-v2`, looked for
 /// on PATH, then next to keeld's own executable.
@@ -107,9 +112,9 @@ pub struct ShimAddress {
 /// The address a shim's `start` printed: plain (containerd 1.6's shims, task API
 /// v2), or bootstrap JSON (`{"version":2,"address":…,"protocol":"ttrpc"}`, containerd
 /// 1.7 and later), whose version names the task API the shim serves: 2 or 3
-/// (`containerd.task.v3.Task`, containerd 2.0). A version below 2 is read as a plain
-/// address, as containerd does. keel speaks ttrpc; a shim speaking gRPC, or a
-/// later task API, is refused, saying so.
+/// (`containerd.task.v3.Task`, containerd 2.0). keel speaks ttrpc; a shim speaking
+/// gRPC, or naming any other version (containerd reads one below 2 as a plain
+/// address, which JSON is not), is refused, saying so.
 pub fn start_address(printed: &str) -> Result<ShimAddress> {
     #[derive(serde::Deserialize)]
     struct Bootstrap {

@@ -764,3 +764,44 @@ fn a_create_right_after_a_restart_is_not_taken_for_an_orphan_of_its_id() {
     assert!(bundle.join("config.json").exists());
     remove_all_and_check_leaks(&k, &["again".to_string()]);
 }
+
+#[test]
+fn an_orphan_is_cleaned_up_by_the_shim_its_bundle_names() {
+    use std::os::unix::fs::PermissionsExt;
+    require_runtime();
+    let mut k = Keeld::start();
+    // A shim that logs how it is run, then is keel's own.
+    let real = keel_tests::bin_dir().join("containerd-shim-keel-v1");
+    let (shim, log) = (
+        k.dir.path().join("containerd-shim-logged-v1"),
+        k.dir.path().join("shim.log"),
+    );
+    std::fs::write(
+        &shim,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> {}\nexec {} \"$@\"\n",
+            log.display(),
+            real.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // What a crash between a shim's start and the task's record leaves: a bundle
+    // that names its shim, and no task.
+    k.kill9();
+    let bundle = k.state.join("tasks").join(&k.namespace).join("lost");
+    std::fs::create_dir_all(bundle.join("rootfs")).unwrap();
+    std::fs::write(bundle.join("config.json"), "{}").unwrap();
+    std::fs::write(bundle.join("shim-binary-path"), shim.to_str().unwrap()).unwrap();
+    k.spawn();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while bundle.exists() {
+        assert!(Instant::now() < deadline, "the orphan's bundle stayed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let calls = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        calls.contains("-id lost") && calls.trim_end().ends_with("delete"),
+        "the orphan's own shim was not run for it: {calls:?}"
+    );
+}

@@ -146,9 +146,16 @@ pub(super) struct Dump {
     pub exit: bool,
     /// The rest of what the shim passes on to `runc checkpoint`.
     pub options: CheckpointOptions,
-    /// Also pack the filesystem changes: the upper directory, and the layer tar
-    /// to write, while the task is still frozen from its dump.
-    pub rw: Option<(PathBuf, PathBuf)>,
+    /// Also pack the filesystem changes, while the task is frozen for its dump.
+    pub rw: Option<RwPack>,
+}
+
+/// The filesystem changes a checkpoint packs: the upper directory, the layer tar
+/// to write, and the bounds a restore will hold it to.
+pub(super) struct RwPack {
+    pub upper: PathBuf,
+    pub layer: PathBuf,
+    pub limits: keel_protocol::limits::Limits,
 }
 
 impl Handler<Dump> for TaskActor {
@@ -190,22 +197,28 @@ impl Handler<Dump> for TaskActor {
                 if pause_here {
                     freeze(&shim, id.clone(), true).await?;
                 }
-                let dumped = shim
-                    .checkpoint(&request, Some(CRIU_RPC_TIMEOUT))
-                    .await
-                    .map_err(|e| match e {
-                        keel_protocol::Error::Internal(m) | keel_protocol::Error::Transport(m) => {
-                            Error::Io(format!("checkpoint of task {id} failed: {m}"))
-                        }
-                        e => Error::from(e),
-                    });
-                // The filesystem changes are copied before the task may run on
-                // (or, with exit, after it is gone), so that they match the dump.
-                let dumped = match (dumped, m.rw) {
-                    (Ok(_), Some((upper, layer))) => {
-                        blocking_io(move || rw_layer::pack(&upper, &layer)).await
+                // The filesystem changes are copied while the task is frozen, so
+                // that they match the dump; first, so that a copy that fails
+                // leaves a task that runs on, even one that was to exit.
+                let packed = match m.rw {
+                    Some(rw) => {
+                        blocking_io(move || rw_layer::pack(&rw.upper, &rw.layer, &rw.limits)).await
                     }
-                    (dumped, _) => dumped.map(|_| ()),
+                    None => Ok(()),
+                };
+                let dumped = match packed {
+                    Ok(()) => shim
+                        .checkpoint(&request, Some(CRIU_RPC_TIMEOUT))
+                        .await
+                        .map(drop)
+                        .map_err(|e| match e {
+                            keel_protocol::Error::Internal(m)
+                            | keel_protocol::Error::Transport(m) => {
+                                Error::Io(format!("checkpoint of task {id} failed: {m}"))
+                            }
+                            e => Error::from(e),
+                        }),
+                    Err(e) => Err(e),
                 };
                 // A task that is to exit is left to die; any other is thawed again,
                 // whether the dump worked or not.
@@ -235,7 +248,7 @@ impl TaskHandle {
         work: PathBuf,
         exit: bool,
         options: CheckpointOptions,
-        rw: Option<(PathBuf, PathBuf)>,
+        rw: Option<RwPack>,
     ) -> Result<()> {
         self.call(Dump {
             path,
@@ -299,9 +312,12 @@ fn for_each_image_entry<R: Read>(
 ) -> Result<()> {
     let bad = |why: String| Error::FailedPrecondition(format!("checkpoint image: {why}"));
     let mut archive = tar::Archive::new(tar);
+    // Raw: a long name or a PAX header is an entry of its own, refused below,
+    // never read into memory (a CRIU image's names are short).
     let entries = archive
         .entries()
-        .map_err(|e| bad(format!("not a tar: {e}")))?;
+        .map_err(|e| bad(format!("not a tar: {e}")))?
+        .raw(true);
     let mut budget = TarBudget::default();
     for entry in entries {
         let mut entry = entry.map_err(|e| bad(format!("not a tar: {e}")))?;
@@ -585,7 +601,11 @@ impl Tasks {
         std::fs::create_dir_all(&image_dir).map_err(io_err("create", &image_dir))?;
         let criu_restore = criu_restore(&req.options);
         let (tar_path, rw_path) = (work.join("image.tar"), work.join("rw.tar"));
-        let rw = upper.map(|upper| (upper, rw_path.clone()));
+        let rw = upper.map(|upper| RwPack {
+            upper,
+            layer: rw_path.clone(),
+            limits: self.env.limits.clone(),
+        });
         task.dump(image_dir.clone(), criu_work, req.exit, req.options, rw)
             .await?;
         let (dir, tp) = (image_dir.clone(), tar_path.clone());

@@ -1,5 +1,6 @@
 //! Creating a task: bundle, shim `start`, the durable record, Connect and Create,
-//! then its actor. On failure nothing is left behind.
+//! then its actor. On failure nothing is left behind, except a checkpoint's
+//! filesystem changes put into the task's own upper directory.
 
 use super::*;
 use crate::runtime_options;
@@ -114,26 +115,6 @@ impl Tasks {
         if let Some(dir) = &checkpoint_dir {
             checkpoint::check_restorable(dir, req.runtime()).map_err(fail)?;
         }
-        if let Some(Restore::Image {
-            rw: Some(layer), ..
-        }) = &req.checkpoint
-        {
-            let rootfs = req.rootfs.as_deref().unwrap_or(&req.container.rootfs);
-            let upper = rw_layer::upper_dir(rootfs).ok_or_else(|| {
-                fail(Error::FailedPrecondition(format!(
-                    "checkpoint: it holds task {id}'s filesystem changes (taken with rw), which go into the upper directory of an overlay rootfs; give the task one overlay mount with an upperdir"
-                )))
-            })?;
-            let (layer, limits) = (layer.clone(), self.env.limits.clone());
-            blocking_io(move || {
-                let tar = std::fs::File::open(&layer)
-                    .map_err(|e| Error::Io(format!("open {}: {e}", layer.display())))?;
-                rw_layer::apply(std::io::BufReader::new(tar), &upper, &limits)
-            })
-            .await
-            .map_err(fail)?;
-        }
-
         let (stdout, stderr, log_path) =
             if req.log_to_file && req.stdout.is_empty() && req.stderr.is_empty() {
                 let p = self.env.log_file(ns, id);
@@ -163,6 +144,33 @@ impl Tasks {
         let options =
             runtime_options::for_shim(checked.as_ref(), &self.env.runc_root()).map_err(fail)?;
         let stdin = runtime_options::start_stdin(&options).map_err(fail)?;
+        // The checkpoint's filesystem changes go into the task's upper directory
+        // last before its shim starts. A restore that fails from here on leaves
+        // them there, as containerd's WithRestoreRW leaves its snapshot.
+        if let Some(Restore::Image {
+            rw: Some(layer), ..
+        }) = &req.checkpoint
+        {
+            let rootfs = req.rootfs.as_deref().unwrap_or(&req.container.rootfs);
+            let upper = rw_layer::upper_dir(rootfs).ok_or_else(|| {
+                fail(Error::FailedPrecondition(format!(
+                    "checkpoint: it holds task {id}'s filesystem changes (taken with rw), which go into the upper directory of an overlay rootfs; give the task one overlay mount with an absolute upperdir"
+                )))
+            })?;
+            let (layer, limits) = (layer.clone(), self.env.limits.clone());
+            blocking_io(move || rw_layer::apply(&layer, &upper, &limits))
+                .await
+                .map_err(fail)?;
+        }
+        std::fs::write(
+            bundle.join(crate::shim::SHIM_BINARY_FILE),
+            cmd.binary.as_os_str().as_encoded_bytes(),
+        )
+        .map_err(|e| {
+            fail(Error::Io(format!(
+                "write the shim's path into the bundle: {e}"
+            )))
+        })?;
         let started = cmd.start(&stdin).await.map_err(fail)?;
         let address = started.address;
         // The shim's address is durable before anything reports the task created, so

@@ -31,14 +31,17 @@ const OPAQUE_MARK: &str = ".wh..wh..opq";
 /// Prefix of a layer entry marking a deleted name.
 const WHITEOUT_PREFIX: &str = ".wh.";
 
-/// The upper directory of a rootfs that is one overlay mount with an `upperdir`.
+/// The upper directory of a rootfs that is one overlay mount with an absolute
+/// `upperdir` (the last one given, as the kernel takes it).
 pub(super) fn upper_dir(rootfs: &[MountRecord]) -> Option<PathBuf> {
     match rootfs {
         [m] if m.kind == "overlay" => m
             .options
             .iter()
+            .rev()
             .find_map(|o| o.strip_prefix("upperdir="))
-            .map(PathBuf::from),
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute()),
         _ => None,
     }
 }
@@ -47,12 +50,15 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error)
     move |e| Error::Io(format!("{what} {}: {e}", path.display()))
 }
 
-/// Packs the upper directory `upper` into the layer tar `out`.
-pub(super) fn pack(upper: &Path, out: &Path) -> Result<()> {
+/// Packs the upper directory `upper` into the layer tar `out`; FailedPrecondition
+/// when it holds more than a restore would take (`limits.checkpoint_entries`,
+/// `limits.checkpoint_bytes`).
+pub(super) fn pack(upper: &Path, out: &Path, limits: &keel_protocol::limits::Limits) -> Result<()> {
     let file = std::fs::File::create(out).map_err(io_err("create", out))?;
     let mut tar = tar::Builder::new(std::io::BufWriter::new(file));
     tar.follow_symlinks(false);
-    pack_dir(&mut tar, upper, Path::new(""))?;
+    let mut budget = (0usize, 0u64, limits);
+    pack_dir(&mut tar, upper, Path::new(""), &mut budget)?;
     let file = tar
         .into_inner()
         .and_then(|w| w.into_inner().map_err(std::io::IntoInnerError::into_error))
@@ -60,7 +66,15 @@ pub(super) fn pack(upper: &Path, out: &Path) -> Result<()> {
     file.sync_all().map_err(io_err("sync", out))
 }
 
-fn pack_dir<W: std::io::Write>(tar: &mut tar::Builder<W>, upper: &Path, rel: &Path) -> Result<()> {
+/// Entries and bytes packed so far, and the bounds they must stay within.
+type PackBudget<'a> = (usize, u64, &'a keel_protocol::limits::Limits);
+
+fn pack_dir<W: std::io::Write>(
+    tar: &mut tar::Builder<W>,
+    upper: &Path,
+    rel: &Path,
+    budget: &mut PackBudget<'_>,
+) -> Result<()> {
     let dir = upper.join(rel);
     let mut names: Vec<_> = std::fs::read_dir(&dir)
         .map_err(io_err("read", &dir))?
@@ -72,6 +86,19 @@ fn pack_dir<W: std::io::Write>(tar: &mut tar::Builder<W>, upper: &Path, rel: &Pa
         let (path, entry) = (dir.join(&name), rel.join(&name));
         let md = std::fs::symlink_metadata(&path).map_err(io_err("stat", &path))?;
         let kind = md.file_type();
+        budget.0 += 1;
+        budget.1 = budget
+            .1
+            .saturating_add(if kind.is_file() { md.len() } else { 0 });
+        let limits = budget.2;
+        if budget.0 > limits.checkpoint_entries || budget.1 > limits.checkpoint_bytes {
+            return Err(Error::FailedPrecondition(format!(
+                "rw: {} holds more than a restore takes ({} entries, {} bytes: limits.checkpoint_entries, limits.checkpoint_bytes)",
+                upper.display(),
+                limits.checkpoint_entries,
+                limits.checkpoint_bytes
+            )));
+        }
         if kind.is_char_device() && md.rdev() == 0 {
             let mut marker = std::ffi::OsString::from(WHITEOUT_PREFIX);
             marker.push(&name);
@@ -86,7 +113,7 @@ fn pack_dir<W: std::io::Write>(tar: &mut tar::Builder<W>, upper: &Path, rel: &Pa
             if opaque.as_deref() == Some(b"y") {
                 empty_file(tar, &entry.join(OPAQUE_MARK), &md)?;
             }
-            pack_dir(tar, upper, &entry)?;
+            pack_dir(tar, upper, &entry, budget)?;
         } else if kind.is_file() || kind.is_symlink() {
             tar.append_path_with_name(&path, &entry)
                 .map_err(io_err("archive", &path))?;
@@ -133,19 +160,29 @@ fn empty_file<W: std::io::Write>(
         .map_err(io_err("archive", name))
 }
 
+/// Largest GNU long name, long link or PAX header a layer may carry: the tar
+/// crate reads these whole into memory.
+const MAX_META_ENTRY: u64 = 64 << 10;
+
 /// Puts the layer `tar` back into the upper directory `upper`: its files over
 /// what is there, its markers as whiteouts and opaque directories.
 /// FailedPrecondition naming the first entry that is not acceptable.
 pub(super) fn apply(
-    tar: impl Read,
+    layer: &Path,
     upper: &Path,
     limits: &keel_protocol::limits::Limits,
 ) -> Result<()> {
     let bad = |why: String| Error::FailedPrecondition(format!("checkpoint rw layer: {why}"));
+    let open = || {
+        std::fs::File::open(layer)
+            .map(std::io::BufReader::new)
+            .map_err(io_err("open", layer))
+    };
     let root = upper
         .canonicalize()
         .map_err(|e| Error::FailedPrecondition(format!("upperdir {}: {e}", upper.display())))?;
-    let mut archive = tar::Archive::new(tar);
+    check_meta_entries(open()?).map_err(bad)?;
+    let mut archive = tar::Archive::new(open()?);
     archive.set_preserve_permissions(true);
     archive.set_preserve_ownerships(true);
     archive.set_preserve_mtime(true);
@@ -166,6 +203,11 @@ pub(super) fn apply(
         ) {
             return Err(bad(format!("entry {path:?} is a {kind:?}")));
         }
+        // The upper directory's own entry ("./"): it stays as it is.
+        let Some(name) = path.file_name() else {
+            continue;
+        };
+        let name = name.to_string_lossy();
         // Its directory must be in the upper directory, whatever symlinks earlier
         // entries made.
         let parent = root.join(path.parent().unwrap_or(Path::new("")));
@@ -178,19 +220,55 @@ pub(super) fn apply(
                 "entry {path:?} is not inside the upper directory"
             )));
         }
-        let name = path.file_name().unwrap_or_default().to_string_lossy();
         if name == OPAQUE_MARK {
             xattr::set(&parent, OPAQUE_XATTR, b"y").map_err(io_err("mark opaque", &parent))?;
-        } else if let Some(gone) = name.strip_prefix(WHITEOUT_PREFIX) {
+            continue;
+        }
+        if let Some(gone) = name.strip_prefix(WHITEOUT_PREFIX) {
+            if matches!(gone, "" | "." | "..") {
+                return Err(bad(format!("entry {path:?} whites out no name")));
+            }
             whiteout(&parent.join(gone))?;
-        } else if matches!(kind, T::Char | T::Block | T::Fifo) {
+            continue;
+        }
+        // What is there goes first unless both are directories: nothing is
+        // written through a symlink, and no directory's mode is set through one.
+        let target = parent.join(name.as_ref());
+        match std::fs::symlink_metadata(&target) {
+            Ok(md) if md.is_dir() && kind == T::Directory => {}
+            Ok(_) => clear(&target)?,
+            Err(_) => {}
+        }
+        if matches!(kind, T::Char | T::Block | T::Fifo) {
             // The tar crate writes these as plain files.
-            special(&root.join(&path), entry.header())
-                .map_err(|e| bad(format!("entry {path:?}: {e}")))?;
+            special(&target, entry.header()).map_err(|e| bad(format!("entry {path:?}: {e}")))?;
         } else {
             entry
-                .unpack_in(&root)
+                .unpack(&target)
                 .map_err(|e| bad(format!("entry {path:?}: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a tar whose long names, long links or PAX headers are larger than
+/// [`MAX_META_ENTRY`], reading it raw (where the tar crate reads none of them
+/// into memory).
+fn check_meta_entries(tar: impl Read) -> std::result::Result<(), String> {
+    let mut archive = tar::Archive::new(tar);
+    let entries = archive.entries().map_err(|e| format!("not a tar: {e}"))?;
+    for entry in entries.raw(true) {
+        let entry = entry.map_err(|e| format!("not a tar: {e}"))?;
+        let kind = entry.header().entry_type();
+        let meta = kind.is_gnu_longname()
+            || kind.is_gnu_longlink()
+            || kind.is_pax_local_extensions()
+            || kind.is_pax_global_extensions();
+        let size = entry.header().size().unwrap_or(u64::MAX);
+        if meta && size > MAX_META_ENTRY {
+            return Err(format!(
+                "a {kind:?} entry of {size} bytes (at most {MAX_META_ENTRY})"
+            ));
         }
     }
     Ok(())
@@ -226,10 +304,13 @@ fn special(path: &Path, header: &tar::Header) -> Result<()> {
         tar::EntryType::Block => SFlag::S_IFBLK,
         _ => SFlag::S_IFIFO,
     };
-    let dev = makedev(
-        u64::from(field("device major", header.device_major())?),
-        u64::from(field("device minor", header.device_minor())?),
-    );
+    let dev = match kind {
+        SFlag::S_IFIFO => 0,
+        _ => makedev(
+            u64::from(field("device major", header.device_major())?),
+            u64::from(field("device minor", header.device_minor())?),
+        ),
+    };
     let mode = header
         .mode()
         .map_err(|e| Error::FailedPrecondition(format!("its mode: {e}")))?;
@@ -297,13 +378,13 @@ mod tests {
             .path()
             .join("..")
             .join(format!("layer-{}.tar", std::process::id()));
-        pack(u, &layer).unwrap();
+        pack(u, &layer, &limits()).unwrap();
 
         let to = tempfile::tempdir().unwrap();
         let t = to.path();
         // What the layer replaces: a file where its whiteout goes, a stale file.
         std::fs::write(t.join("deleted"), b"stale").unwrap();
-        apply(std::fs::File::open(&layer).unwrap(), t, &limits()).unwrap();
+        apply(&layer, t, &limits()).unwrap();
         std::fs::remove_file(&layer).unwrap();
         assert_eq!(
             std::fs::read(t.join("etc/new/file")).unwrap(),
@@ -353,49 +434,115 @@ mod tests {
         b.into_inner().unwrap()
     }
 
+    /// Applies `layer` to an upper directory that has a sibling, beside a
+    /// directory outside holding one file; asserts nothing but the upper
+    /// directory changed, and returns what apply said.
+    fn applied_in_a_sandbox(what: &str, layer: &[u8], limits: &Limits) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let base = tempfile::tempdir().unwrap();
+        let (upper, outside) = (base.path().join("upper"), base.path().join("outside"));
+        for d in [&upper, &outside] {
+            std::fs::create_dir(d).unwrap();
+        }
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::write(outside.join("keep"), b"kept").unwrap();
+        std::fs::write(base.path().join("sibling"), b"kept").unwrap();
+        let tar = base.path().join("layer.tar");
+        std::fs::write(&tar, layer).unwrap();
+        let applied = apply(&tar, &upper, limits);
+        assert!(upper.is_dir(), "{what}: the upper directory is gone");
+        assert_eq!(
+            std::fs::read(base.path().join("sibling")).ok().as_deref(),
+            Some(&b"kept"[..]),
+            "{what}: the upper directory's sibling changed"
+        );
+        let names: Vec<_> = std::fs::read_dir(&outside)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["keep"], "{what}: something landed outside");
+        assert_eq!(
+            std::fs::read(outside.join("keep")).unwrap(),
+            b"kept",
+            "{what}"
+        );
+        let mode = std::fs::metadata(&outside).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o700, "{what}: the mode outside changed");
+        applied
+    }
+
+    use keel_protocol::limits::Limits;
+
     #[test]
-    fn a_hostile_layer_cannot_leave_the_upper_dir() {
+    fn a_hostile_layer_cannot_reach_outside_the_upper_dir() {
         use tar::EntryType as T;
-        let outside = tempfile::tempdir().unwrap();
-        let target = outside.path().display().to_string();
-        for (what, entries) in [
-            ("dot-dot", vec![("../escaped", T::Regular, None)]),
-            ("absolute", vec![("/escaped", T::Regular, None)]),
-            ("hard link", vec![("h", T::Link, Some("/etc/passwd"))]),
+        // The sandbox's directory outside, as the upper directory sees it.
+        let out = "../outside";
+        let refused = [
+            ("dot-dot", vec![("../outside/x", T::Regular, None)]),
+            ("absolute", vec![("/x", T::Regular, None)]),
+            ("hard link", vec![("h", T::Link, Some("../outside/keep"))]),
             (
                 "file through a symlink",
-                vec![
-                    ("s", T::Symlink, Some(target.as_str())),
-                    ("s/escaped", T::Regular, None),
-                ],
+                vec![("s", T::Symlink, Some(out)), ("s/x", T::Regular, None)],
             ),
             (
                 "whiteout through a symlink",
                 vec![
-                    ("s", T::Symlink, Some(target.as_str())),
-                    ("s/.wh.escaped", T::Regular, None),
+                    ("s", T::Symlink, Some(out)),
+                    ("s/.wh.keep", T::Regular, None),
                 ],
             ),
-        ] {
-            let upper = tempfile::tempdir().unwrap();
-            let err = apply(&tar_of(&entries)[..], upper.path(), &limits()).unwrap_err();
+            ("whiteout of ..", vec![(".wh...", T::Regular, None)]),
+            ("whiteout of .", vec![(".wh..", T::Regular, None)]),
+            ("whiteout of nothing", vec![(".wh.", T::Regular, None)]),
+        ];
+        for (what, entries) in refused {
+            let err = applied_in_a_sandbox(what, &tar_of(&entries), &limits()).unwrap_err();
             assert!(
                 matches!(err, Error::FailedPrecondition(_)),
                 "{what}: {err:?}"
             );
-            assert_eq!(
-                std::fs::read_dir(outside.path()).unwrap().count(),
-                0,
-                "{what}: something landed outside"
-            );
         }
-        let upper = tempfile::tempdir().unwrap();
+        // Taken, but only ever inside: what an earlier symlink stood for is
+        // replaced, never followed.
+        let absorbed = [
+            (
+                "a FIFO at a symlink's path with a trailing /.",
+                vec![("s", T::Symlink, Some(out)), ("s/.", T::Fifo, None)],
+            ),
+            (
+                "a directory over a symlink",
+                vec![("s", T::Symlink, Some(out)), ("s", T::Directory, None)],
+            ),
+            (
+                "a file over a symlink",
+                vec![
+                    ("s", T::Symlink, Some("../outside/keep")),
+                    ("s", T::Regular, None),
+                ],
+            ),
+        ];
+        for (what, entries) in absorbed {
+            applied_in_a_sandbox(what, &tar_of(&entries), &limits())
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+        }
+        // Bounds: entries, and a long name read into memory.
         let many = vec![("f", T::Regular, None); 3];
-        let small = keel_protocol::limits::Limits {
+        let small = Limits {
             checkpoint_entries: 2,
             ..limits()
         };
-        let err = apply(&tar_of(&many)[..], upper.path(), &small).unwrap_err();
+        let err = applied_in_a_sandbox("entries", &tar_of(&many), &small).unwrap_err();
         assert!(err.to_string().contains("checkpoint_entries"), "{err}");
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(0);
+        h.set_mode(0o644);
+        b.append_data(&mut h, "n".repeat(100 << 10), std::io::empty())
+            .unwrap();
+        let err =
+            applied_in_a_sandbox("long name", &b.into_inner().unwrap(), &limits()).unwrap_err();
+        assert!(err.to_string().contains("GNULongName"), "{err}");
     }
 }

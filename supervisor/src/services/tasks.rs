@@ -72,7 +72,6 @@ fn id(field: &str, v: &str) -> ttrpc::Result<()> {
     identifiers::validate(field, v).rpc()
 }
 
-/// An exec id, when one is given (empty: the init process).
 /// A Create's `runtime_path` (containerd's): empty, or the absolute path of a shim
 /// binary that is there.
 fn runtime_path(v: &str, limits: &Limits) -> ttrpc::Result<Option<String>> {
@@ -96,6 +95,7 @@ fn runtime_path(v: &str, limits: &Limits) -> ttrpc::Result<Option<String>> {
     }
 }
 
+/// An exec id, when one is given (empty: the init process).
 fn exec_id(v: &str) -> ttrpc::Result<()> {
     if v.is_empty() {
         Ok(())
@@ -188,6 +188,14 @@ impl tasks_ttrpc::Tasks for TasksService {
                 )
                 .into());
             }
+            // Cheap checks first; a checkpoint is verified blob by blob.
+            let runtime_path = runtime_path(&req.runtime_path, &self.limits)?;
+            // The task's own rootfs mounts, instead of its container's.
+            let rootfs = if req.rootfs.is_empty() {
+                None
+            } else {
+                Some(super::containers::validate_rootfs("rootfs", &req.rootfs, &self.limits).rpc()?)
+            };
             // The task's own runtime options, checked as a container's are.
             let options = match req.options.as_ref() {
                 Some(o) => {
@@ -230,13 +238,6 @@ impl tasks_ttrpc::Tasks for TasksService {
                     Some(Restore::Directory(dir))
                 }
                 (None, None) => None,
-            };
-            let runtime_path = runtime_path(&req.runtime_path, &self.limits)?;
-            // The task's own rootfs mounts, instead of its container's.
-            let rootfs = if req.rootfs.is_empty() {
-                None
-            } else {
-                Some(super::containers::validate_rootfs("rootfs", &req.rootfs, &self.limits).rpc()?)
             };
             // The id is held before anything is read or made: of two concurrent creates
             // one gets AlreadyExists and touches nothing.
