@@ -39,7 +39,7 @@ pub struct ShimCommand {
 /// The file in a task's bundle naming the shim binary that serves it (containerd
 /// 1.7's name for it), written before `start`: a task that keeld lost during its
 /// create is cleaned up by its own shim.
-pub const SHIM_BINARY_FILE: &str = "shim-binary-path";
+const SHIM_BINARY_FILE: &str = "shim-binary-path";
 
 /// Resolves a runtime name the way containerd does: an absolute path is the shim
 /// binary itself; `io.containerd.runc.v2` is `containerd-shim-runc-v2`, looked for
@@ -191,6 +191,28 @@ impl ShimCommand {
             });
         }
         c
+    }
+
+    /// Names the binary in the bundle, for [`ShimCommand::with_bundle_binary`].
+    pub fn note_binary(&self) -> Result<()> {
+        std::fs::write(
+            self.bundle.join(SHIM_BINARY_FILE),
+            self.binary.as_os_str().as_encoded_bytes(),
+        )
+        .map_err(|e| Error::Io(format!("write the shim's path into the bundle: {e}")))
+    }
+
+    /// The command with the binary its bundle names, when it names one that is
+    /// there (an orphan's own shim), else as it is.
+    pub fn with_bundle_binary(mut self) -> Self {
+        if let Some(binary) = std::fs::read_to_string(self.bundle.join(SHIM_BINARY_FILE))
+            .ok()
+            .map(|p| PathBuf::from(p.trim()))
+            .filter(|p| p.is_absolute() && p.is_file())
+        {
+            self.binary = binary;
+        }
+        self
     }
 
     /// Runs `start` with `stdin` (the runtime options, marshalled; may be empty)

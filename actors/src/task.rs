@@ -35,7 +35,7 @@ use tokio::sync::oneshot;
 use crate::bundle::{self, remove_bundle, CgroupParents};
 use crate::monitor::MonitorHandle;
 use crate::restore::{self, Found};
-use crate::shim::{resolve_runtime, LogFifo, PidFd, ShimCommand, SHIM_BINARY_FILE};
+use crate::shim::{resolve_runtime, LogFifo, PidFd, ShimCommand};
 use crate::state::TaskState;
 use crate::{Error, Result};
 

@@ -856,6 +856,26 @@ pub fn runtime() -> tokio::runtime::Runtime {
 }
 
 impl Keeld {
+    /// Reads blob `digest` with keelctl and checks it hashes to its digest.
+    pub fn verified_blob(&self, digest: &str) -> Vec<u8> {
+        let out = self.ctl(&["content", "get", digest]);
+        assert!(out.status.success(), "{}", describe(&out));
+        let file = self.dir.path().join("blob");
+        std::fs::write(&file, &out.stdout).expect("write the blob");
+        assert_eq!(sha256sum(&file), digest, "blob does not verify");
+        out.stdout
+    }
+
+    /// The CRIU options checkpoint `digest`'s index records for its restore.
+    pub fn criu_restore_annotation(&self, digest: &str) -> String {
+        let index: serde_json::Value =
+            serde_json::from_slice(&self.verified_blob(digest)).expect("a checkpoint index");
+        index["annotations"]["io.keel.checkpoint.criu-restore"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
     /// `keelctl run -d --image-path IMAGE`: task `id` restored from the CRIU
     /// image directory `image` into a busybox container running `cmd` (what
     /// the container is; its process is the image's), with further keelctl

@@ -37,17 +37,6 @@ fn dump_log(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("dump.log")).unwrap_or_default()
 }
 
-/// The checkpoint index's CRIU options for its restore.
-fn criu_restore_annotation(k: &Keeld, digest: &str) -> String {
-    let out = k.ctl(&["content", "get", digest]);
-    assert!(out.status.success(), "{}", describe(&out));
-    let index: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    index["annotations"]["io.keel.checkpoint.criu-restore"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
-}
-
 /// Checkpoints `id` without `option` (refused by CRIU, which names the option
 /// it lacks; the task runs on), then with it and `--exit`; returns the digest.
 fn refused_then_dumped(k: &Keeld, id: &str, option: &str, hint: &str) -> String {
@@ -114,7 +103,7 @@ fn a_file_lock_is_dumped_only_with_file_locks_and_held_again_after_restore() {
         "--file-locks",
         "Some file locks are hold by dumping tasks",
     );
-    assert_eq!(criu_restore_annotation(&k, &digest), "file-locks");
+    assert_eq!(k.criu_restore_annotation(&digest), "file-locks");
 
     k.ctl_ok(&[
         "run",
@@ -229,7 +218,7 @@ fn an_external_unix_socket_is_dumped_only_with_external_unix_sockets_and_reconne
         "--external-unix-sockets",
         "External socket is used",
     );
-    assert_eq!(criu_restore_annotation(&k, &digest), "ext-unix-sk");
+    assert_eq!(k.criu_restore_annotation(&digest), "ext-unix-sk");
     // Whatever the old process sent before it died is read away.
     while receiver
         .set_nonblocking(true)

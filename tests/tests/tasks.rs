@@ -1178,16 +1178,6 @@ fn first_count(k: &Keeld, id: &str) -> Option<u64> {
         .find_map(|l| l.trim().parse().ok())
 }
 
-/// Reads blob `digest` with keelctl and checks it hashes to its digest.
-fn verified_blob(k: &Keeld, digest: &str) -> Vec<u8> {
-    let out = k.ctl(&["content", "get", digest]);
-    assert!(out.status.success(), "{}", describe(&out));
-    let file = k.dir.path().join("blob");
-    std::fs::write(&file, &out.stdout).unwrap();
-    assert_eq!(keel_tests::sha256sum(&file), digest, "blob does not verify");
-    out.stdout
-}
-
 #[test]
 fn checkpoint_and_restore_continue_a_counter_from_its_saved_value() {
     require_runtime();
@@ -1248,7 +1238,7 @@ fn checkpoint_and_restore_continue_a_counter_from_its_saved_value() {
 
     // The index and every blob it references verify by digest; the index is a
     // collection root that references them all.
-    let index: serde_json::Value = serde_json::from_slice(&verified_blob(&k, &digest)).unwrap();
+    let index: serde_json::Value = serde_json::from_slice(&k.verified_blob(&digest)).unwrap();
     assert_eq!(index["schemaVersion"], 2);
     let manifests = index["manifests"].as_array().unwrap();
     let media: Vec<&str> = manifests
@@ -1271,7 +1261,7 @@ fn checkpoint_and_restore_continue_a_counter_from_its_saved_value() {
     );
     // The options blob: the task's options as given (keel's own runc root is not
     // among them).
-    let options = verified_blob(&k, manifests[2]["digest"].as_str().unwrap());
+    let options = k.verified_blob(manifests[2]["digest"].as_str().unwrap());
     let options = <Any as Message>::parse_from_bytes(&options).unwrap();
     assert_eq!(options.type_url, "containerd.runc.v1.Options");
     let options = <Options as Message>::parse_from_bytes(&options.value).unwrap();
@@ -1281,7 +1271,7 @@ fn checkpoint_and_restore_continue_a_counter_from_its_saved_value() {
     );
     for (i, m) in manifests.iter().enumerate() {
         let d = m["digest"].as_str().unwrap();
-        let blob = verified_blob(&k, d);
+        let blob = k.verified_blob(d);
         assert_eq!(blob.len() as u64, m["size"].as_u64().unwrap());
         assert_eq!(
             info["labels"][format!("containerd.io/gc.ref.content.m.{i}")],
@@ -1559,15 +1549,6 @@ fn run_on_terminal(k: &Keeld, id: &str, script: &str) -> CtlOnTerminal {
     CtlOnTerminal::spawn(k, &args, 80, 24)
 }
 
-/// The checkpoint index's CRIU options for its restore.
-fn criu_restore_annotation(k: &Keeld, digest: &str) -> String {
-    let index: serde_json::Value = serde_json::from_slice(&verified_blob(k, digest)).unwrap();
-    index["annotations"]["io.keel.checkpoint.criu-restore"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
-}
-
 #[test]
 fn established_tcp_connections_are_dumped_only_with_tcp_established() {
     require_runtime();
@@ -1642,7 +1623,7 @@ fn established_tcp_connections_are_dumped_only_with_tcp_established() {
     } else {
         let digest = String::from_utf8_lossy(&out.stdout).trim().to_string();
         assert_eq!(waited(&k, "tcp"), 137);
-        assert_eq!(criu_restore_annotation(&k, &digest), "tcp-established");
+        assert_eq!(k.criu_restore_annotation(&digest), "tcp-established");
         let last = last_count(&k, "tcp");
         k.ctl_ok(&["tasks", "rm", "tcp"]);
         k.ctl_ok(&["containers", "rm", "tcp"]);

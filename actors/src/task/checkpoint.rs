@@ -274,7 +274,11 @@ impl Drop for Scratch {
     }
 }
 
-fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
+/// An I/O error of `what` on `path`, as [`Error::Io`].
+pub(super) fn io_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> Error + 'a {
     move |e| Error::Io(format!("{what} {}: {e}", path.display()))
 }
 
@@ -350,22 +354,7 @@ impl TarBudget {
         entry: &tar::Entry<'_, R>,
         limits: &keel_protocol::limits::Limits,
     ) -> std::result::Result<PathBuf, String> {
-        self.entries += 1;
-        if self.entries > limits.checkpoint_entries {
-            return Err(format!(
-                "more than {} entries (limits.checkpoint_entries)",
-                limits.checkpoint_entries
-            ));
-        }
-        self.bytes = self
-            .bytes
-            .saturating_add(entry.header().size().unwrap_or(u64::MAX));
-        if self.bytes > limits.checkpoint_bytes {
-            return Err(format!(
-                "unpacks to more than {} bytes (limits.checkpoint_bytes)",
-                limits.checkpoint_bytes
-            ));
-        }
+        self.count(entry.header().size().unwrap_or(u64::MAX), limits)?;
         let path = entry
             .path()
             .map_err(|e| format!("entry {} has no usable path: {e}", self.entries))?
@@ -374,6 +363,29 @@ impl TarBudget {
             return Err(format!("entry {path:?} is not a plain relative path"));
         }
         Ok(path)
+    }
+
+    /// Counts one entry of `bytes`; says which bound it passes, if any.
+    pub(super) fn count(
+        &mut self,
+        bytes: u64,
+        limits: &keel_protocol::limits::Limits,
+    ) -> std::result::Result<(), String> {
+        self.entries += 1;
+        if self.entries > limits.checkpoint_entries {
+            return Err(format!(
+                "more than {} entries (limits.checkpoint_entries)",
+                limits.checkpoint_entries
+            ));
+        }
+        self.bytes = self.bytes.saturating_add(bytes);
+        if self.bytes > limits.checkpoint_bytes {
+            return Err(format!(
+                "more than {} bytes (limits.checkpoint_bytes)",
+                limits.checkpoint_bytes
+            ));
+        }
+        Ok(())
     }
 }
 

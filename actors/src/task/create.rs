@@ -162,15 +162,7 @@ impl Tasks {
                 .await
                 .map_err(fail)?;
         }
-        std::fs::write(
-            bundle.join(crate::shim::SHIM_BINARY_FILE),
-            cmd.binary.as_os_str().as_encoded_bytes(),
-        )
-        .map_err(|e| {
-            fail(Error::Io(format!(
-                "write the shim's path into the bundle: {e}"
-            )))
-        })?;
+        cmd.note_binary().map_err(fail)?;
         let started = cmd.start(&stdin).await.map_err(fail)?;
         let address = started.address;
         // The shim's address is durable before anything reports the task created, so

@@ -248,15 +248,8 @@ impl Tasks {
                 continue;
             }
             tracing::warn!(namespace = %ns, task_id = %id, "bundle or shim without a task record (keeld stopped during create); cleaning up");
-            let mut cmd = self.shim_command(&ns, &id, None);
             // The shim its create started, when the bundle says which.
-            if let Some(binary) = std::fs::read_to_string(cmd.bundle.join(SHIM_BINARY_FILE))
-                .ok()
-                .map(|p| PathBuf::from(p.trim()))
-                .filter(|p| p.is_absolute() && p.is_file())
-            {
-                cmd.binary = binary;
-            }
+            let cmd = self.shim_command(&ns, &id, None).with_bundle_binary();
             let (done, cleaning) = tokio::sync::watch::channel(false);
             let key = (ns, id);
             lock(&self.orphans).insert(key.clone(), cleaning);

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 
 use keel_storage::meta::MountRecord;
 
+use super::checkpoint::{io_err, TarBudget};
 use crate::{Error, Result};
 
 /// overlayfs' attribute of an opaque directory.
@@ -46,10 +47,6 @@ pub(super) fn upper_dir(rootfs: &[MountRecord]) -> Option<PathBuf> {
     }
 }
 
-fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
-    move |e| Error::Io(format!("{what} {}: {e}", path.display()))
-}
-
 /// Packs the upper directory `upper` into the layer tar `out`; FailedPrecondition
 /// when it holds more than a restore would take (`limits.checkpoint_entries`,
 /// `limits.checkpoint_bytes`).
@@ -57,8 +54,8 @@ pub(super) fn pack(upper: &Path, out: &Path, limits: &keel_protocol::limits::Lim
     let file = std::fs::File::create(out).map_err(io_err("create", out))?;
     let mut tar = tar::Builder::new(std::io::BufWriter::new(file));
     tar.follow_symlinks(false);
-    let mut budget = (0usize, 0u64, limits);
-    pack_dir(&mut tar, upper, Path::new(""), &mut budget)?;
+    let mut budget = TarBudget::default();
+    pack_dir(&mut tar, upper, Path::new(""), &mut (&mut budget, limits))?;
     let file = tar
         .into_inner()
         .and_then(|w| w.into_inner().map_err(std::io::IntoInnerError::into_error))
@@ -67,7 +64,7 @@ pub(super) fn pack(upper: &Path, out: &Path, limits: &keel_protocol::limits::Lim
 }
 
 /// Entries and bytes packed so far, and the bounds they must stay within.
-type PackBudget<'a> = (usize, u64, &'a keel_protocol::limits::Limits);
+type PackBudget<'a> = (&'a mut TarBudget, &'a keel_protocol::limits::Limits);
 
 fn pack_dir<W: std::io::Write>(
     tar: &mut tar::Builder<W>,
@@ -86,19 +83,13 @@ fn pack_dir<W: std::io::Write>(
         let (path, entry) = (dir.join(&name), rel.join(&name));
         let md = std::fs::symlink_metadata(&path).map_err(io_err("stat", &path))?;
         let kind = md.file_type();
-        budget.0 += 1;
-        budget.1 = budget
-            .1
-            .saturating_add(if kind.is_file() { md.len() } else { 0 });
-        let limits = budget.2;
-        if budget.0 > limits.checkpoint_entries || budget.1 > limits.checkpoint_bytes {
-            return Err(Error::FailedPrecondition(format!(
-                "rw: {} holds more than a restore takes ({} entries, {} bytes: limits.checkpoint_entries, limits.checkpoint_bytes)",
-                upper.display(),
-                limits.checkpoint_entries,
-                limits.checkpoint_bytes
-            )));
-        }
+        let bytes = if kind.is_file() { md.len() } else { 0 };
+        budget.0.count(bytes, budget.1).map_err(|why| {
+            Error::FailedPrecondition(format!(
+                "rw: {} holds more than a restore takes: {why}",
+                upper.display()
+            ))
+        })?;
         if kind.is_char_device() && md.rdev() == 0 {
             let mut marker = std::ffi::OsString::from(WHITEOUT_PREFIX);
             marker.push(&name);
@@ -191,7 +182,7 @@ pub(super) fn apply(
     let entries = archive
         .entries()
         .map_err(|e| bad(format!("not a tar: {e}")))?;
-    let mut budget = super::checkpoint::TarBudget::default();
+    let mut budget = TarBudget::default();
     for entry in entries {
         let mut entry = entry.map_err(|e| bad(format!("not a tar: {e}")))?;
         let path = budget.admit(&entry, limits).map_err(bad)?;
